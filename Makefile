@@ -1,0 +1,33 @@
+# The two commands of the README. Both create .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## make run: the main job on the embedded tiny-llava (calibrate, export, rewrite, bundle, generate)
+run: $(STAMP)
+	$(BIN)/python -m var_export.demo --out build/tiny-llava
+
+## make test: lint + the test suite (slow benchmarks excluded)
+test: $(STAMP)
+	$(BIN)/ruff check var_export passes calibration configs tests benchmarks
+	$(BIN)/python -m pytest -q -n 0 2>/dev/null || $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check var_export passes calibration configs tests benchmarks
+
+## make bench: the full benchmark (LLaMA-7B-width slice + tiny-llava), minutes
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --full --out build/bench
+
+clean:
+	rm -rf build .pytest_cache

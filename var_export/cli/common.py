@@ -1,0 +1,89 @@
+"""Argument groups shared by the subcommands, logging and error printing."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+TOP_DESCRIPTION = """\
+Bake Visual Attention Redistribution (VAR; Kang et al., ICLR 2025, "See What You
+Are Told: Visual Attention Sink in Large Multimodal Models") into ONNX graphs of
+LLaVA-style models, for ONNX Runtime and TensorRT.
+
+  var-export --model tiny-llava --out build/tiny     calibrate, export, bake VAR: ORT bundle
+  var-export --model llava --out engine.plan         ... and build a TensorRT engine
+
+Conventions: the knobs follow the released code (MICV-yonsei/VisAttnSink):
+  p   = keep fraction of sink attention on a selected row   (default 0.6)
+  rho = a row is image-centric iff visual-sink portion <= rho (default 0.5)
+The paper writes p as the fraction removed (paper 0.4 == code 0.6) and tests the
+visual non-sink ratio >= rho (paper 0.8 == code 0.2). Pass --convention paper to
+give the paper's numbers; they are converted and stored in the code convention.
+"""
+
+console = Console(stderr=True)
+
+
+def add_global_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_time=False, show_path=False)],
+        force=True,
+    )
+
+
+def print_error(exc: BaseException | str) -> None:
+    name = type(exc).__name__ if isinstance(exc, BaseException) else "error"
+    console.print(f"[bold red]{name}:[/] {exc}", highlight=False, soft_wrap=True)
+
+
+def add_model_arg(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    parser.add_argument(
+        "--model",
+        required=required,
+        help="a preset (tiny-llava, llava, llava-13b; see configs/), an HF hub id, or a local HF "
+        "directory written by save_pretrained (default: tiny-llava, the embedded offline model)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own Python code from its directory/hub repo (off by default)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow loading pickle-based weights (*.bin); safetensors only by default",
+    )
+
+
+def add_var_args(parser: argparse.ArgumentParser) -> None:
+    """The VAR knobs of DESIGN.md §1, shared by the pipeline, calibrate, export and rewrite."""
+    g = parser.add_argument_group(
+        "VAR settings",
+        "Defaults come from the model preset (tau=20, rho=0.5, summ=0.2, p=0.6, layers 2:). "
+        "Values are in the released code's convention unless --convention paper.",
+    )
+    g.add_argument("--sink-dims", help="hidden dims that mark sink tokens, e.g. 1415,2533 (default: preset / calibration)")
+    g.add_argument("--tau", type=float, help="sink threshold on max |rmsnorm(x)[sink dims]| (default 20)")
+    g.add_argument("--rho", type=float, help="image-centric row iff visual-sink portion <= rho (code; default 0.5). Paper: visual non-sink ratio >= rho (default 0.5)")
+    g.add_argument("--summ", type=float, help="image-centric row iff visual attention mass >= summ (default 0.2)")
+    g.add_argument("--p", type=float, help="keep fraction of sink attention on selected rows (code; default 0.6). Paper: fraction removed (default 0.4)")
+    g.add_argument("--layers", help="VAR layers: a Python slice ('2:', '2:-1') or a comma list ('2,3,5') (default 2:)")
+    g.add_argument("--exclude-last-layer", action="store_true", help="leave the last decoder layer untouched (the paper; the released code modifies it)")
+    g.add_argument("--sink-scope", choices=("prompt", "all"), help="prompt: only prompt tokens can be sinks (default, as the released code); all: generated tokens too")
+    g.add_argument("--heads", choices=("dynamic", "static", "hybrid"), help="dynamic: per-row test in the graph; static: calibrated heads only; hybrid (default): calibrated heads AND the per-row test")
+    g.add_argument("--convention", choices=("code", "paper"), default="code", help="how --p and --rho are read (default code)")

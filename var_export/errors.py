@@ -1,0 +1,52 @@
+"""The exception family of var-export.
+
+Every error a user can cause is a ``VarExportError``: its message says what was
+expected, what was found and what to do. The CLI turns it into one line on stderr
+and a non-zero exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class VarExportError(Exception):
+    """Base class: a user-facing error with an actionable message."""
+
+    exit_code = 2
+
+
+class ConfigError(VarExportError):
+    """A knob, preset or command-line value is out of range or unknown."""
+
+
+class ModelLoadError(VarExportError):
+    """A model (preset, hub id, local directory) cannot be resolved or loaded."""
+
+
+class DataError(VarExportError):
+    """Calibration or runtime input data (images, prompts) is missing or unreadable."""
+
+
+class CalibrationError(VarExportError):
+    """A calibration file is invalid or belongs to another model."""
+
+
+class GraphPatternError(VarExportError):
+    """A graph pass did not find what it looks for (attention, residual stream, ...)."""
+
+
+class AlreadyAppliedError(VarExportError):
+    """VAR has already been baked into this graph."""
+
+
+class UnsafeInputError(VarExportError):
+    """An input would make us read outside its folder or execute untrusted code."""
+
+
+class BundleError(VarExportError):
+    """A bundle directory is incomplete, corrupt or inconsistent with its manifest."""
+
+
+class TensorRTUnavailableError(VarExportError):
+    """TensorRT or a CUDA GPU is not available on this machine."""
+
+    exit_code = 3
