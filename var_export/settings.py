@@ -127,11 +127,11 @@ def from_paper_convention(*, p: float, rho: float) -> dict[str, float]:
             raise ConfigError(f"paper-convention {name} must be in [0, 1], found {value}.")
     if p >= 1:
         raise ConfigError("paper-convention p must be < 1 (it is the fraction removed from sinks).")
-    return {"p": 1.0 - p, "rho": 1.0 - rho}
+    return {"p": round(1.0 - p, 12), "rho": round(1.0 - rho, 12)}
 
 
 def to_paper_convention(*, p: float, rho: float) -> dict[str, float]:
-    return {"p": 1.0 - p, "rho": 1.0 - rho}
+    return {"p": round(1.0 - p, 12), "rho": round(1.0 - rho, 12)}
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
@@ -188,3 +188,53 @@ def parse_sink_dims(spec: str | Sequence[int]) -> tuple[int, ...]:
     if any(d < 0 for d in dims):
         raise ConfigError(f"--sink-dims must be non-negative, found {list(dims)}.")
     return dims
+
+
+def resolve_settings(
+    *,
+    preset: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    convention: Convention = "code",
+) -> VarSettings:
+    """Merge VAR knobs: built-in defaults < preset < calibration < explicit overrides.
+
+    ``overrides`` holds the user's values (None = not given); ``p``/``rho`` there are read
+    in ``convention`` and stored in the code convention. ``sink_dims`` may be a string
+    ("1415,2533") or a sequence.
+    """
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"--convention must be one of {CONVENTIONS}, found {convention!r}.")
+    merged: dict[str, Any] = {}
+    if preset:
+        merged.update(preset.get("var", {}))
+        if preset.get("sink_dims"):
+            merged["sink_dims"] = preset["sink_dims"]
+    if calibration:
+        cal_settings = dict(calibration.get("settings", {}))
+        if cal_settings.get("convention", "code") == "paper":
+            cal_settings.update(
+                from_paper_convention(p=cal_settings.get("p", 0.4), rho=cal_settings.get("rho", 0.5))
+            )
+        for key in ("tau", "rho", "summ", "p", "layers", "sink_scope"):
+            if key in cal_settings:
+                merged[key] = cal_settings[key]
+        if calibration.get("sink_dims"):
+            merged["sink_dims"] = calibration["sink_dims"]
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if convention == "paper" and ("p" in given or "rho" in given):
+        paper = from_paper_convention(p=given.get("p", 0.4), rho=given.get("rho", 0.5))
+        for key in ("p", "rho"):
+            if key in given:
+                given[key] = paper[key]
+    if given.get("exclude_last_layer") is False:
+        given.pop("exclude_last_layer")
+    merged.update(given)
+    if "sink_dims" not in merged:
+        raise ConfigError(
+            "no sink dims known for this model: expected --sink-dims a,b, a preset that defines "
+            "them, or a calibration.json (run `var-export calibrate`)."
+        )
+    merged["sink_dims"] = parse_sink_dims(merged["sink_dims"])
+    fields = {f.name for f in dataclasses.fields(VarSettings)}
+    return VarSettings(**{k: v for k, v in merged.items() if k in fields})
