@@ -87,3 +87,77 @@ def add_var_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sink-scope", choices=("prompt", "all"), help="prompt: only prompt tokens can be sinks (default, as the released code); all: generated tokens too")
     g.add_argument("--heads", choices=("dynamic", "static", "hybrid"), help="dynamic: per-row test in the graph; static: calibrated heads only; hybrid (default): calibrated heads AND the per-row test")
     g.add_argument("--convention", choices=("code", "paper"), default="code", help="how --p and --rho are read (default code)")
+
+
+class _NullProgress:
+    """Stands in for rich Progress under --quiet."""
+
+    def add_task(self, *a, **k) -> int:
+        return 0
+
+    def update(self, *a, **k) -> None:
+        pass
+
+    def advance(self, *a, **k) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def progress(args: argparse.Namespace):
+    """A rich progress context (or a silent one with --quiet) handed to library calls."""
+    if getattr(args, "quiet", False):
+        return _NullProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def print_build_summary(result) -> None:
+    """A short table: model, VAR settings, sinks, heads, files and sizes."""
+    from rich.table import Table
+
+    out = Console()
+    t = Table(title=f"bundle {result.bundle_dir}", show_header=False)
+    s = result.settings
+    if s is None:
+        t.add_row("VAR", "off (--no-var baseline)")
+    else:
+        t.add_row("VAR", f"heads={s.heads}  p={s.p} rho={s.rho} summ={s.summ} tau={s.tau}  sink_scope={s.sink_scope}")
+        t.add_row("sink dims", ", ".join(map(str, s.sink_dims)))
+        t.add_row("VAR layers", ", ".join(map(str, result.var_layers)))
+        if s.heads != "dynamic":
+            t.add_row("calibrated heads", " ".join(f"L{l}H{h}" for l, h in result.heads) or "none")
+    cal = result.calibration
+    if cal:
+        sinks = []
+        for layer in cal.get("layers", []):
+            if isinstance(layer, dict) and "layer" in layer:
+                sinks.append(f"L{layer['layer']}:{layer.get('sink_count', layer.get('count', '?'))}")
+        if sinks:
+            t.add_row("sink tokens / layer", " ".join(sinks))
+    for name, size in result.files.items():
+        t.add_row(name, _human(size))
+    t.add_row("time", "  ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    if result.triton_dir:
+        t.add_row("triton repository", str(result.triton_dir))
+    out.print(t)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

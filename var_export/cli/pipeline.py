@@ -1,0 +1,80 @@
+"""``var-export --model M --out X``: the one command (calibrate → export → VAR → bundle [→ engine])."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from var_export.cli import common
+
+
+def add_build_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """Arguments shared by the top-level command and ``export``."""
+    common.add_model_arg(parser)
+    parser.add_argument("--out", type=Path, help=out_help)
+    g = parser.add_argument_group("calibration")
+    g.add_argument("--calibration", type=Path, help="use this calibration.json instead of calibrating")
+    g.add_argument("--data", type=Path, help="calibration images folder (+ optional prompts.txt); default: built-in synthetic images")
+    g.add_argument("--head-threshold", type=float, default=0.5, help="image-centric score a head needs to be selected (default 0.5)")
+    g = parser.add_argument_group("graphs")
+    g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (VAR arithmetic stays fp32; default fp32)")
+    g.add_argument("--opset", type=int, default=18, help="ONNX opset of the exported graphs (default 18)")
+    g.add_argument("--format", choices=("onnx", "triton"), default="onnx", help="triton: also write a Triton model repository (ORT backend) beside the bundle")
+    common.add_var_args(parser)
+
+
+def options_from_args(args: argparse.Namespace, *, no_var: bool = False):
+    from var_export.pipeline import BuildOptions
+
+    overrides = {
+        "sink_dims": args.sink_dims,
+        "tau": args.tau,
+        "rho": args.rho,
+        "summ": args.summ,
+        "p": args.p,
+        "layers": args.layers,
+        "exclude_last_layer": args.exclude_last_layer or None,
+        "sink_scope": args.sink_scope,
+    }
+    return BuildOptions(
+        out=args.out,
+        model=args.model,
+        heads=args.heads,
+        overrides=overrides,
+        convention=args.convention,
+        calibration=args.calibration,
+        data=args.data,
+        head_threshold=args.head_threshold,
+        no_var=no_var,
+        dtype=args.dtype,
+        opset=args.opset,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+        triton=args.format == "triton",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_build_args(
+        parser,
+        out_help="a bundle directory (ONNX Runtime), or X.plan for a TensorRT engine with its bundle beside it",
+    )
+    parser.add_argument("--fp16-engine", action="store_true", help="TensorRT: allow fp16 kernels in the engine")
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from var_export.pipeline import build_bundle, build_plan
+
+    if args.out is None:
+        parser.print_help()
+        return 2
+    opts = options_from_args(args)
+    with common.progress(args) as progress:
+        if Path(args.out).suffix == ".plan":
+            result, engine = build_plan(opts, progress, fp16=args.fp16_engine)
+            common.print_build_summary(result)
+            common.console.print(f"[green]TensorRT engine[/] {engine}")
+            return 0
+        result = build_bundle(opts, progress)
+    common.print_build_summary(result)
+    return 0

@@ -1,0 +1,231 @@
+"""The whole job as library calls: model → (calibration) → graphs → VAR passes → bundle.
+
+``build_bundle`` is what ``var-export --model M --out DIR`` and ``var-export export`` run;
+``build_plan`` adds the TensorRT engine for ``--out X.plan``. The CLI only parses
+arguments into ``BuildOptions`` and reports the ``BuildResult``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from var_export.errors import CalibrationError, ConfigError, TensorRTUnavailableError
+from var_export.settings import HeadMode, VarSettings, resolve_settings
+
+log = logging.getLogger(__name__)
+
+DECODER = "decoder_model_merged.onnx"
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    """What to build. Knob values of None mean "from the preset / calibration"."""
+
+    out: Path  # bundle directory (or, for build_plan, the .plan path)
+    model: str | None = None  # preset, HF hub id or local HF dir; None = tiny-llava
+    heads: HeadMode | None = None  # dynamic | static | hybrid (default hybrid)
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # tau, rho, summ, p, layers, sink_dims, ...
+    convention: str = "code"  # how overrides["p"] / ["rho"] are read
+    calibration: Path | None = None  # an existing calibration.json (else calibrate when needed)
+    data: Path | None = None  # calibration images (+ prompts.txt); None = built-in synthetic set
+    head_threshold: float = 0.5  # image-centric score needed for a calibrated head
+    no_var: bool = False  # the baseline bundle without VAR
+    dtype: str = "fp32"  # fp32 | fp16 (VAR arithmetic stays fp32)
+    opset: int = 18
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    triton: bool = False  # also write a Triton model repository beside the bundle
+
+
+@dataclasses.dataclass
+class BuildResult:
+    bundle_dir: Path
+    settings: VarSettings | None
+    calibration: dict[str, Any] | None
+    var_layers: list[int]
+    heads: list[list[int]]
+    files: dict[str, int]  # file name -> bytes
+    timings: dict[str, float]  # step -> seconds
+    triton_dir: Path | None = None
+
+
+def _needs_calibration(opts: BuildOptions, preset: dict[str, Any] | None) -> bool:
+    if opts.no_var or opts.calibration is not None:
+        return False
+    mode = opts.heads or "hybrid"
+    sink_dims_known = bool(opts.overrides.get("sink_dims") or (preset or {}).get("sink_dims"))
+    return mode != "dynamic" or not sink_dims_known
+
+
+def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
+    """Calibrate (when needed), export the three graphs, bake VAR, write the bundle atomically."""
+    import onnx_ir as ir
+
+    from calibration.calibrate import calibrate, load_calibration
+    from passes.pipeline import apply_var, save_model
+    from var_export.bundle import write_bundle
+    from var_export.export import export_graphs
+    from var_export.models import load_llava, model_fingerprint, resolve_model, text_config_dims
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    spec = resolve_model(opts.model)
+    loaded = load_llava(
+        spec,
+        dtype=opts.dtype,
+        attn_implementation="eager",
+        trust_remote_code=opts.trust_remote_code,
+        allow_pickle=opts.allow_pickle,
+    )
+    num_layers, _, _, _, hidden = text_config_dims(loaded.config)
+    fingerprint = model_fingerprint(loaded.config)
+    timings["load"] = time.perf_counter() - t0
+
+    cal = None
+    if opts.calibration is not None:
+        cal = load_calibration(opts.calibration, fingerprint=fingerprint)
+    overrides = dict(opts.overrides)
+    if opts.heads:
+        overrides["heads"] = opts.heads
+    settings = None
+    if not opts.no_var:
+        if _needs_calibration(opts, spec.preset):
+            t = time.perf_counter()
+            base = resolve_settings(
+                preset=spec.preset or {"sink_dims": [0]}, overrides=overrides, convention=opts.convention
+            )
+            cal = calibrate(
+                loaded,
+                _calibration_samples(opts, loaded),
+                base,
+                head_threshold=opts.head_threshold,
+                preset_sink_dims=(spec.preset or {}).get("sink_dims"),
+                user_sink_dims=overrides.get("sink_dims"),
+                progress=progress,
+            )
+            timings["calibrate"] = time.perf_counter() - t
+        settings = resolve_settings(
+            preset=spec.preset, calibration=cal, overrides=overrides, convention=opts.convention
+        )
+        settings.check_model(num_layers, hidden)
+        if settings.heads != "dynamic":
+            if cal is None:
+                raise CalibrationError(
+                    f"--heads {settings.heads} bakes calibrated heads, but no calibration is available: "
+                    "pass --calibration calibration.json or let the command calibrate (omit --calibration)."
+                )
+            if not cal.get("heads") and settings.heads == "static":
+                log.warning("calibration selected no image-centric head: the static graph changes nothing")
+
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".var-export-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        exported = export_graphs(loaded.model, work / "graphs", dtype=opts.dtype, opset=opts.opset, progress=progress)
+        timings["export"] = time.perf_counter() - t
+        graphs = dict(exported.paths)
+        var_layers: list[int] = []
+        heads: list[list[int]] = []
+        if settings is not None:
+            t = time.perf_counter()
+            heads = [list(map(int, h)) for h in (cal or {}).get("heads", [])] if settings.heads != "dynamic" else []
+            model = ir.load(graphs[DECODER])
+            model, report = apply_var(
+                model, settings, [tuple(h) for h in heads] if settings.heads != "dynamic" else None,
+                num_layers=num_layers,
+            )
+            var_path = work / "var" / DECODER
+            var_path.parent.mkdir()
+            save_model(model, var_path)
+            graphs[DECODER] = var_path
+            var_layers = list(report.var_layers)
+            timings["passes"] = time.perf_counter() - t
+        manifest_fields = {
+            "model_id": spec.name,
+            "fingerprint": fingerprint,
+            "var": settings.to_dict() if settings else None,
+            "var_layers": var_layers,
+            "head_mode": settings.heads if settings else None,
+            "heads": heads,
+            "opset": opts.opset,
+            "dtype": opts.dtype,
+        }
+        t = time.perf_counter()
+        bundle_dir = write_bundle(
+            out, graphs=graphs, manifest_fields=manifest_fields, calibration=cal, processor=loaded.processor
+        )
+        timings["bundle"] = time.perf_counter() - t
+    triton_dir = None
+    if opts.triton:
+        from var_export.bundle import load_bundle
+        from var_export.triton import write_triton_repository
+
+        triton_dir = write_triton_repository(load_bundle(bundle_dir), out.with_name(out.name + "-triton"))
+    files = {p.name: p.stat().st_size for p in sorted(Path(bundle_dir).iterdir()) if p.is_file()}
+    timings["total"] = time.perf_counter() - t0
+    return BuildResult(
+        bundle_dir=Path(bundle_dir),
+        settings=settings,
+        calibration=cal,
+        var_layers=var_layers,
+        heads=heads,
+        files=files,
+        timings=timings,
+        triton_dir=triton_dir,
+    )
+
+
+def _calibration_samples(opts: BuildOptions, loaded: Any) -> list[tuple[Any, str]]:
+    """(image, prompt) pairs for calibration: --data DIR or the built-in synthetic set."""
+    if opts.data is not None:
+        from var_export.inputs import load_images, load_prompts
+
+        images = [img for _, img in load_images(Path(opts.data))]
+        prompts_file = Path(opts.data) / "prompts.txt"
+        prompts = load_prompts(prompts_file) if prompts_file.exists() else None
+    else:
+        from calibration.tiny_llava import DEFAULT_PROMPTS, synthetic_images
+
+        images, prompts = synthetic_images(8, seed=0), list(DEFAULT_PROMPTS)
+    if not prompts:
+        from calibration.tiny_llava import DEFAULT_PROMPTS
+
+        prompts = list(DEFAULT_PROMPTS)
+    return [(img, prompts[i % len(prompts)]) for i, img in enumerate(images)]
+
+
+def plan_paths(plan: Path) -> tuple[Path, Path]:
+    """``X.plan`` → (the engine path, the bundle directory written beside it)."""
+    plan = Path(plan)
+    if plan.suffix != ".plan":
+        raise ConfigError(f"expected a path ending in .plan for a TensorRT engine, found {plan}.")
+    return plan, plan.with_name(plan.stem + "_bundle")
+
+
+def build_plan(opts: BuildOptions, progress: Any = None, *, fp16: bool = False) -> tuple[BuildResult, Path]:
+    """Build the bundle beside ``opts.out`` (a .plan path), then the TensorRT engine.
+
+    Without TensorRT or a GPU the bundle is kept and ``TensorRTUnavailableError`` says
+    how to finish on a machine that has them (``var-export build-trt``).
+    """
+    from var_export.trt import build_engine, lint_for_tensorrt
+
+    plan, bundle_dir = plan_paths(opts.out)
+    result = build_bundle(dataclasses.replace(opts, out=bundle_dir), progress=progress)
+    lint = lint_for_tensorrt(result.bundle_dir / DECODER)
+    if lint.errors:
+        raise ConfigError(f"the decoder graph fails the TensorRT lint:\n{lint}")
+    try:
+        engine = build_engine(result.bundle_dir, plan, fp16=fp16)
+    except TensorRTUnavailableError as exc:
+        raise TensorRTUnavailableError(
+            f"{exc}\nThe ONNX bundle is complete and kept at {result.bundle_dir}. To finish on a machine "
+            f"with TensorRT and an NVIDIA GPU run:\n  var-export build-trt {result.bundle_dir} --out {plan}"
+        ) from None
+    return result, engine
