@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -138,7 +137,7 @@ def print_build_summary(result) -> None:
         t.add_row("sink dims", ", ".join(map(str, s.sink_dims)))
         t.add_row("VAR layers", ", ".join(map(str, result.var_layers)))
         if s.heads != "dynamic":
-            t.add_row("calibrated heads", " ".join(f"L{l}H{h}" for l, h in result.heads) or "none")
+            t.add_row("calibrated heads", " ".join(f"L{layer}H{head}" for layer, head in result.heads) or "none")
     cal = result.calibration
     if cal:
         sinks = []
