@@ -20,7 +20,7 @@ run: $(STAMP)
 ## make test: lint + the test suite (slow benchmarks excluded)
 test: $(STAMP)
 	$(BIN)/ruff check var_export passes calibration configs tests benchmarks
-	$(BIN)/python -m pytest -q -n 0 2>/dev/null || $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check var_export passes calibration configs tests benchmarks
