@@ -1,0 +1,700 @@
+"""torch.onnx (dynamo) export of a LLaVA-family HF model into the three graphs of DESIGN.md §3.
+
+    vision_encoder.onnx         pixel_values [B,3,H,W]            -> image_features [B,N,D]
+    embed_tokens.onnx           input_ids [B,S] int64              -> inputs_embeds [B,S,D]
+    decoder_model_merged.onnx   inputs_embeds [B,S,D], attention_mask [B,T] int64,
+                                position_ids [B,S] int64, past_key_values.{i}.key|value [B,KV,P,hd]
+                                -> logits [B,S,V], present.{i}.key|value [B,KV,T,hd]
+
+T = P + S; one decoder graph serves prefill (P = 0) and decode. The decoder is exported with
+EAGER attention so each layer keeps ``MatMul(Q, K^T) -> Add(mask) -> Softmax -> MatMul(., V)``:
+the VAR passes (``passes/``) rewrite the Softmax output.
+
+The caller builds ``inputs_embeds`` by scattering ``image_features`` into the image-token
+positions (:func:`embed_and_merge` in torch, :func:`merge_image_features` in numpy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from var_export.errors import ConfigError, ModelLoadError, VarExportError
+
+if TYPE_CHECKING:  # torch is imported lazily: `import var_export.export` stays cheap
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+VISION_ENCODER = "vision_encoder.onnx"
+EMBED_TOKENS = "embed_tokens.onnx"
+DECODER = "decoder_model_merged.onnx"
+GRAPH_FILES: tuple[str, ...] = (VISION_ENCODER, EMBED_TOKENS, DECODER)
+
+DTYPES: tuple[str, ...] = ("fp32", "fp16")
+DEFAULT_OPSET = 18
+# Above this many bytes of weights in one graph, weights go to an external data file
+# (protobuf caps a single .onnx file at 2 GiB).
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
+
+# Names of the symbolic axes in the exported graphs.
+AXIS_BATCH = "batch"
+AXIS_SEQUENCE = "sequence"
+AXIS_PAST = "past_sequence"
+AXIS_TOTAL = "total_sequence"
+AXIS_HEIGHT = "height"
+AXIS_WIDTH = "width"
+
+# progress(event, done, total): called before ("vision_encoder.onnx", i, 3) and after
+# ("vision_encoder.onnx", i + 1, 3) each graph.
+ProgressFn = Callable[[str, int, int], None]
+
+
+class ExportError(VarExportError):
+    """torch.onnx could not export a graph, or the model is not LLaVA-shaped."""
+
+
+@dataclasses.dataclass
+class GraphIO:
+    inputs: list[str]
+    outputs: list[str]
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export_graphs` wrote."""
+
+    out_dir: Path
+    paths: dict[str, Path]  # graph file name -> path of the .onnx file
+    data_files: dict[str, list[Path]]  # graph file name -> its external data files ([] if none)
+    io: dict[str, GraphIO]  # graph file name -> input / output names
+    seconds: dict[str, float]  # graph file name -> export wall time
+    dtype: str
+    opset: int
+    num_layers: int
+
+    @property
+    def decoder(self) -> Path:
+        return self.paths[DECODER]
+
+    @property
+    def vision_encoder(self) -> Path:
+        return self.paths[VISION_ENCODER]
+
+    @property
+    def embed_tokens(self) -> Path:
+        return self.paths[EMBED_TOKENS]
+
+    def all_files(self) -> list[Path]:
+        """Every file written: graphs and external data files."""
+        out: list[Path] = []
+        for name, path in self.paths.items():
+            out.append(path)
+            out.extend(self.data_files.get(name, []))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# IO names
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of the plain decoder graph (DESIGN.md §3), in graph order."""
+    inputs = ["inputs_embeds", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(num_layers):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+VISION_IO = GraphIO(inputs=["pixel_values"], outputs=["image_features"])
+EMBED_IO = GraphIO(inputs=["input_ids"], outputs=["inputs_embeds"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model access: the parts of a LLaVA-family model the graphs need
+
+
+@dataclasses.dataclass
+class _LlavaParts:
+    vision_tower: Any
+    projector: Any
+    language_model: Any  # the decoder stack (LlamaModel & co.), takes inputs_embeds / cache
+    lm_head: Any
+    embed_tokens: Any
+    text_config: Any
+    config: Any
+
+
+def _parts(model: Any) -> _LlavaParts:
+    inner = getattr(model, "model", None)
+    missing = [
+        name
+        for name, obj in (
+            ("model.vision_tower", getattr(inner, "vision_tower", None)),
+            ("model.multi_modal_projector", getattr(inner, "multi_modal_projector", None)),
+            ("model.language_model", getattr(inner, "language_model", None)),
+            ("lm_head", getattr(model, "lm_head", None)),
+        )
+        if obj is None
+    ]
+    if missing:
+        raise ModelLoadError(
+            f"expected a LLaVA-family model (transformers LlavaForConditionalGeneration layout) with "
+            f"{', '.join(missing)}; found {type(model).__name__} without them. "
+            "Load the model with var_export.models.load_llava or pass a LLaVA checkpoint."
+        )
+    config = model.config
+    if getattr(config, "image_token_id", None) is None:
+        raise ModelLoadError(
+            f"{type(model).__name__}.config has no image_token_id; expected a LLaVA config. "
+            "Check the checkpoint's config.json."
+        )
+    return _LlavaParts(
+        vision_tower=inner.vision_tower,
+        projector=inner.multi_modal_projector,
+        language_model=inner.language_model,
+        lm_head=model.lm_head,
+        embed_tokens=model.get_input_embeddings(),
+        text_config=config.get_text_config(decoder=True),
+        config=config,
+    )
+
+
+def num_decoder_layers(model: Any) -> int:
+    return int(_parts(model).text_config.num_hidden_layers)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {DTYPES}, found {dtype!r}.")
+    return {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# The wrapped modules that are exported
+
+
+def _make_modules() -> tuple[type, type, type]:
+    """The export wrappers; defined lazily so that importing this module does not import torch."""
+    import torch
+    from torch import nn
+    from transformers import DynamicCache
+
+    class VisionEncoder(nn.Module):
+        """pixel_values -> image_features: what ``LlavaModel.get_image_features`` computes."""
+
+        def __init__(self, parts: _LlavaParts) -> None:
+            super().__init__()
+            self.vision_tower = parts.vision_tower
+            self.projector = parts.projector
+            self.feature_layer = parts.config.vision_feature_layer
+            self.strategy = parts.config.vision_feature_select_strategy
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+            layers = (
+                [self.feature_layer] if isinstance(self.feature_layer, int) else self.feature_layer
+            )
+            selected = [out.hidden_states[i] for i in layers]  # each (B, 1 + N, Dv) for CLIP
+            if self.strategy == "default":
+                selected = [h[:, 1:] for h in selected]  # drop CLS -> (B, N, Dv)
+            feats = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+            return self.projector(feats)  # (B, N, D)
+
+    class EmbedTokens(nn.Module):
+        def __init__(self, parts: _LlavaParts) -> None:
+            super().__init__()
+            self.embed_tokens = parts.embed_tokens
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.embed_tokens(input_ids)  # (B, S, D)
+
+    class Decoder(nn.Module):
+        """Language model + lm_head over a flat KV cache (transformers 5 DynamicCache inside)."""
+
+        def __init__(self, parts: _LlavaParts) -> None:
+            super().__init__()
+            self.language_model = parts.language_model
+            self.lm_head = parts.lm_head
+            self.text_config = parts.text_config
+            self.num_layers = int(parts.text_config.num_hidden_layers)
+
+        def forward(
+            self,
+            inputs_embeds: torch.Tensor,  # (B, S, D)
+            attention_mask: torch.Tensor,  # (B, T) int64, T = P + S
+            position_ids: torch.Tensor,  # (B, S) int64
+            past_key_values: tuple[torch.Tensor, ...],  # 2L x (B, KV, P, hd): k0, v0, k1, ...
+        ) -> tuple[torch.Tensor, ...]:
+            layers = [
+                (past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)
+            ]
+            cache = DynamicCache(ddp_cache_data=layers, config=self.text_config)
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+            logits = self.lm_head(out.last_hidden_state)  # (B, S, V)
+            present: list[torch.Tensor] = []
+            for layer in out.cache.layers:
+                present += [layer.keys, layer.values]  # (B, KV, T, hd) each
+            return (logits, *present)
+
+    return VisionEncoder, EmbedTokens, Decoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Export helpers
+
+
+@contextlib.contextmanager
+def _eager_attention(model: Any) -> Iterator[None]:
+    """Force eager attention in the language model (MatMul -> Softmax -> MatMul in the graph)."""
+    configs = []
+    for cfg in (model.config, model.config.get_text_config(decoder=True)):
+        if cfg not in [c for c, _ in configs]:
+            configs.append((cfg, getattr(cfg, "_attn_implementation", None)))
+    try:
+        for cfg, _ in configs:
+            cfg._attn_implementation = "eager"
+        yield
+    finally:
+        for cfg, old in configs:
+            cfg._attn_implementation = old
+
+
+def _param_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * (itemsize if t.is_floating_point() else t.element_size())
+    return total
+
+
+def _rename_axes(model_ir: Any, renames: dict[str, str]) -> None:
+    """Rename symbolic dims (``s53``, ``past_sequence + sequence``) everywhere in an onnx-ir model."""
+    import onnx_ir as ir
+
+    def fix(value: Any) -> None:
+        shape = value.shape
+        if shape is None:
+            return
+        dims = list(shape.dims)
+        changed = False
+        for k, d in enumerate(dims):
+            if isinstance(d, ir.SymbolicDim) and d.value in renames:
+                dims[k] = renames[d.value]
+                changed = True
+        if changed:
+            value.shape = ir.Shape(dims)
+
+    graph = model_ir.graph
+    for v in list(graph.inputs) + list(graph.outputs):
+        fix(v)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for v in node.outputs:
+            fix(v)
+
+
+def _softmax_in_dtype(self: Any, dim: int, dtype: int = -1) -> Any:
+    """``aten.softmax(x, dim, dtype)`` as ``Softmax(Cast(x, dtype))``.
+
+    torchlib translates it as ``Cast(Softmax(x), dtype)`` (softmax in the input precision), and
+    the optimizer then drops the Cast pair, so an fp16 export would compute the softmax in fp16.
+    HF eager attention asks for an fp32 softmax; with this translation an fp16 decoder keeps
+    ``Cast(fp32) -> Softmax -> Cast(fp16) -> MatMul`` (an fp32 export keeps ``Softmax -> MatMul``:
+    the identity Cast is folded away).
+    """
+    from onnxscript import opset18 as op
+
+    if dtype != -1:
+        self = op.Cast(self, to=dtype)
+    return op.Softmax(self, axis=dim)
+
+
+@contextlib.contextmanager
+def _quiet_onnx_ir() -> Iterator[None]:
+    """onnx-ir's optimizer logs every deduplicated initializer at INFO; keep progress readable."""
+    logger = logging.getLogger("onnx_ir")
+    old = logger.level
+    logger.setLevel(max(old, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _sym(value: Any, axis: int) -> str | None:
+    import onnx_ir as ir
+
+    d = value.shape.dims[axis] if value.shape is not None else None
+    return d.value if isinstance(d, ir.SymbolicDim) else None
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    path: Path,
+    *,
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: tuple[Any, ...],
+    opset: int,
+    external_data: bool,
+    fix_axes: Callable[[Any], dict[str, str]] | None = None,
+) -> tuple[list[Path], float]:
+    """Export one wrapper module to ``path``; returns (external data files, seconds)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log.info("exporting %s (opset %d%s)", name, opset, ", external data" if external_data else "")
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_onnx_ir():
+            warnings.simplefilter("ignore")  # torch.export chatter (torchvision ops, deprecations)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+                custom_translation_table={torch.ops.aten.softmax.int: _softmax_in_dtype},
+            )
+    except Exception as exc:  # torch.onnx raises many kinds; keep the cause chained
+        raise ExportError(
+            f"torch.onnx (dynamo) could not export {name}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Expected a transformers-5 LLaVA model "
+            "with eager attention; see the chained traceback (-v) for the failing op."
+        ) from exc
+    model_ir = program.model
+    got_in = [v.name for v in model_ir.graph.inputs]
+    got_out = [v.name for v in model_ir.graph.outputs]
+    if got_in != list(input_names) or got_out != list(output_names):
+        raise ExportError(
+            f"{name}: expected inputs {list(input_names)} and outputs {list(output_names)}, found "
+            f"{got_in} and {got_out}. This is a bug in var_export.export; please report it."
+        )
+    if fix_axes is not None:
+        _rename_axes(model_ir, fix_axes(model_ir))
+    model_ir.producer_name = "var-export"
+    for old in path.parent.glob(path.name + ".data"):
+        old.unlink()
+    program.save(path, external_data=external_data)
+    data_files = sorted(p for p in path.parent.glob(path.name + ".data") if p.exists())
+    seconds = time.perf_counter() - t0
+    log.info("exported %s in %.1f s", name, seconds)
+    return data_files, seconds
+
+
+def _resolve_external(external_data: bool | None, module: nn.Module, dtype: torch.dtype) -> bool:
+    if external_data is not None:
+        return bool(external_data)
+    return _param_bytes(module, dtype) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+@contextlib.contextmanager
+def _in_dtype(model: Any, dtype: str) -> Iterator[Any]:
+    """The model in the export dtype: itself when it already is, else a converted copy."""
+
+    tdtype = _torch_dtype(dtype)
+    current = next(model.parameters()).dtype
+    if current == tdtype:
+        yield model
+        return
+    log.info(
+        "converting a copy of the model from %s to %s for export (load it in %s to avoid the copy)",
+        current,
+        tdtype,
+        dtype,
+    )
+    converted = copy.deepcopy(model).to(tdtype)
+    try:
+        yield converted
+    finally:
+        del converted
+
+
+# ---------------------------------------------------------------------------------------------
+# Public: the three graphs
+
+
+def export_vision_encoder(
+    model: Any,
+    path: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> tuple[list[Path], float]:
+    """Export ``vision_encoder.onnx``: pixel_values [B,3,H,W] -> image_features [B,N,D].
+
+    H and W are exported static (the vision tower's position embeddings fix them); B is dynamic.
+    Returns (external data files, seconds).
+    """
+    import torch
+    from torch.export import Dim
+
+    VisionEncoder, _, _ = _make_modules()
+    with _in_dtype(model, dtype) as m:
+        parts = _parts(m)
+        module = VisionEncoder(parts).eval()
+        vc = parts.config.vision_config
+        size = int(vc.image_size)
+        channels = int(getattr(vc, "num_channels", 3))
+        pixel_values = torch.randn(2, channels, size, size, dtype=_torch_dtype(dtype))
+        return _export(
+            module,
+            (pixel_values,),
+            Path(path),
+            name=VISION_ENCODER,
+            input_names=VISION_IO.inputs,
+            output_names=VISION_IO.outputs,
+            dynamic_shapes=({0: Dim(AXIS_BATCH)},),
+            opset=opset,
+            external_data=_resolve_external(external_data, module, _torch_dtype(dtype)),
+        )
+
+
+def export_embed_tokens(
+    model: Any,
+    path: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> tuple[list[Path], float]:
+    """Export ``embed_tokens.onnx``: input_ids [B,S] int64 -> inputs_embeds [B,S,D]."""
+    import torch
+    from torch.export import Dim
+
+    _, EmbedTokens, _ = _make_modules()
+    with _in_dtype(model, dtype) as m:
+        parts = _parts(m)
+        module = EmbedTokens(parts).eval()
+        vocab = int(parts.text_config.vocab_size)
+        input_ids = torch.randint(0, vocab, (2, 5), dtype=torch.int64)
+        return _export(
+            module,
+            (input_ids,),
+            Path(path),
+            name=EMBED_TOKENS,
+            input_names=EMBED_IO.inputs,
+            output_names=EMBED_IO.outputs,
+            dynamic_shapes=({0: Dim(AXIS_BATCH), 1: Dim(AXIS_SEQUENCE)},),
+            opset=opset,
+            external_data=_resolve_external(external_data, module, _torch_dtype(dtype)),
+        )
+
+
+def export_decoder(
+    model: Any,
+    path: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> tuple[list[Path], float]:
+    """Export ``decoder_model_merged.onnx`` (language model + lm_head, KV cache in and out).
+
+    Eager attention is forced during the export (restored afterwards). Dynamic axes: batch,
+    sequence, past_sequence, total_sequence (= past_sequence + sequence). Returns
+    (external data files, seconds).
+    """
+    import torch
+    from torch.export import Dim
+
+    _, _, Decoder = _make_modules()
+    tdtype = _torch_dtype(dtype)
+    with _in_dtype(model, dtype) as m, _eager_attention(m):
+        parts = _parts(m)
+        module = Decoder(parts).eval()
+        tc = parts.text_config
+        num_layers = int(tc.num_hidden_layers)
+        hidden = int(tc.hidden_size)
+        kv_heads = int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
+        head_dim = int(getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads)
+        # Example shapes: all distinct and > 1 so that torch.export specialises nothing.
+        batch, seq, past = 2, 3, 4
+        inputs_embeds = torch.randn(batch, seq, hidden, dtype=tdtype)
+        attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
+        position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq)
+        past_kv = tuple(
+            torch.randn(batch, kv_heads, past, head_dim, dtype=tdtype)
+            for _ in range(2 * num_layers)
+        )
+        b, s, p = Dim(AXIS_BATCH), Dim(AXIS_SEQUENCE), Dim(AXIS_PAST)
+        dynamic_shapes = (
+            {0: b, 1: s},
+            {0: b, 1: Dim.AUTO},  # T = P + S, derived by torch.export
+            {0: b, 1: s},
+            tuple({0: b, 2: p} for _ in range(2 * num_layers)),
+        )
+        in_names, out_names = decoder_io_names(num_layers)
+
+        def fix_axes(model_ir: Any) -> dict[str, str]:
+            renames: dict[str, str] = {}
+            mask_t = _sym(model_ir.graph.inputs[1], 1)
+            if mask_t is not None:
+                renames[mask_t] = AXIS_TOTAL
+            if num_layers:
+                present_t = _sym(model_ir.graph.outputs[1], 2)
+                if present_t is not None:
+                    renames[present_t] = AXIS_TOTAL
+            return renames
+
+        return _export(
+            module,
+            (inputs_embeds, attention_mask, position_ids.clone(), past_kv),
+            Path(path),
+            name=DECODER,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_shapes=dynamic_shapes,
+            opset=opset,
+            external_data=_resolve_external(external_data, module, tdtype),
+            fix_axes=fix_axes,
+        )
+
+
+def export_graphs(
+    model: Any,
+    out_dir: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+    progress: ProgressFn | None = None,
+) -> ExportResult:
+    """Export the three graphs of DESIGN.md §3 into ``out_dir`` (created if needed).
+
+    ``dtype``: "fp32" (default) or "fp16" (weights and activations; the decoder computes the
+    softmax in fp32 and casts its output to fp16 before the MatMul with V, as HF eager does).
+    ``external_data``: None = automatic (weights of a graph > ~1.5 GB go to ``<graph>.onnx.data``),
+    True/False forces it.
+    """
+    _torch_dtype(dtype)  # validate before any work
+    if not 7 <= int(opset) <= 23:
+        raise ConfigError(
+            f"--opset must be between 7 and 23 (default {DEFAULT_OPSET}), found {opset}."
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_layers = num_decoder_layers(model)
+    with _in_dtype(model, dtype) as m:  # convert once, not once per graph
+        jobs: list[tuple[str, Callable[..., tuple[list[Path], float]], GraphIO]] = [
+            (VISION_ENCODER, export_vision_encoder, VISION_IO),
+            (EMBED_TOKENS, export_embed_tokens, EMBED_IO),
+            (DECODER, export_decoder, GraphIO(*decoder_io_names(num_layers))),
+        ]
+        result = ExportResult(
+            out_dir=out_dir,
+            paths={},
+            data_files={},
+            io={},
+            seconds={},
+            dtype=dtype,
+            opset=int(opset),
+            num_layers=num_layers,
+        )
+        for i, (name, fn, io) in enumerate(jobs):
+            if progress is not None:
+                progress(name, i, len(jobs))
+            path = out_dir / name
+            data, seconds = fn(m, path, dtype=dtype, opset=opset, external_data=external_data)
+            result.paths[name] = path
+            result.data_files[name] = data
+            result.io[name] = io
+            result.seconds[name] = seconds
+            if progress is not None:
+                progress(name, i + 1, len(jobs))
+    log.info(
+        "exported %d graphs to %s in %.1f s",
+        len(jobs),
+        out_dir,
+        sum(result.seconds.values()),
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Building inputs_embeds (shared by every parity test and the runtime)
+
+
+def embed_and_merge(
+    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+) -> torch.Tensor:
+    """``inputs_embeds`` (B, S, D) exactly as HF ``LlavaForConditionalGeneration`` builds it:
+    token embeddings with the image features scattered (row-major, ``masked_scatter``) into
+    the positions where ``input_ids == config.image_token_id``."""
+    import torch
+
+    parts = _parts(model)
+    with torch.no_grad():
+        inputs_embeds = parts.embed_tokens(input_ids)  # (B, S, D)
+        if pixel_values is None:
+            return inputs_embeds
+        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        image_features = torch.cat(list(feats.pooler_output), dim=0)  # (B*N, D)
+        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = input_ids == parts.config.image_token_id  # (B, S)
+        if int(mask.sum()) * inputs_embeds.shape[-1] != image_features.numel():
+            raise ConfigError(
+                f"the prompt has {int(mask.sum())} image tokens but the images give "
+                f"{image_features.shape[0]} feature rows; expected them equal. "
+                "Build the prompt with the model's processor."
+            )
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
+
+
+def merge_image_features(
+    inputs_embeds: np.ndarray,
+    image_features: np.ndarray,
+    input_ids: np.ndarray,
+    image_token_id: int,
+) -> np.ndarray:
+    """Numpy twin of :func:`embed_and_merge` for the ONNX Runtime path.
+
+    inputs_embeds (B, S, D), image_features (I, N, D) (or (I*N, D)), input_ids (B, S). Image
+    feature rows fill the image-token positions in row-major order (sample by sample), as
+    torch ``masked_scatter`` does. Returns a new array.
+    """
+    mask = np.asarray(input_ids) == image_token_id  # (B, S)
+    d = inputs_embeds.shape[-1]
+    rows = np.asarray(image_features).reshape(-1, d)  # (I*N, D)
+    n_tokens = int(mask.sum())
+    if n_tokens != rows.shape[0]:
+        raise ConfigError(
+            f"the prompt has {n_tokens} image tokens but the images give {rows.shape[0]} feature "
+            "rows; expected them equal. Build the prompt with the model's processor."
+        )
+    out = np.array(inputs_embeds, copy=True)
+    out[mask] = rows.astype(out.dtype, copy=False)
+    return out
