@@ -291,3 +291,20 @@ def test_rejects_non_llava_and_bad_dtype(model, tmp_path):
         export_graphs(llama, tmp_path)
     with pytest.raises(ConfigError, match="dtype"):
         export_graphs(model, tmp_path, dtype="bf16")
+
+
+def test_exported_graphs_make_a_bundle(model, exported, tmp_path):
+    from var_export.bundle import load_bundle, write_bundle
+
+    result, _ = exported
+    out = write_bundle(
+        tmp_path / "bundle",
+        graphs=result.paths,
+        manifest_fields={"model_id": "test/small-llava", "fingerprint": "f", "var": None},
+        calibration=None,
+    )
+    bundle = load_bundle(out)
+    names_in, names_out = decoder_io_names(NUM_LAYERS)
+    assert bundle.io(DECODER) == {"inputs": names_in, "outputs": names_out}
+    assert bundle.manifest["opset"] == 18
+    assert [i.name for i in _session(bundle.decoder).get_inputs()] == names_in

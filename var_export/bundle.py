@@ -1,0 +1,408 @@
+"""The bundle directory of DESIGN.md §3: three graphs, calibration, processor files, manifest.
+
+    out_dir/
+      vision_encoder.onnx  embed_tokens.onnx  decoder_model_merged.onnx  [*.onnx.data]
+      calibration.json     (when calibrated)
+      tokenizer.json, processor_config.json, ... (processor.save_pretrained)
+      manifest.json        schema_version, files {name: {sha256, bytes}}, io, model_id,
+                           fingerprint, var, var_layers, head_mode, opset, tool_versions, created
+
+``write_bundle`` builds the bundle in a temporary directory beside ``out_dir`` and renames it
+into place; an existing bundle at ``out_dir`` is replaced only after the new one is complete.
+``load_bundle`` checks every file listed in the manifest (presence, size, SHA-256).
+
+Torch-free: only onnx (graph headers, never the weights) and the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from var_export.errors import BundleError, UnsafeInputError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+CALIBRATION = "calibration.json"
+VISION_ENCODER = "vision_encoder.onnx"
+EMBED_TOKENS = "embed_tokens.onnx"
+DECODER = "decoder_model_merged.onnx"
+REQUIRED_GRAPHS: tuple[str, ...] = (VISION_ENCODER, EMBED_TOKENS, DECODER)
+# Packages whose versions are recorded in the manifest (distribution names).
+TOOL_PACKAGES: tuple[str, ...] = (
+    "var-export",
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxruntime",
+    "onnx-ir",
+)
+# Keys of the manifest that write_bundle fills itself; manifest_fields may not set them.
+_RESERVED = ("schema_version", "files", "io", "tool_versions", "created")
+_REQUIRED_FIELDS = ("model_id", "fingerprint")
+_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A verified bundle directory."""
+
+    path: Path
+    manifest: dict[str, Any]
+    graphs: dict[str, Path]  # graph file name (e.g. "decoder_model_merged.onnx") -> path
+
+    @property
+    def decoder(self) -> Path:
+        return self.graphs[DECODER]
+
+    @property
+    def vision_encoder(self) -> Path:
+        return self.graphs[VISION_ENCODER]
+
+    @property
+    def embed_tokens(self) -> Path:
+        return self.graphs[EMBED_TOKENS]
+
+    @property
+    def calibration_path(self) -> Path | None:
+        return self.path / CALIBRATION if CALIBRATION in self.manifest["files"] else None
+
+    def calibration(self) -> dict[str, Any] | None:
+        p = self.calibration_path
+        return json.loads(p.read_text()) if p is not None else None
+
+    @property
+    def var(self) -> dict[str, Any] | None:
+        """VAR settings (``VarSettings.to_dict()``), or None for a ``--no-var`` bundle."""
+        return self.manifest.get("var")
+
+    @property
+    def var_layers(self) -> list[int]:
+        return list(self.manifest.get("var_layers") or [])
+
+    def io(self, graph: str) -> dict[str, list[str]]:
+        return self.manifest["io"][graph]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in TOOL_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _check_relative(name: str, where: str) -> None:
+    """A file name inside the bundle: relative, POSIX, no '..' (manifests come from elsewhere)."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name.startswith("~"):
+        raise UnsafeInputError(
+            f"{where} names the file {name!r}; expected a plain relative path inside the bundle. "
+            "Refusing to read or write outside the bundle directory; re-export the bundle."
+        )
+
+
+def graph_io(path: Path) -> dict[str, list[str]]:
+    """Input and output names of a graph, read without loading its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise BundleError(
+            f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc}); expected a graph "
+            "written by var-export export. Re-export it."
+        ) from exc
+    initializers = {t.name for t in model.graph.initializer}
+    return {
+        "inputs": [i.name for i in model.graph.input if i.name not in initializers],
+        "outputs": [o.name for o in model.graph.output],
+    }
+
+
+def external_data_files(path: Path) -> list[str]:
+    """Relative names of the external data files a graph refers to (without loading them)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names: list[str] = []
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location is None:
+            raise BundleError(f"{path}: tensor {tensor.name!r} is external but has no location.")
+        _check_relative(location, f"{path.name} (external data of {tensor.name!r})")
+        if location not in names:
+            names.append(location)
+    return names
+
+
+def _all_tensors(graph: Any) -> Iterable[Any]:
+    """Initializers and tensor attributes of a GraphProto and its subgraphs."""
+    import onnx
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst``. Never a hard link: onnx refuses external data files with more
+    than one link ("potential hardlink attack"), and a link would let edits reach the source."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _opset_of(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _looks_replaceable(out_dir: Path) -> bool:
+    """Only an empty directory or a previous bundle may be replaced (never e.g. a home dir)."""
+    return out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / MANIFEST).is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# Write
+
+
+def write_bundle(
+    out_dir: Path,
+    *,
+    graphs: Mapping[str, Path],
+    manifest_fields: Mapping[str, Any],
+    calibration: Mapping[str, Any] | None,
+    processor: Any = None,
+    extra_files: Iterable[Path | tuple[str, Path]] = (),
+) -> Path:
+    """Write a bundle atomically; returns ``out_dir``.
+
+    ``graphs``: bundle file name -> source .onnx (the three of DESIGN.md §3 are required; their
+    external data files are found from the graph and copied beside it).
+    ``manifest_fields``: ``model_id`` and ``fingerprint`` (required), ``var`` (settings dict or
+    None for ``--no-var``), ``var_layers``, ``head_mode``, ``opset`` (default: the decoder's),
+    and anything else worth recording. ``processor``: saved with ``save_pretrained``.
+    ``extra_files``: paths (kept under their file name) or (name, path) pairs.
+    """
+    out_dir = Path(out_dir)
+    missing = [g for g in REQUIRED_GRAPHS if g not in graphs]
+    if missing:
+        raise BundleError(
+            f"a bundle needs the graphs {list(REQUIRED_GRAPHS)}; missing {missing}. "
+            "Export them with var_export.export.export_graphs first."
+        )
+    lacking = [k for k in _REQUIRED_FIELDS if not manifest_fields.get(k)]
+    if lacking:
+        raise BundleError(
+            f"manifest_fields lacks {lacking}: every bundle records the model it came from."
+        )
+    reserved = [k for k in _RESERVED if k in manifest_fields]
+    if reserved:
+        raise BundleError(f"manifest_fields may not set {reserved}: write_bundle computes them.")
+    for name, src in graphs.items():
+        _check_relative(name, "graphs")
+        if not Path(src).is_file():
+            raise BundleError(
+                f"graph {name}: expected a file at {src}, found none. Export it first."
+            )
+    if out_dir.exists() and not _looks_replaceable(out_dir):
+        raise BundleError(
+            f"{out_dir} exists and is not a var-export bundle (no {MANIFEST}) nor empty; refusing "
+            "to replace it. Choose another --out or remove it yourself."
+        )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{token}"
+    tmp.mkdir()
+    try:
+        _fill(tmp, graphs, manifest_fields, calibration, processor, extra_files)
+        _swap_into_place(tmp, out_dir, token)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote bundle %s", out_dir)
+    return out_dir
+
+
+def _fill(
+    tmp: Path,
+    graphs: Mapping[str, Path],
+    manifest_fields: Mapping[str, Any],
+    calibration: Mapping[str, Any] | None,
+    processor: Any,
+    extra_files: Iterable[Path | tuple[str, Path]],
+) -> None:
+    io: dict[str, dict[str, list[str]]] = {}
+    for name, src in graphs.items():
+        src = Path(src)
+        _place(src, tmp / name)
+        for data_name in external_data_files(src):
+            data_src = src.parent / data_name
+            if not data_src.is_file():
+                raise BundleError(
+                    f"graph {src} refers to the external data file {data_name!r}, which is not "
+                    f"beside it. Keep {data_name} next to {src.name} or re-export."
+                )
+            if not (tmp / data_name).exists():
+                _place(data_src, tmp / data_name)
+        io[name] = graph_io(tmp / name)
+        log.debug("bundled %s", name)
+    if calibration is not None:
+        (tmp / CALIBRATION).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
+    if processor is not None:
+        processor.save_pretrained(str(tmp))
+    for item in extra_files:
+        name, src = item if isinstance(item, tuple) else (Path(item).name, item)
+        _check_relative(name, "extra_files")
+        if (tmp / name).exists() or name == MANIFEST:
+            raise BundleError(f"extra file {name!r} collides with a file already in the bundle.")
+        _place(Path(src), tmp / name)
+
+    files: dict[str, dict[str, Any]] = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(tmp).as_posix()
+            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model_id": manifest_fields["model_id"],
+        "fingerprint": manifest_fields["fingerprint"],
+        "var": manifest_fields.get("var"),
+        "var_layers": list(manifest_fields.get("var_layers") or []),
+        "head_mode": manifest_fields.get("head_mode"),
+        "opset": manifest_fields.get("opset") or _opset_of(tmp / DECODER),
+    }
+    manifest.update({k: v for k, v in manifest_fields.items() if k not in manifest})
+    manifest.update(
+        {
+            "io": io,
+            "files": files,
+            "tool_versions": tool_versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _swap_into_place(tmp: Path, out_dir: Path, token: str) -> None:
+    """Rename ``tmp`` to ``out_dir``; an old ``out_dir`` is removed only after that succeeded."""
+    old = out_dir.parent / f".{out_dir.name}.old-{token}"
+    had_old = out_dir.exists()
+    if had_old:
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if had_old:
+            os.rename(old, out_dir)
+        raise
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
+    """Open a bundle, checking that every manifest file is present with its size and SHA-256.
+
+    ``verify=False`` checks presence and size only (hashing a 7B bundle reads ~14 GB).
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(
+            f"{path}: expected a bundle directory, found none. Run var-export export."
+        )
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"{path} has no {MANIFEST}; expected a bundle written by var-export. Re-export it "
+            "(var-export export --out DIR)."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(
+            f"{manifest_path} is not valid JSON ({exc}); re-export the bundle."
+        ) from exc
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{manifest_path}: expected schema_version {SCHEMA_VERSION}, found {version!r}. "
+            "Re-export the bundle with this version of var-export."
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleError(f"{manifest_path} has no 'files' table; re-export the bundle.")
+    missing_graphs = [g for g in REQUIRED_GRAPHS if g not in files]
+    if missing_graphs:
+        raise BundleError(
+            f"{manifest_path} lists no {missing_graphs}; a bundle has {list(REQUIRED_GRAPHS)}. "
+            "Re-export the bundle."
+        )
+    root = path.resolve()
+    for name, entry in files.items():
+        _check_relative(name, str(manifest_path))
+        file = path / name
+        if root not in file.resolve().parents:
+            raise UnsafeInputError(
+                f"{manifest_path}: {name!r} resolves outside the bundle; refusing."
+            )
+        if not file.is_file():
+            raise BundleError(
+                f"bundle {path} is missing {name} (listed in {MANIFEST}). Re-export the bundle."
+            )
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            raise BundleError(
+                f"bundle {path}: {name} has {size} bytes, the manifest says {entry.get('bytes')}; "
+                "the file is corrupt or was changed. Re-export the bundle."
+            )
+        if verify and sha256_file(file) != entry.get("sha256"):
+            raise BundleError(
+                f"bundle {path}: the SHA-256 of {name} does not match {MANIFEST}; the file is "
+                "corrupt or was changed. Re-export the bundle."
+            )
+    graphs = {g: path / g for g in files if g.endswith(".onnx")}
+    return Bundle(path=path, manifest=manifest, graphs=graphs)
