@@ -1,0 +1,176 @@
+"""Images and prompts -> model inputs (``input_ids``, ``attention_mask``, ``pixel_values``,
+``visual_token_mask``), with the checks a user needs: empty folders, unreadable images,
+prompts without an image placeholder, prompts too long for the model.
+
+torch is imported lazily; PIL is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from var_export.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_TOKEN = "<image>"
+# LLaVA-1.5 (llava-hf) conversation format, used when neither processor nor preset has one
+DEFAULT_PROMPT_FORMAT = "USER: <image>\n{prompt} ASSISTANT:"
+
+
+def load_images(folder: Path) -> list[tuple[Path, Image.Image]]:
+    """All images in ``folder`` (not recursive), sorted by name, as RGB PIL images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist or is not a directory.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"no images in {folder}: expected files ending in {', '.join(IMAGE_SUFFIXES)}."
+        )
+    out = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                out.append((path, im.convert("RGB")))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(
+                f"cannot read image {path}: {exc}. Remove or replace the file (expected a "
+                "readable JPEG/PNG/...)."
+            ) from exc
+    logger.info("loaded %d images from %s", len(out), folder)
+    return out
+
+
+def load_prompts(path: Path) -> list[str]:
+    """Prompts from a text file (one per line; blank lines skipped) or a JSON list of strings."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read prompts file {path}: {exc}.") from exc
+    if path.suffix.lower() == ".json":
+        try:
+            prompts = json.loads(text)
+        except ValueError as exc:
+            raise DataError(f"prompts file {path} is not valid JSON: {exc}.") from exc
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise DataError(f"prompts file {path}: expected a JSON list of strings.")
+        prompts = [p.strip() for p in prompts if p.strip()]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"prompts file {path} has no prompts: expected one prompt per line or a JSON list.")
+    return prompts
+
+
+def _image_token(source: Any) -> str:
+    if isinstance(source, Mapping):
+        return str(source.get("image_token") or IMAGE_TOKEN)
+    return str(getattr(source, "image_token", None) or IMAGE_TOKEN)
+
+
+def format_prompt(preset_or_processor: Any, text: str) -> str:
+    """The full model prompt for ``text`` with exactly one image placeholder.
+
+    Text that already holds one placeholder is returned unchanged (already formatted). Otherwise
+    the processor's chat template is used, else the preset's ``prompt_format``, else LLaVA-1.5's.
+    """
+    token = _image_token(preset_or_processor)
+    count = text.count(token)
+    if count == 1:
+        return text
+    if count > 1:
+        raise DataError(
+            f"prompt has {count} {token} placeholders; expected at most one (one image per prompt): {text!r}."
+        )
+    source = preset_or_processor
+    if isinstance(source, Mapping):
+        fmt = source.get("prompt_format") or DEFAULT_PROMPT_FORMAT
+        out = fmt.replace("{prompt}", text)
+    elif getattr(source, "chat_template", None):
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        out = source.apply_chat_template(conv, add_generation_prompt=True)
+    else:
+        out = DEFAULT_PROMPT_FORMAT.replace("{prompt}", text)
+    if out.count(token) != 1:
+        raise DataError(
+            f"the prompt format gives {out.count(token)} {token} placeholders, but an image needs "
+            f"exactly one: {out!r}. Write the prompt with one {token} yourself."
+        )
+    return out
+
+
+def prepare_batch(
+    processor: Any,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    *,
+    padding_side: str = "left",
+    max_prompt_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Tokenize and preprocess one image per prompt, padded to a batch.
+
+    Returns torch tensors: ``input_ids`` (B, S) int64, ``attention_mask`` (B, S) int64,
+    ``pixel_values`` (B, 3, H, W) float, ``visual_token_mask`` (B, S) bool (image-token positions).
+    ``max_prompt_tokens`` (default: the tokenizer's ``model_max_length`` when it is finite) bounds
+    every prompt's length after the image placeholder is expanded.
+    """
+    import torch
+
+    images, prompts = list(images), list(prompts)
+    if not prompts:
+        raise DataError("no prompts: expected one prompt per image.")
+    if not images:
+        raise DataError("no image given: every prompt needs one image (LLaVA prompts hold one <image>).")
+    if len(images) != len(prompts):
+        raise DataError(f"expected one image per prompt, found {len(images)} images and {len(prompts)} prompts.")
+    if padding_side not in ("left", "right"):
+        raise DataError(f"padding_side must be 'left' or 'right', found {padding_side!r}.")
+    texts = [format_prompt(processor, p) for p in prompts]
+    tokenizer = processor.tokenizer
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        enc = processor(images=[im.convert("RGB") for im in images], text=texts, return_tensors="pt", padding=True)
+    except DataError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"the processor rejected the inputs: {exc}.") from exc
+    finally:
+        tokenizer.padding_side = old_side
+
+    image_token_id = getattr(processor, "image_token_id", None)
+    if image_token_id is None:
+        image_token_id = tokenizer.convert_tokens_to_ids(_image_token(processor))
+    input_ids = enc["input_ids"].long()  # (B, S)
+    attention_mask = enc["attention_mask"].long()  # (B, S)
+    visual = input_ids == int(image_token_id)  # (B, S)
+    per_row = visual.sum(1)
+    if (per_row == 0).any():
+        raise DataError("a prompt has no image tokens after processing; every prompt needs one image.")
+    limit = max_prompt_tokens
+    if limit is None:
+        mml = getattr(tokenizer, "model_max_length", None)
+        limit = int(mml) if isinstance(mml, int) and mml < 1_000_000 else None
+    lengths = attention_mask.sum(1)  # (B,)
+    if limit is not None and int(lengths.max()) > limit:
+        worst = int(lengths.argmax())
+        raise DataError(
+            f"prompt {worst} is {int(lengths[worst])} tokens long (image tokens included); the model "
+            f"takes at most {limit}. Shorten the prompt."
+        )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": enc["pixel_values"],
+        "visual_token_mask": visual.to(torch.bool),
+    }
