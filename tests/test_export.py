@@ -231,11 +231,15 @@ def test_decoder_prefill_and_decode_match_hf(model, exported):
     assert float(np.abs(hf.logits.numpy()).std()) > 1e3 * TOL  # the tolerance is not trivially met
 
 
-def test_fp16_decoder_keeps_fp32_softmax(model, tmp_path):
+def test_fp16_decoder_keeps_fp32_softmax(tmp_path):
+    """fp16 export of an sdpa-configured model: eager attention is forced for the export only."""
+    model = small_llava()
+    model.set_attn_implementation("sdpa")
     path = tmp_path / DECODER
     data, seconds = export_decoder(model, path, dtype="fp16")
     assert data == [] and seconds > 0
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
     m = onnx.load(str(path))
     f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     assert m.graph.input[0].type.tensor_type.elem_type == f16

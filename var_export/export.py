@@ -267,10 +267,14 @@ def _make_modules() -> tuple[type, type, type]:
 @contextlib.contextmanager
 def _eager_attention(model: Any) -> Iterator[None]:
     """Force eager attention in the language model (MatMul -> Softmax -> MatMul in the graph)."""
-    configs = []
-    for cfg in (model.config, model.config.get_text_config(decoder=True)):
-        if cfg not in [c for c, _ in configs]:
-            configs.append((cfg, getattr(cfg, "_attn_implementation", None)))
+    candidates = [model.config, model.config.get_text_config(decoder=True)]
+    candidates += [getattr(mod, "config", None) for mod in _parts(model).language_model.modules()]
+    configs: list[tuple[Any, Any]] = []
+    for cfg in candidates:
+        if cfg is None or not hasattr(cfg, "_attn_implementation"):
+            continue
+        if all(cfg is not c for c, _ in configs):  # identity: configs compare equal by value
+            configs.append((cfg, cfg._attn_implementation))
     try:
         for cfg, _ in configs:
             cfg._attn_implementation = "eager"
