@@ -52,8 +52,6 @@ AXIS_BATCH = "batch"
 AXIS_SEQUENCE = "sequence"
 AXIS_PAST = "past_sequence"
 AXIS_TOTAL = "total_sequence"
-AXIS_HEIGHT = "height"
-AXIS_WIDTH = "width"
 
 # progress(event, done, total): called before ("vision_encoder.onnx", i, 3) and after
 # ("vision_encoder.onnx", i + 1, 3) each graph.
