@@ -1,0 +1,183 @@
+"""apply_var: compose the VAR passes with onnx-ir's pass manager; load/save helpers.
+
+    locate (analysis) -> SinkDetectionPass -> HeadSelectionPass -> RedistributionPass
+    -> FinalizePass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from passes import _ir
+from passes.finalize import FinalizePass, check_not_applied
+from passes.head_selection import HeadSelectionPass, heads_by_layer
+from passes.locate import locate_layers
+from passes.redistribution import RedistributionPass
+from passes.sink_detection import SinkDetectionPass
+from var_export.errors import ConfigError, GraphPatternError, VarExportError
+from var_export.settings import VarSettings
+
+__all__ = ["LayerReport", "VarReport", "apply_var", "load_model", "save_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LayerReport:
+    layer: int  # decoder layer index
+    found: dict[str, Any]  # what locate found (LayerMatch.describe())
+    sink_detection: bool  # sink flags computed here (every VAR layer)
+    redistribution: bool  # head selection + redistribution nodes inserted
+    heads: list[int] | None  # static/hybrid: the baked head list; None for dynamic
+
+
+@dataclasses.dataclass
+class VarReport:
+    var_layers: list[int]  # VAR layers, in present_sink_mask order
+    num_layers: int  # decoder layers of the graph
+    head_mode: str  # dynamic | static | hybrid
+    layers: list[LayerReport]
+    ignored: list[str]  # Softmax nodes that are not decoder attention, with the reason
+    nodes_added: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_var(
+    model: ir.Model,
+    settings: VarSettings,
+    heads: list[tuple[int, int]] | None,
+    *,
+    num_layers: int | None = None,
+    inplace: bool = False,
+    check: bool = True,
+) -> tuple[ir.Model, VarReport]:
+    """Bake VAR into a decoder graph (DESIGN.md §1/§3/§4).
+
+    ``heads`` is the calibrated (layer, head) list for ``settings.heads`` static/hybrid
+    (ignored for dynamic). ``num_layers`` is the model's decoder layer count when the
+    graph's located layers might not tell it (default: highest located layer + 1).
+    Unless ``inplace``, the input model is left unchanged (weights are shared, not read).
+    """
+    check_not_applied(model)
+    if not inplace:
+        model = model.clone()
+    located = locate_layers(model)
+    matches = {m.layer: m for m in located.matches}
+    n_layers = num_layers if num_layers is not None else max(matches) + 1
+    hidden = _hidden_size(located.matches)
+    if hidden is not None:
+        settings.check_model(n_layers, hidden)
+    var_layers = settings.var_layers(n_layers)
+    if not var_layers:
+        raise ConfigError(f"--layers {settings.layers!r} selects no layer of {n_layers}.")
+    missing = [layer for layer in var_layers if layer not in matches]
+    if missing:
+        raise GraphPatternError(
+            f"VAR layers {missing} were not found in the graph (located attention layers: "
+            f"{sorted(matches)}; ignored Softmax nodes: {located.rejected}). Check --layers."
+        )
+    by_layer = heads_by_layer(heads) if settings.heads != "dynamic" else {}
+    if settings.heads != "dynamic" and heads is None:
+        raise ConfigError(
+            f"--heads {settings.heads} needs the calibrated head list (calibration.json 'heads'); "
+            "found none. Calibrate first or use --heads dynamic."
+        )
+    if settings.heads == "dynamic" and heads:
+        logger.info("head mode dynamic: the %d calibrated heads are not used", len(heads))
+    stray = sorted(set(by_layer) - set(var_layers))
+    if stray:
+        logger.warning("heads listed for non-VAR layers %s are ignored", stray)
+        heads = [(la, h) for la, h in heads or () if la in var_layers]
+        by_layer = heads_by_layer(heads)
+
+    before = model.graph.num_nodes()
+    manager = ir.passes.PassManager(
+        [
+            SinkDetectionPass(settings, num_layers=n_layers),
+            HeadSelectionPass(settings, heads, num_layers=n_layers),
+            RedistributionPass(settings, num_layers=n_layers),
+            FinalizePass(settings, var_layers, heads, check=check),
+        ]
+    )
+    try:
+        manager(model)
+    except (ir.passes.PassError, ir.passes.InvariantError) as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, VarExportError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from e
+        raise
+
+    values = _ir.value_map(model.graph)
+    layer_reports = []
+    for layer in var_layers:
+        changed = _ir.layer_value_name(layer, "probs_var") in values
+        layer_reports.append(
+            LayerReport(
+                layer=layer,
+                found=matches[layer].describe(),
+                sink_detection=True,
+                redistribution=changed,
+                heads=None if settings.heads == "dynamic" else by_layer.get(layer, []),
+            )
+        )
+    report = VarReport(
+        var_layers=var_layers,
+        num_layers=n_layers,
+        head_mode=settings.heads,
+        layers=layer_reports,
+        ignored=[f"{name}: {why}" for name, why in located.rejected],
+        nodes_added=model.graph.num_nodes() - before,
+    )
+    return model, report
+
+
+def _hidden_size(matches: Iterable[Any]) -> int | None:
+    for m in matches:
+        shape = m.residual.shape
+        if shape is not None and len(shape) >= 1 and isinstance(shape[-1], int):
+            return shape[-1]
+    return None
+
+
+def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Load an ONNX graph; external-data weights stay lazy (never read here)."""
+    return ir.load(os.fspath(path))
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: str | None = None,
+) -> None:
+    """Save ``model``; weights that were external stay external (``<name>.data`` beside it).
+
+    ``external_data`` names the data file (relative to ``path``'s folder); by default a
+    model with any external tensor, or larger than 2 GB, gets ``<file name>.data``.
+    """
+    path = Path(path)
+    if external_data is None and _has_external(model):
+        external_data = path.name + ".data"
+    ir.save(model, os.fspath(path), external_data=external_data)
+
+
+def _has_external(model: ir.Model) -> bool:
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            return True
+        if tensor is not None:
+            total += tensor.nbytes
+    return total > 2 * 1024**3 - 64 * 1024**2
