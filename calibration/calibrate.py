@@ -1,0 +1,402 @@
+"""Calibration (DESIGN.md §2): sink dims, sink statistics and image-centric heads → calibration.json.
+
+Two passes over the samples, prefill only, one sample at a time:
+
+1. *sink dims*: the plain model (VAR off); at the input of every VAR layer, every hidden dim whose
+   weightless-RMS-normalised magnitude exceeds ``tau`` on some token is a hit. A dim is a sink dim
+   when it is hit in at least ``layer_fraction`` of the VAR layers of a sample, in at least
+   ``sample_fraction`` of the samples. The result is compared with the preset's dims (warning on
+   disagreement); dims the user gave are always kept as given.
+2. *heads*: the reference in dynamic mode with the chosen dims; per layer the sink tokens
+   (count, visual share), per (layer, query head) the image-centric score = fraction of eligible
+   prompt rows that pass the per-row test. Heads scoring >= ``head_threshold`` are selected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from calibration.reference import (
+    VarCounts,
+    VarObserver,
+    VarReference,
+    multimodal_embeds,
+    split_model,
+)
+from var_export.errors import CalibrationError, ConfigError, DataError
+from var_export.settings import RMS_EPS, VarSettings, parse_sink_dims
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # bump on any incompatible change of calibration.json
+
+
+@dataclasses.dataclass(frozen=True)
+class DimSearch:
+    """How consistent a hidden dim must be to count as a sink dim."""
+
+    layer_fraction: float = 0.5  # ... hit in at least this fraction of the VAR layers of a sample
+    sample_fraction: float = 0.5  # ... in at least this fraction of the samples
+
+
+class _DimScan(VarObserver):
+    """Pass 1: per VAR layer, which hidden dims exceed tau (normalised) on some valid token."""
+
+    def __init__(self, layers: Sequence[int], tau: float) -> None:
+        self.layers = set(layers)  # where to look
+        self.tau = tau  # threshold on the normalised magnitude
+        self.hits: dict[int, torch.Tensor] = {}  # layer -> (D,) bool, current sample
+        self.peak: torch.Tensor | None = None  # (D,) max normalised magnitude over everything
+
+    def layer_input(self, layer, hidden, valid, past_len) -> None:  # noqa: D102
+        if layer not in self.layers:
+            return
+        x = hidden.float()
+        normed = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)).abs()  # (B, S, D)
+        normed = normed * valid[..., None].to(normed.dtype)
+        per_dim = normed.amax(dim=(0, 1)).cpu()  # (D,)
+        self.hits[layer] = per_dim > self.tau
+        self.peak = per_dim if self.peak is None else torch.maximum(self.peak, per_dim)
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("var-export")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _fingerprint(config: Any) -> dict[str, Any]:
+    from var_export.models import model_fingerprint
+
+    return model_fingerprint(config)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def _prepare(sample: Any, loaded: Any, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sample → (inputs_embeds (B, S, D), attention_mask (B, S), visual_token_mask (B, S))."""
+    if isinstance(sample, Mapping):
+        batch = dict(sample)
+    else:
+        try:
+            image, prompt = sample
+        except (TypeError, ValueError):
+            raise DataError(
+                f"a calibration sample must be an (image, prompt) pair or a prepared batch dict, "
+                f"found {type(sample).__name__}."
+            ) from None
+        from var_export.inputs import prepare_batch
+
+        batch = prepare_batch(loaded.processor, [image], [prompt])
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    if batch.get("inputs_embeds") is not None:
+        embeds = batch["inputs_embeds"].to(device, dtype)
+    else:
+        ids = batch["input_ids"].to(device)
+        pixels = batch.get("pixel_values")
+        pixels = None if pixels is None else pixels.to(device, dtype)
+        with torch.no_grad():
+            embeds = multimodal_embeds(model, ids, pixels)
+    b, s = embeds.shape[:2]
+    mask = batch.get("attention_mask")
+    mask = torch.ones(b, s, dtype=torch.long) if mask is None else mask
+    visual = batch.get("visual_token_mask")
+    if visual is None:
+        image_token = getattr(model.config, "image_token_id", None)
+        if image_token is None or "input_ids" not in batch:
+            raise DataError("a prepared calibration sample needs a visual_token_mask (B, S) bool.")
+        visual = batch["input_ids"] == image_token
+    return embeds, mask.to(device).long(), visual.to(device).bool()
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+class _Bar:
+    """A task on a rich-Progress-like object (add_task / advance), or nothing."""
+
+    def __init__(self, progress: Any, description: str, total: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task(description, total=total) if progress is not None else None
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+
+def calibrate(
+    loaded_model: Any,
+    samples: Iterable[Any],
+    settings: VarSettings,
+    *,
+    head_threshold: float = 0.5,
+    preset_sink_dims: Sequence[int] | None = None,
+    user_sink_dims: Sequence[int] | str | None = None,
+    progress: Any = None,
+    dim_search: DimSearch | None = None,
+) -> dict[str, Any]:
+    """Run the model over ``samples`` and return the calibration dict (DESIGN.md §2).
+
+    loaded_model: has ``.model`` (LlavaForConditionalGeneration or *ForCausalLM), ``.processor``,
+    ``.config`` and optionally ``.spec`` (its ``.name`` is the model id). samples: (PIL image,
+    prompt) pairs, or prepared batch dicts (``input_ids`` + ``pixel_values`` or ``inputs_embeds``,
+    ``attention_mask``, ``visual_token_mask``). settings: tau, rho, summ, p, layers, sink_scope;
+    its ``sink_dims`` are not used (the dims come from ``user_sink_dims``, else the data, else
+    ``preset_sink_dims``). progress: a rich ``Progress`` (add_task / advance) or None.
+    """
+    if not 0.0 <= head_threshold <= 1.0:
+        raise ConfigError(f"--head-threshold must be in [0, 1], found {head_threshold}.")
+    search = dim_search or DimSearch()
+    samples = list(samples)
+    if not samples:
+        raise DataError("no calibration samples: expected at least one image (+ prompt).")
+    model = loaded_model.model
+    decoder, _ = split_model(model)
+    cfg = decoder.config
+    num_layers, num_heads, hidden = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
+    user_dims = parse_sink_dims(user_sink_dims) if user_sink_dims is not None else None
+    preset_dims = tuple(int(d) for d in preset_sink_dims) if preset_sink_dims else None
+    settings.replace(sink_dims=user_dims or (0,)).check_model(num_layers, hidden)
+    var_layers = settings.var_layers(num_layers)
+    if settings.tau >= math.sqrt(hidden):
+        log.warning(
+            "tau=%s >= sqrt(hidden size %d): no token can exceed it after RMS normalisation, "
+            "so no sink will be found; lower --tau.", settings.tau, hidden,
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        prepared = [_prepare(s, loaded_model, model) for s in samples]
+
+        # pass 1: sink dims from the data (VAR off)
+        scan = _DimScan(var_layers, settings.tau)
+        plain = VarReference(model, None, observer=scan)
+        consistent = torch.zeros(hidden, dtype=torch.long)  # samples in which a dim is consistent
+        layer_share = torch.zeros(hidden)  # sum over samples of the fraction of layers hit
+        bar = _Bar(progress, "calibrate: sink dims", len(prepared))
+        for embeds, mask, visual in prepared:
+            scan.hits = {}
+            plain.step(embeds, mask, _positions(mask), None, visual, None)
+            hit_count = torch.stack([scan.hits[layer] for layer in var_layers]).sum(0)  # (D,)
+            frac = hit_count.float() / len(var_layers)
+            layer_share += frac
+            consistent += (frac >= search.layer_fraction).long()
+            bar.advance()
+        n = len(prepared)
+        found = tuple(int(d) for d in torch.nonzero(consistent >= search.sample_fraction * n).flatten())
+        dims, source = _choose_dims(found, user_dims, preset_dims, settings.tau)
+        evidence = [
+            {
+                "dim": int(d),
+                "sample_fraction": round(float(consistent[d]) / n, 4),
+                "layer_fraction": round(float(layer_share[d]) / n, 4),
+                "max_normalized": round(float(scan.peak[d]), 3) if scan.peak is not None else None,
+            }
+            for d in torch.nonzero(layer_share > 0).flatten().tolist()
+        ]
+        evidence.sort(key=lambda e: -e["layer_fraction"])
+
+        # pass 2: sink statistics and head scores (dynamic VAR with the chosen dims)
+        run_settings = settings.replace(sink_dims=dims, heads="dynamic")
+        counts = VarCounts(num_heads)
+        ref = VarReference(model, run_settings, observer=counts)
+        bar = _Bar(progress, "calibrate: heads", n)
+        for embeds, mask, visual in prepared:
+            ref.step(embeds, mask, _positions(mask), None, visual, None)
+            bar.advance()
+    finally:
+        model.train(was_training)
+
+    layers = []
+    heads: list[list[int]] = []
+    for layer in var_layers:
+        sinks = counts.sink_tokens.get(layer, 0)
+        visual_sinks = counts.visual_sink_tokens.get(layer, 0)
+        scores = counts.head_scores(layer)
+        layers.append(
+            {
+                "layer": layer,
+                "sink_count": sinks,
+                "sink_tokens_per_sample": round(sinks / n, 3),
+                "visual_sink_count": visual_sinks,
+                "visual_share": round(visual_sinks / sinks, 4) if sinks else None,
+                "eligible_rows": counts.eligible.get(layer, 0),
+                "passed_rows": counts.passed.get(layer, [0] * num_heads),
+                "image_centric_score": [round(s, 4) for s in scores],
+            }
+        )
+        heads += [[layer, h] for h, s in enumerate(scores) if s >= head_threshold]
+
+    spec = getattr(loaded_model, "spec", None)
+    config = getattr(loaded_model, "config", None) or model.config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_id": getattr(spec, "name", None) or getattr(config, "_name_or_path", None) or "unknown",
+        "fingerprint": _jsonable(_fingerprint(config)),
+        "tool_version": _tool_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {
+            "tau": settings.tau,
+            "rho": settings.rho,
+            "summ": settings.summ,
+            "p": settings.p,
+            "layers": settings.layers,
+            "exclude_last_layer": settings.exclude_last_layer,
+            "var_layers": var_layers,
+            "convention": "code",
+            "sink_scope": settings.sink_scope,
+        },
+        "num_samples": n,
+        "sink_dims": [int(d) for d in dims],
+        "sink_dims_source": source,
+        "sink_dims_found": [int(d) for d in found],
+        "preset_sink_dims": list(preset_dims) if preset_dims else None,
+        "sink_dim_evidence": evidence[:16],
+        "head_threshold": head_threshold,
+        "head_scores_observed_with": "dynamic",
+        "layers": layers,
+        "heads": heads,
+    }
+
+
+def _choose_dims(
+    found: tuple[int, ...],
+    user: tuple[int, ...] | None,
+    preset: tuple[int, ...] | None,
+    tau: float,
+) -> tuple[tuple[int, ...], str]:
+    """The sink dims to use and where they came from: "user", "data" or "preset"."""
+    if user:
+        if set(found) != set(user):
+            log.warning(
+                "sink dims found in the data %s differ from --sink-dims %s; keeping --sink-dims as given.",
+                list(found), list(user),
+            )
+        return user, "user"
+    if found:
+        if preset and set(found) != set(preset):
+            log.warning(
+                "sink dims found in the data %s differ from the preset's %s; using the data's. "
+                "Pass --sink-dims to force the preset's.", list(found), list(preset),
+            )
+        return found, "data"
+    if preset:
+        log.warning(
+            "no sink dim found in the data (tau=%s); keeping the preset's %s. Check --tau or the data.",
+            tau, list(preset),
+        )
+        return preset, "preset"
+    raise CalibrationError(
+        f"no sink dims found in the data: no hidden dim exceeded tau={tau} (normalised) consistently "
+        "across VAR layers and samples, and no preset defines them. Pass --sink-dims, lower --tau, "
+        "or use more / other calibration images."
+    )
+
+
+def calibration_samples(data: str | os.PathLike | None, num_synthetic: int = 8) -> list[tuple[Any, str]]:
+    """(image, prompt) pairs: the images of folder ``data`` (+ its optional prompts.txt, one prompt
+    per line, cycled), or without ``data`` ``num_synthetic`` built-in synthetic images. Prompts
+    default to the built-in ones."""
+    from calibration.tiny_llava import DEFAULT_PROMPTS
+
+    prompts: list[str] = []
+    if data is not None:
+        from var_export.inputs import load_images, load_prompts
+
+        folder = Path(data)
+        if not folder.is_dir():
+            raise DataError(f"--data {folder}: expected a folder of images (+ optional prompts.txt), found none.")
+        images = [img for _, img in load_images(folder)]
+        if not images:
+            raise DataError(f"--data {folder} holds no image; expected .png/.jpg files (+ optional prompts.txt).")
+        if (folder / "prompts.txt").is_file():
+            prompts = list(load_prompts(folder / "prompts.txt"))
+    else:
+        from calibration.tiny_llava import synthetic_images
+
+        if num_synthetic < 1:
+            raise ConfigError(f"--num-samples must be >= 1, found {num_synthetic}.")
+        images = synthetic_images(num_synthetic, seed=0)
+    prompts = prompts or list(DEFAULT_PROMPTS)
+    return [(img, prompts[i % len(prompts)]) for i, img in enumerate(images)]
+
+
+def write_calibration(cal: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``cal`` as JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(cal, f, indent=1)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _describe(fp: Any) -> str:
+    if not isinstance(fp, Mapping):
+        return repr(fp)
+    keys = ("num_layers", "num_heads", "num_kv_heads", "hidden_size")
+    short = ", ".join(f"{k}={fp[k]}" for k in keys if k in fp)
+    return short or json.dumps(fp, sort_keys=True)[:120]
+
+
+def load_calibration(path: str | os.PathLike, *, fingerprint: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read and check a calibration.json; with ``fingerprint``, check it was made for this model."""
+    path = Path(path)
+    try:
+        cal = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration file {path} does not exist; run `var-export calibrate`.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CalibrationError(
+            f"{path} is not a readable JSON calibration file ({exc}); expected one written by "
+            "`var-export calibrate`."
+        ) from None
+    if not isinstance(cal, dict) or cal.get("schema_version") != SCHEMA_VERSION:
+        found = cal.get("schema_version") if isinstance(cal, dict) else type(cal).__name__
+        raise CalibrationError(
+            f"{path}: expected calibration schema_version {SCHEMA_VERSION}, found {found!r}. "
+            "Re-run `var-export calibrate` with this version of var-export."
+        )
+    missing = [k for k in ("model_id", "fingerprint", "settings", "sink_dims", "layers", "heads") if k not in cal]
+    if missing:
+        raise CalibrationError(f"{path}: missing fields {missing}; re-run `var-export calibrate`.")
+    dims, heads = cal["sink_dims"], cal["heads"]
+    if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise CalibrationError(f"{path}: sink_dims must be a list of non-negative ints, found {dims!r}.")
+    if not isinstance(heads, list) or not all(
+        isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads
+    ):
+        raise CalibrationError(f"{path}: heads must be a list of [layer, head] int pairs, found {heads!r}.")
+    if fingerprint is not None and _jsonable(dict(fingerprint)) != cal["fingerprint"]:
+        raise CalibrationError(
+            f"{path} was made for model {cal['model_id']!r} ({_describe(cal['fingerprint'])}), "
+            f"not for this model ({_describe(fingerprint)}). Re-run `var-export calibrate` for this model."
+        )
+    return cal
