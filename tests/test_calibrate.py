@@ -118,23 +118,16 @@ def test_write_and_load_calibration(tmp_path):
 # ---- tiny-llava: the planted phenomenon ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from var_export.models import load_llava
-
-    return load_llava("tiny-llava")
-
-
-def test_tiny_llava_finds_planted_dims_and_heads(tiny):
+def test_tiny_llava_finds_planted_dims_and_heads(tiny_loaded):
     from calibration.tiny_llava import PLANTED_IMAGE_CENTRIC_HEADS, TINY_SINK_DIMS
     from var_export.models import model_fingerprint
 
     settings = VarSettings(sink_dims=TINY_SINK_DIMS)  # defaults: tau 20, rho 0.5, summ 0.2
-    cal = calibrate(tiny, calibration_samples(None, 6), settings, preset_sink_dims=TINY_SINK_DIMS)
+    cal = calibrate(tiny_loaded, calibration_samples(None, 6), settings, preset_sink_dims=TINY_SINK_DIMS)
     assert cal["sink_dims"] == list(TINY_SINK_DIMS)
     assert cal["sink_dims_found"] == list(TINY_SINK_DIMS)
     assert cal["heads"] == [list(h) for h in PLANTED_IMAGE_CENTRIC_HEADS]
-    assert cal["fingerprint"] == json.loads(json.dumps(model_fingerprint(tiny.config)))
+    assert cal["fingerprint"] == json.loads(json.dumps(model_fingerprint(tiny_loaded.config)))
     assert all(row["sink_count"] > 0 and row["visual_share"] > 0.5 for row in cal["layers"])
 
 
@@ -149,7 +142,7 @@ def _write_images(folder: Path, n: int) -> None:
         img.save(folder / f"img{i}.png")
 
 
-def test_cli_calibrate_with_data_folder(tmp_path, tiny):
+def test_cli_calibrate_with_data_folder(tmp_path, tiny_loaded):
     data = tmp_path / "data"
     _write_images(data, 2)
     (data / "prompts.txt").write_text("What is in the image?\nWhere is the red square?\n")
@@ -158,7 +151,7 @@ def test_cli_calibrate_with_data_folder(tmp_path, tiny):
     assert rc == 0
     from var_export.models import model_fingerprint
 
-    cal = load_calibration(out, fingerprint=model_fingerprint(tiny.config))
+    cal = load_calibration(out, fingerprint=model_fingerprint(tiny_loaded.config))
     assert cal["num_samples"] == 2 and cal["sink_dims"] == [5, 17]
 
 

@@ -304,3 +304,32 @@ def test_redistribute_by_hand():
     assert torch.allclose(out3.view(-1), expected, atol=1e-7)
     out4 = redistribute(a, visual, sink, torch.ones(1, 1, dtype=torch.bool), torch.tensor([False]), s, False)
     assert torch.equal(out4, a)
+
+
+def test_tiny_llava_exact_off_and_batched_var(tiny_loaded):
+    """On the embedded tiny-llava (GQA, real processor, real sinks at tau=20)."""
+    from calibration.tiny_llava import TINY_SINK_DIMS, synthetic_images
+    from var_export.inputs import prepare_batch
+
+    model = tiny_loaded.model
+    images = synthetic_images(2, seed=1)
+    prompts = ["What is in the image?", "Describe the picture in detail please."]
+    batch = prepare_batch(tiny_loaded.processor, images, prompts)  # left padded
+    mask, vis = batch["attention_mask"], batch["visual_token_mask"]
+    embeds = multimodal_embeds(model, batch["input_ids"], batch["pixel_values"])
+    hf = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=mask,
+               position_ids=positions(mask))
+    off = VarReference(model, None).step(embeds, mask, positions(mask), None, vis)
+    assert torch.equal(off.logits, hf.logits)
+    ref = VarReference(model, VarSettings(sink_dims=TINY_SINK_DIMS, heads="dynamic"))
+    both = ref.step(embeds, mask, positions(mask), None, vis)
+    assert both.present_sink_mask[:, :, :].any()
+    for i in range(2):
+        one = prepare_batch(tiny_loaded.processor, images[i : i + 1], prompts[i : i + 1])
+        e1 = multimodal_embeds(model, one["input_ids"], one["pixel_values"])
+        m1 = one["attention_mask"]
+        single = ref.step(e1, m1, positions(m1), None, one["visual_token_mask"])
+        n = m1.shape[1]
+        assert torch.allclose(single.logits[0], both.logits[i, -n:], atol=1e-5)
+        assert torch.equal(single.present_sink_mask[0], both.present_sink_mask[i, :, -n:])
+        assert not torch.allclose(single.logits, off.logits[i : i + 1, -n:], atol=1e-4)  # VAR acts
