@@ -1,0 +1,393 @@
+"""TensorRT lint (no TensorRT needed), profile construction, and build_engine without TensorRT."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from var_export import trt
+from var_export.errors import BundleError, ConfigError, TensorRTUnavailableError
+
+# ---------------------------------------------------------------- tiny graphs
+
+
+def _model(nodes, inputs, outputs, initializers=(), opset=18) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _static_model() -> onnx.ModelProto:
+    """x [2,4] float -> Softmax(x * 2): everything TensorRT likes."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    return _model(
+        [
+            helper.make_node("Mul", ["x", "two"], ["y"], name="mul"),
+            helper.make_node("Softmax", ["y"], ["z"], name="softmax", axis=-1),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])],
+        [two],
+    )
+
+
+def _nonzero_model() -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("NonZero", ["x"], ["idx"], name="nz")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, [2, None])],
+    )
+
+
+def _scatternd_model(node_name: str) -> onnx.ModelProto:
+    idx = helper.make_tensor("idx", TensorProto.INT64, [1, 1], [0])
+    upd = helper.make_tensor("upd", TensorProto.FLOAT, [1, 4], [1.0] * 4)
+    return _model(
+        [helper.make_node("ScatterND", ["x", "idx", "upd"], ["y"], name=node_name)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [idx, upd],
+    )
+
+
+def _loop_model() -> onnx.ModelProto:
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "acc_in"], ["acc_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2]),
+        ],
+    )
+    trip = helper.make_tensor("trip", TensorProto.INT64, [], [3])
+    cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+    return _model(
+        [helper.make_node("Loop", ["trip", "cond", "x"], ["y"], name="loop", body=body)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [trip, cond],
+    )
+
+
+# ---------------------------------------------------------------- lint
+
+
+def test_lint_static_graph_is_clean():
+    report = trt.lint_for_tensorrt(_static_model())
+    assert report.ok, report.format()
+    assert report.findings == []
+    assert report.op_counts == {"Mul": 1, "Softmax": 1}
+    assert report.dynamic_inputs == {}
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "op"),
+    [
+        (_nonzero_model(), "data-dependent-shape", "NonZero"),
+        (_loop_model(), "data-dependent-shape", "Loop"),
+        (_scatternd_model("var/L2/scatter"), "var-forbidden-op", "ScatterND"),
+    ],
+)
+def test_lint_rejects_data_dependent_and_var_forbidden_ops(model, code, op):
+    report = trt.lint_for_tensorrt(model)
+    assert not report.ok
+    errors = [f for f in report.errors if f.code == code]
+    assert errors and op in errors[0].message, report.format()
+    assert errors[0].fix  # says what to do
+    with pytest.raises(trt.TensorRTLintError, match=op):
+        report.raise_if_errors()
+
+
+def test_lint_scatternd_outside_var_nodes_is_allowed():
+    # The parser has ScatterND; only the VAR nodes must avoid it (DESIGN.md §3).
+    assert trt.lint_for_tensorrt(_scatternd_model("exporter/scatter")).ok
+
+
+def test_lint_walks_subgraphs():
+    report = trt.lint_for_tensorrt(_loop_model())
+    assert report.op_counts["Identity"] == 1 and report.op_counts["Add"] == 1
+
+
+def test_lint_unsupported_custom_and_opset():
+    model = _model(
+        [
+            helper.make_node("Unique", ["x"], ["u"], name="uniq"),
+            helper.make_node("StringNormalizer", ["s"], ["s2"], name="strnorm"),
+            helper.make_node("GroupQueryAttention", ["x"], ["g"], name="gqa", domain="com.microsoft"),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("s", TensorProto.STRING, [4]),
+        ],
+        [
+            helper.make_tensor_value_info("u", TensorProto.FLOAT, [None]),
+            helper.make_tensor_value_info("s2", TensorProto.STRING, [4]),
+            helper.make_tensor_value_info("g", TensorProto.FLOAT, [4]),
+        ],
+        opset=24,
+    )
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    report = trt.lint_for_tensorrt(model)
+    codes = report.codes()
+    assert {"unsupported-op", "custom-domain-op", "data-dependent-shape", "opset", "io-dtype"} <= codes
+    unsupported = " ".join(f.message for f in report.errors if f.code == "unsupported-op")
+    assert "StringNormalizer" in unsupported and "Unique" in unsupported
+    assert [f.severity for f in report.findings if f.code == "opset"] == ["warning"]
+
+
+def test_lint_reports_bool_int64_dynamic_and_external_data(tmp_path):
+    w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    model = _model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+            helper.make_node("Cast", ["mask"], ["mask_f"], name="cast", to=TensorProto.FLOAT),
+            helper.make_node("Cast", ["ids"], ["ids_f"], name="cast2", to=TensorProto.FLOAT),
+            helper.make_node("Not", ["mask"], ["mask_out"], name="not"),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 4]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", "total_sequence"]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 4]),
+            helper.make_tensor_value_info("mask_out", TensorProto.BOOL, ["batch", "total_sequence"]),
+        ],
+        [w],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    report = trt.lint_for_tensorrt(path)
+    assert report.ok, report.format()
+    by_code = {f.code: f for f in report.findings}
+    assert "mask" in by_code["bool-io"].message and "mask_out" in by_code["bool-io"].message
+    assert "ids" in by_code["int64"].message
+    assert "m.onnx.data" in by_code["external-data"].message
+    assert set(report.dynamic_inputs) == {"x", "mask", "ids"}
+    assert report.dynamic_inputs["mask"] == ["batch", "total_sequence"]
+
+
+def test_lint_missing_and_corrupt_file(tmp_path):
+    with pytest.raises(BundleError, match="found nothing"):
+        trt.lint_for_tensorrt(tmp_path / "nope.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00not a protobuf\xff" * 10)
+    with pytest.raises(BundleError, match="could not be read"):
+        trt.lint_for_tensorrt(bad)
+
+
+@pytest.fixture(scope="module")
+def var_decoder(tmp_path_factory) -> Path:
+    """A dynamo-exported LLaMA decoder (decoder contract I/O) with VAR baked in (dynamic heads)."""
+    from passes_fixtures import LlamaSpec, export_tiny_llama
+
+    from passes.pipeline import apply_var, save_model
+    from var_export.settings import VarSettings
+
+    tmp = tmp_path_factory.mktemp("trt")
+    spec = LlamaSpec()
+    plain = export_tiny_llama(tmp / "plain.onnx", spec)
+    settings = VarSettings(sink_dims=(1,), heads="dynamic", layers="1:")
+    model, _ = apply_var(ir.load(str(plain)), settings, None, num_layers=spec.layers)
+    out = tmp / "decoder_model_merged.onnx"
+    save_model(model, out)
+    return out
+
+
+def test_lint_passes_on_our_var_decoder(var_decoder):
+    report = trt.lint_for_tensorrt(var_decoder)
+    assert report.ok, report.format()
+    proto = onnx.load(str(var_decoder), load_external_data=False)
+    var_ops = {n.op_type for n in proto.graph.node if n.name.startswith("var/")}
+    assert var_ops and not var_ops & trt.VAR_FORBIDDEN_OPS
+    assert {"visual_token_mask", "past_sink_mask"} <= set(report.dynamic_inputs)
+    assert "present_sink_mask" in {f.code: f for f in report.findings}["bool-io"].message
+
+
+def test_lint_rejects_our_decoder_with_a_planted_var_nonzero(var_decoder):
+    proto = onnx.load(str(var_decoder), load_external_data=False)
+    proto.graph.node.append(
+        helper.make_node("NonZero", ["visual_token_mask"], ["var/planted/idx"], name="var/planted")
+    )
+    report = trt.lint_for_tensorrt(proto)
+    assert [f.code for f in report.errors] == ["var-forbidden-op"]
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def test_profiles_follow_the_decoder_contract(var_decoder):
+    shapes = trt.graph_input_shapes(var_decoder)
+    limits = trt.ProfileLimits.from_max(max_batch=3, max_seq=64, max_past=100)
+    (profile,) = trt.make_profiles(shapes, limits)
+    hidden = shapes["inputs_embeds"][2]
+    assert isinstance(hidden, int)
+    assert profile["inputs_embeds"] == ((1, 1, hidden), (1, 1, hidden), (3, 64, hidden))
+    assert profile["attention_mask"] == ((1, 1), (1, 51), (3, 164))
+    assert profile["position_ids"] == ((1, 1), (1, 1), (3, 64))
+    assert profile["visual_token_mask"] == profile["attention_mask"]
+    kv = profile["past_key_values.0.key"]
+    assert kv[0][2] == 0 and kv[1][2] == 50 and kv[2][2] == 100 and kv[2][0] == 3
+    assert kv[0][1] == kv[2][1] == shapes["past_key_values.0.key"][1]  # KV heads stay static
+    lv = shapes["past_sink_mask"][1]
+    assert profile["past_sink_mask"] == ((1, lv, 0), (1, lv, 50), (3, lv, 100))
+    assert set(profile) == {n for n, s in shapes.items() if not all(isinstance(d, int) for d in s)}
+
+
+def test_profiles_by_symbol_name_static_inputs_and_errors():
+    shapes = {"pixel_values": ["batch", 3, 336, 336], "foo": ["batch_size", 7], "w": [4, 4]}
+    (p,) = trt.make_profiles(shapes, trt.ProfileLimits(batch=(1, 2, 8)))
+    assert p == {
+        "pixel_values": ((1, 3, 336, 336), (2, 3, 336, 336), (8, 3, 336, 336)),
+        "foo": ((1, 7), (2, 7), (8, 7)),
+    }
+    two = trt.make_profiles({"input_ids": ["b", "s"]}, [trt.ProfileLimits(), trt.ProfileLimits(sequence=(1, 8, 16))])
+    assert [pr["input_ids"][2] for pr in two] == [(4, 1024), (4, 16)]
+    with pytest.raises(ConfigError, match="no known role"):
+        trt.make_profiles({"mystery": ["n", 4]})
+    with pytest.raises(ConfigError, match="min <= opt <= max"):
+        trt.ProfileLimits(sequence=(4, 2, 8))
+    with pytest.raises(ConfigError, match="--max-batch"):
+        trt.ProfileLimits.from_max(max_batch=0)
+
+
+# ---------------------------------------------------------------- build_engine without TensorRT
+
+
+def test_build_engine_without_tensorrt_is_a_clear_error(var_decoder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(TensorRTUnavailableError, match=r"pip install var-export\[trt\]") as info:
+        trt.build_engine(var_decoder, tmp_path / "e.plan")
+    assert "NVIDIA GPU" in str(info.value) and "build-trt" in str(info.value)
+    assert info.value.exit_code != 0
+    assert not (tmp_path / "e.plan").exists()
+
+
+def test_build_engine_with_tensorrt_but_no_gpu(var_decoder, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.x"))
+    monkeypatch.setattr(trt, "_cuda_device_count", lambda: 0)
+    with pytest.raises(TensorRTUnavailableError, match="no NVIDIA driver / GPU"):
+        trt.build_engine(var_decoder, tmp_path / "e.plan")
+
+
+def test_build_engine_missing_graph(tmp_path):
+    with pytest.raises(BundleError, match="decoder_model_merged.onnx"):
+        trt.build_engine(tmp_path, tmp_path / "e.plan")
+
+
+class _FakeTRT:
+    """Just enough of the tensorrt 10 API to run build_engine's code path."""
+
+    __version__ = "10.fake"
+
+    def __init__(self, parse_ok: bool = True) -> None:
+        self.calls: list[tuple] = []
+        fake = self
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                pass
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.calls.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("workspace", size))
+
+            def set_flag(self, flag):
+                fake.calls.append(("flag", flag))
+
+            def add_optimization_profile(self, p):
+                fake.calls.append(("profile",))
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return object()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"PLAN-BYTES"
+
+        class OnnxParser:
+            num_errors = 0 if parse_ok else 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse", path))
+                return parse_ok
+
+            def get_error(self, i):
+                return "In node 3 (importFoo): UNSUPPORTED_NODE"
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+        self.BuilderFlag = types.SimpleNamespace(FP16="fp16")
+
+
+def test_build_engine_code_path_with_a_fake_tensorrt(var_decoder, tmp_path, monkeypatch):
+    fake = _FakeTRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt, "_cuda_device_count", lambda: 1)
+    out = trt.build_engine(
+        var_decoder,
+        tmp_path / "sub" / "e.plan",
+        fp16=True,
+        profiles=trt.ProfileLimits.from_max(max_batch=2, max_seq=8, max_past=16),
+        workspace_gb=0.5,
+    )
+    assert out.read_bytes() == b"PLAN-BYTES"
+    assert [p.name for p in out.parent.iterdir()] == ["e.plan"]  # no temp file left
+    assert ("flag", "fp16") in fake.calls and ("workspace", 1 << 29) in fake.calls
+    assert ("set_shape", "attention_mask", (1, 1), (1, 9), (2, 24)) in fake.calls
+    set_names = {c[1] for c in fake.calls if c[0] == "set_shape"}
+    assert {"inputs_embeds", "past_sink_mask", "visual_token_mask"} <= set_names
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT(parse_ok=False))
+    from var_export.errors import VarExportError
+
+    with pytest.raises(VarExportError, match="UNSUPPORTED_NODE"):
+        trt.build_engine(var_decoder, tmp_path / "f.plan")
+    assert not (tmp_path / "f.plan").exists()
+
+
+def test_cli_build_trt_lint_only_and_missing_tensorrt(var_decoder, tmp_path, monkeypatch, capsys):
+    from var_export.cli import main
+
+    assert main(["build-trt", str(var_decoder), "--lint-only"]) == 0
+    bad = tmp_path / "bad.onnx"
+    onnx.save(_nonzero_model(), str(bad))
+    assert main(["build-trt", str(bad), "--lint-only"]) == 1
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    code = main(["build-trt", str(var_decoder), "--out", str(tmp_path / "e.plan"), "--max-past", "64"])
+    assert code == TensorRTUnavailableError.exit_code != 0
+    assert not (tmp_path / "e.plan").exists()

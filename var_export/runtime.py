@@ -1,0 +1,521 @@
+"""Greedy generation with ONNX Runtime from a bundle alone (no torch model, no hub).
+
+    rt = VarRuntime("build/tiny-llava")                       # VAR on (when the bundle has it)
+    result = rt.generate("cat.png", "What is in the picture?", max_new_tokens=32,
+                         stream=lambda text: print(text, end=""))
+    result.text, result.token_ids, result.timings
+
+Pipeline (DESIGN.md §3): processor (from the bundle's files) -> ``vision_encoder.onnx`` ->
+``embed_tokens.onnx`` -> image features scattered into the image-token positions -> the
+decoder loop with the KV cache and, for a VAR bundle, the sink-mask cache
+(``present_sink_mask`` fed back as ``past_sink_mask``), greedy.
+
+Decisions:
+
+* **VAR off** (``var=False``, ``var-export run --no-var``) runs the *same* VAR bundle with an
+  all-False ``visual_token_mask``. With no visual token no query row is eligible, so no row is
+  changed and the VAR graph computes exactly the plain decoder (docs/ARCHITECTURE.md, "The
+  decoder contract"); no second graph is needed. A ``--no-var`` bundle (no VAR inputs in the
+  manifest's io) runs as it is; ``var=True`` on it logs that there is no VAR to switch on.
+* **Prompts.** A prompt that already contains the processor's image token (``<image>``) is used
+  verbatim: the caller formatted it. Otherwise the runtime formats it with the processor's chat
+  template (one user turn: the image, then the text; generation prompt added), or, without a
+  template, uses LLaVA-1.5's ``USER: <image>\n{prompt} ASSISTANT:``
+  (:func:`var_export.inputs.format_prompt`). A prompt with more than one image token is a
+  ``DataError`` (one image per call).
+* **Length.** The model's position limit is the manifest's ``max_position_embeddings`` when
+  recorded, else the tokenizer's ``model_max_length``. A prompt (image tokens included) at or
+  beyond it is a ``DataError``; ``max_new_tokens`` is capped to what still fits (logged).
+
+The step helpers (:func:`empty_past`, :func:`decode_step_numpy`, :func:`prefill_position_ids`,
+:func:`greedy_decode_numpy`) work on batches with left padding and are what parity tests reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from var_export.errors import BundleError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+VISION_ENCODER = "vision_encoder.onnx"
+EMBED_TOKENS = "embed_tokens.onnx"
+DECODER = "decoder_model_merged.onnx"
+VISUAL_MASK = "visual_token_mask"
+PAST_SINK_MASK = "past_sink_mask"
+PRESENT_SINK_MASK = "present_sink_mask"
+PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions
+
+
+def make_session(path: str | os.PathLike[str], provider: str = "cpu") -> ort.InferenceSession:
+    """An ONNX Runtime session on ``provider`` ('cpu' | 'cuda'); a clear error when unavailable."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ConfigError(f"--provider must be one of {sorted(PROVIDERS)}, found {provider!r}.")
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise ConfigError(
+            f"expected ONNX Runtime with {wanted} for --provider {provider}; this onnxruntime "
+            f"({ort.__version__}) has {available}. Install onnxruntime-gpu on a machine with an "
+            "NVIDIA GPU and CUDA, or use --provider cpu."
+        )
+    providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException
+        raise BundleError(
+            f"expected a loadable ONNX graph at {path}; ONNX Runtime failed: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Re-export the bundle."
+        ) from exc
+    if session.get_providers()[0] != wanted:
+        raise ConfigError(
+            f"ONNX Runtime did not start {wanted} for {Path(path).name} (got "
+            f"{session.get_providers()}); check the CUDA / cuDNN installation or use --provider cpu."
+        )
+    return session
+
+
+def _input_meta(session: ort.InferenceSession) -> dict[str, Any]:
+    return {i.name: i for i in session.get_inputs()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Step helpers (batch, left padding)
+
+
+def prefill_position_ids(attention_mask: np.ndarray) -> np.ndarray:
+    """HF's convention for left padding: cumsum(mask) - 1, pads at 1. (B, T) int64."""
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    pos = np.cumsum(mask, axis=-1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def empty_past(decoder: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length caches for prefill: every ``past_key_values.*`` (B, KV, 0, hd) and, for a VAR
+    decoder, ``past_sink_mask`` (B, Lv, 0), with the graph's dtypes."""
+    past: dict[str, np.ndarray] = {}
+    for name, meta in _input_meta(decoder).items():
+        if not (name.startswith("past_key_values.") or name == PAST_SINK_MASK):
+            continue
+        shape = list(meta.shape)
+        is_sink = name == PAST_SINK_MASK
+        static_axes = (1,) if is_sink else (1, 3)
+        if len(shape) != (3 if is_sink else 4) or not all(isinstance(shape[a], int) for a in static_axes):
+            raise BundleError(
+                f"decoder input {name} has shape {shape}; expected "
+                f"{'[B, Lv, P]' if is_sink else '[B, KV, P, hd]'} with static "
+                f"{'Lv' if is_sink else 'KV and hd'}. Re-export the bundle."
+            )
+        dims = (batch, shape[1], 0) if is_sink else (batch, shape[1], 0, shape[3])
+        past[name] = np.zeros(dims, dtype=_ORT_DTYPES.get(meta.type, np.float32))
+    return past
+
+
+def decode_step_numpy(
+    decoder: ort.InferenceSession,
+    inputs_embeds: np.ndarray,
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray,
+    past: Mapping[str, np.ndarray],
+    visual_token_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One decoder call. Returns (logits (B, S, V), the next ``past``).
+
+    ``inputs_embeds`` (B, S, D), ``attention_mask`` (B, T = P + S) int64, ``position_ids`` (B, S),
+    ``past``: the graph's ``past_key_values.*`` (and ``past_sink_mask``) inputs by name
+    (:func:`empty_past` for prefill). ``visual_token_mask`` (B, T) bool is fed only when the graph
+    has that input; None there means all-False (VAR off). The next ``past`` maps each
+    ``present.*`` / ``present_sink_mask`` output back to its input name.
+    """
+    meta = _input_meta(decoder)
+    feeds: dict[str, np.ndarray] = {
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+        "position_ids": np.asarray(position_ids, dtype=np.int64),
+    }
+    feeds.update(past)
+    if VISUAL_MASK in meta:
+        if visual_token_mask is None:
+            visual_token_mask = np.zeros(feeds["attention_mask"].shape, dtype=np.bool_)
+        feeds[VISUAL_MASK] = np.asarray(visual_token_mask, dtype=np.bool_)
+    missing = sorted(set(meta) - set(feeds))
+    if missing:
+        raise BundleError(
+            f"the decoder expects inputs {missing} that the decoder contract (DESIGN.md §3) does "
+            "not define; re-export the bundle with var-export."
+        )
+    names = [o.name for o in decoder.get_outputs()]
+    outs = decoder.run(names, {k: v for k, v in feeds.items() if k in meta})
+    logits = outs[0]
+    nxt: dict[str, np.ndarray] = {}
+    for name, value in zip(names[1:], outs[1:]):
+        if name.startswith("present."):
+            nxt["past_key_values." + name[len("present.") :]] = value
+        elif name == PRESENT_SINK_MASK:
+            nxt[PAST_SINK_MASK] = value
+    return logits, nxt
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    tokens: np.ndarray  # (B, n) int64 generated ids; after EOS a finished row repeats pad_id
+    steps: int  # decoder calls after prefill
+    prefill_seconds: float
+    decode_seconds: float
+
+
+def greedy_decode_numpy(
+    decoder: ort.InferenceSession,
+    embed: Callable[[np.ndarray], np.ndarray],
+    inputs_embeds: np.ndarray,
+    attention_mask: np.ndarray,
+    max_new_tokens: int,
+    *,
+    visual_token_mask: np.ndarray | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    on_token: Callable[[np.ndarray], None] | None = None,
+) -> DecodeResult:
+    """Greedy decoding with the KV and sink-mask caches (batch, left padding).
+
+    ``embed`` maps token ids (B, 1) to embeddings (B, 1, D) (the embed_tokens session).
+    ``visual_token_mask`` (B, S) bool for the prompt (None: all False, i.e. VAR off). Generated
+    tokens are never visual. Stops after ``max_new_tokens`` or when every row has produced
+    ``eos_token_id``. ``on_token(ids (B,))`` is called after each new token.
+    """
+    b = inputs_embeds.shape[0]
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    visual = (
+        np.zeros(mask.shape, dtype=np.bool_)
+        if visual_token_mask is None
+        else np.asarray(visual_token_mask, dtype=np.bool_) & (mask != 0)
+    )
+    position_ids = prefill_position_ids(mask)
+    past = empty_past(decoder, b)
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
+    t0 = time.perf_counter()
+    logits, past = decode_step_numpy(decoder, inputs_embeds, mask, position_ids, past, visual)
+    t1 = time.perf_counter()
+    tokens: list[np.ndarray] = []
+    done = np.zeros(b, dtype=np.bool_)
+    steps = 0
+    for i in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1).astype(np.int64)  # (B,)
+        nxt = np.where(done, pad, nxt)
+        tokens.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if eos_token_id is not None:
+            done |= nxt == eos_token_id
+        if done.all() or i == max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+        visual = np.concatenate([visual, np.zeros((b, 1), np.bool_)], axis=1)
+        position_ids = position_ids[:, -1:] + 1
+        logits, past = decode_step_numpy(decoder, embed(nxt[:, None]), mask, position_ids, past, visual)
+        steps += 1
+    out = np.stack(tokens, axis=1) if tokens else np.zeros((b, 0), np.int64)
+    return DecodeResult(out, steps, t1 - t0, time.perf_counter() - t1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and prompts
+
+
+def load_image(image: Image.Image | str | os.PathLike[str]) -> Image.Image:
+    """A PIL RGB image from a PIL image or a path; DataError when missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise DataError(f"expected an image file at {path}; found none. Check --image.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(
+            f"expected a readable image (PNG, JPEG, ...) at {path}; it is corrupt or not an image "
+            f"({type(exc).__name__}: {exc}). Pass another --image."
+        ) from exc
+
+
+def format_prompt(processor: Any, prompt: str) -> str:
+    """The text given to the processor: verbatim with one image token, else templated (module
+    doc); :func:`var_export.inputs.format_prompt` does it."""
+    from var_export.inputs import format_prompt as _format
+
+    return _format(processor, prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str  # decoded new tokens, special tokens skipped
+    token_ids: list[int]  # new token ids (EOS included when produced)
+    timings: dict[str, float]  # seconds: preprocess, vision, prefill, decode, total; tokens_per_s
+    prompt_tokens: int = 0  # prompt length, image tokens included
+    var: bool = False  # whether VAR was active
+
+
+class VarRuntime:
+    """ONNX Runtime generation from a bundle directory (see the module docstring).
+
+    ``provider``: 'cpu' or 'cuda' (onnxruntime-gpu). ``var``: run VAR (a VAR bundle) or switch it
+    off by feeding no visual token. ``verify``: check the SHA-256 of every bundle file on load.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike[str],
+        provider: str = "cpu",
+        var: bool = True,
+        *,
+        verify: bool = True,
+    ) -> None:
+        from var_export.bundle import load_bundle
+
+        self.bundle = load_bundle(Path(bundle_dir), verify=verify)
+        self.provider = provider
+        manifest = self.bundle.manifest
+        io = manifest.get("io") or {}
+        self.sessions = {
+            name: make_session(self.bundle.graphs.get(name, self.bundle.path / name), provider)
+            for name in (VISION_ENCODER, EMBED_TOKENS, DECODER)
+        }
+        decoder_inputs = [i.name for i in self.decoder.get_inputs()]
+        manifest_inputs = (io.get(DECODER) or {}).get("inputs")
+        if manifest_inputs is not None and list(manifest_inputs) != decoder_inputs:
+            raise BundleError(
+                f"the decoder's inputs {decoder_inputs} differ from the manifest's io "
+                f"{list(manifest_inputs)}; the bundle is inconsistent. Re-export it."
+            )
+        self.has_var = VISUAL_MASK in decoder_inputs
+        if self.has_var != (manifest.get("var") is not None):
+            log.warning(
+                "manifest var settings (%s) and decoder inputs (VAR inputs %s) disagree; "
+                "following the graph",
+                "present" if manifest.get("var") is not None else "null",
+                "present" if self.has_var else "absent",
+            )
+        if var and not self.has_var:
+            log.info("bundle %s has no VAR (exported with --no-var): running the plain decoder", self.bundle.path)
+        self.var = bool(var and self.has_var)
+        self.processor = self._load_processor()
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer = tokenizer
+        self.image_token_id = self._image_token_id(manifest)
+        self.eos_token_id = manifest.get("eos_token_id", getattr(tokenizer, "eos_token_id", None))
+        self.pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        self.max_positions = self._max_positions(manifest)
+
+    @property
+    def decoder(self) -> ort.InferenceSession:
+        return self.sessions[DECODER]
+
+    def _load_processor(self) -> Any:
+        from transformers import AutoProcessor
+
+        try:
+            return AutoProcessor.from_pretrained(str(self.bundle.path))
+        except Exception as exc:  # transformers raises OSError / ValueError / KeyError
+            raise BundleError(
+                f"expected the model's processor files (tokenizer, processor_config.json) in "
+                f"{self.bundle.path}; AutoProcessor could not load them ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}). Re-export the bundle."
+            ) from exc
+
+    def _image_token_id(self, manifest: Mapping[str, Any]) -> int:
+        value = manifest.get("image_token_id", getattr(self.processor, "image_token_id", None))
+        if value is None:
+            token = getattr(self.processor, "image_token", None)
+            if token is not None:
+                value = self.tokenizer.convert_tokens_to_ids(token)
+        if value is None:
+            raise BundleError(
+                f"cannot tell the image token id of the bundle {self.bundle.path}: the manifest has "
+                "no image_token_id and the processor no image_token. Re-export the bundle."
+            )
+        return int(value)
+
+    def _max_positions(self, manifest: Mapping[str, Any]) -> int | None:
+        for source in (manifest, manifest.get("fingerprint") if isinstance(manifest.get("fingerprint"), dict) else {}):
+            value = source.get("max_position_embeddings") if isinstance(source, Mapping) else None
+            if value:
+                return int(value)
+        config = self.bundle.path / "config.json"
+        if config.is_file():
+            try:
+                cfg = json.loads(config.read_text())
+                text = cfg.get("text_config", cfg)
+                if text.get("max_position_embeddings"):
+                    return int(text["max_position_embeddings"])
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < 10**7:
+            return limit
+        return None
+
+    def prepare(self, image: Image.Image | str | os.PathLike[str], prompt: str) -> dict[str, np.ndarray]:
+        """Processor outputs for one image and prompt: input_ids, attention_mask, pixel_values."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError("expected a non-empty prompt; found an empty one. Pass --prompt TEXT.")
+        img = load_image(image)
+        text = format_prompt(self.processor, prompt)
+        try:
+            batch = self.processor(images=[img], text=[text], return_tensors="np")
+        except ValueError as exc:
+            raise DataError(
+                f"the processor rejected the prompt/image pair: {exc}. Expected one "
+                f"{getattr(self.processor, 'image_token', '<image>')} in the prompt for the image."
+            ) from exc
+        ids = np.asarray(batch["input_ids"], dtype=np.int64)
+        n_image = int((ids == self.image_token_id).sum())
+        if n_image == 0:
+            raise DataError(
+                "the formatted prompt has no image token, but this model needs the image in the "
+                "prompt; expected the processor to expand <image>. Check the bundle's processor files."
+            )
+        if self.max_positions is not None and ids.shape[1] >= self.max_positions:
+            raise DataError(
+                f"the prompt is {ids.shape[1]} tokens long ({n_image} of them image tokens); the "
+                f"model allows at most {self.max_positions} positions, prompt and answer together. "
+                "Shorten the prompt."
+            )
+        return {
+            "input_ids": ids,
+            "attention_mask": np.asarray(batch["attention_mask"], dtype=np.int64),
+            "pixel_values": np.asarray(batch["pixel_values"]),
+        }
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.sessions[EMBED_TOKENS].run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
+
+    def prompt_embeds(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """inputs_embeds (B, S, D) with the image features merged in; and the vision seconds."""
+        from var_export.export import merge_image_features
+
+        vision = self.sessions[VISION_ENCODER]
+        pv_type = _ORT_DTYPES.get(vision.get_inputs()[0].type, np.float32)
+        t0 = time.perf_counter()
+        features = vision.run(["image_features"], {"pixel_values": batch["pixel_values"].astype(pv_type)})[0]
+        t_vision = time.perf_counter() - t0
+        embeds = self._embed(batch["input_ids"])
+        try:
+            merged = merge_image_features(embeds, features, batch["input_ids"], self.image_token_id)
+        except ConfigError as exc:
+            raise DataError(str(exc)) from exc
+        return merged, t_vision
+
+    def generate(
+        self,
+        image: Image.Image | str | os.PathLike[str],
+        prompt: str,
+        max_new_tokens: int = 32,
+        stream: Callable[[str], None] | None = None,
+        *,
+        stop_on_eos: bool = True,
+    ) -> GenerationResult:
+        """Greedy generation for one image and prompt. ``stream(text_piece)`` gets the new text as
+        it is generated (pieces concatenate to ``result.text``)."""
+        if max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, found {max_new_tokens}.")
+        t0 = time.perf_counter()
+        batch = self.prepare(image, prompt)
+        prompt_len = int(batch["input_ids"].shape[1])
+        if self.max_positions is not None and prompt_len + max_new_tokens > self.max_positions:
+            capped = self.max_positions - prompt_len
+            log.warning(
+                "max_new_tokens %d does not fit after a %d-token prompt (limit %d positions): "
+                "generating at most %d",
+                max_new_tokens,
+                prompt_len,
+                self.max_positions,
+                capped,
+            )
+            max_new_tokens = capped
+        t_pre = time.perf_counter() - t0
+        embeds, t_vision = self.prompt_embeds(batch)
+        visual = batch["input_ids"] == self.image_token_id if self.var else None
+
+        generated: list[int] = []
+        emitted = [""]
+
+        def on_token(ids: np.ndarray) -> None:
+            generated.append(int(ids[0]))
+            if stream is not None:
+                text = self._decode(generated)
+                if text.startswith(emitted[0]):
+                    piece = text[len(emitted[0]) :]
+                    if piece:
+                        stream(piece)
+                        emitted[0] = text
+
+        result = greedy_decode_numpy(
+            self.decoder,
+            self._embed,
+            embeds,
+            batch["attention_mask"],
+            max_new_tokens,
+            visual_token_mask=visual,
+            eos_token_id=self.eos_token_id if stop_on_eos else None,
+            pad_token_id=self.pad_token_id,
+            on_token=on_token,
+        )
+        text = self._decode(generated)
+        if stream is not None and text != emitted[0] and text.startswith(emitted[0]):
+            stream(text[len(emitted[0]) :])
+        total = time.perf_counter() - t0
+        n = len(generated)
+        timings = {
+            "preprocess": t_pre,
+            "vision": t_vision,
+            "prefill": result.prefill_seconds,
+            "decode": result.decode_seconds,
+            "total": total,
+            "tokens_per_s": (result.steps / result.decode_seconds) if result.decode_seconds > 0 else 0.0,
+        }
+        log.debug("generated %d tokens in %.3f s", n, total)
+        return GenerationResult(
+            text=text, token_ids=generated, timings=timings, prompt_tokens=prompt_len, var=self.var
+        )
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
