@@ -1,0 +1,33 @@
+"""``python -m benchmarks.run [--full] --out DIR`` (``make bench``): the VAR price benchmark.
+
+Default: the quick run (tiny-llava and the toy-width slice, 2 rounds). ``--full``: tiny-llava and the
+LLaMA-7B-width slice (hidden 4096, 32 heads, 2 layers, 633-token prompt), 5 rounds of 16 decode
+steps, one VAR graph at a time beside the baselines (memory: ~4 sessions of ~2.1 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from benchmarks.bench_var import config_for
+from var_export.bench import markdown_table, run_bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    p.add_argument("--full", action="store_true", help="the LLaMA-7B-width slice (minutes, ~10 GB RAM)")
+    p.add_argument("--out", type=Path, default=Path("build/bench"))
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = run_bench(config_for(full=args.full, threads=args.threads), args.out, progress=print)
+    print(markdown_table(result))
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

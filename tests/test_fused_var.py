@@ -1,0 +1,115 @@
+"""Fused VAR (passes/fused_var.py) on ONNX ``Attention`` graphs against the PyTorch reference.
+
+tiny-llava (planted sinks and image-centric heads, GQA) exported with SDPA at opset 23; batch 2
+left-padded, prefill + 3 decode steps, every head mode, both score-shift forms; < 1e-4 max |Δlogits|
+vs ``VarReference`` and vs the naive VAR graph (``passes.pipeline.apply_var`` on the eager export).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from var_export.errors import AlreadyAppliedError, GraphPatternError
+from var_export.settings import VarSettings
+
+ATOL = 1e-4
+DECODE_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from calibration import tiny_llava as tl
+    from var_export.bench import tiny_llava_case
+    from var_export.export import export_decoder
+    from var_export.export_fused import export_decoder_fused
+
+    out = tmp_path_factory.mktemp("fused_var")
+    case = tiny_llava_case(batch=2, seed=7)
+    export_decoder_fused(case.model, out / "fused.onnx")
+    export_decoder(case.model, out / "eager.onnx")
+    heads = sorted(set(tl.PLANTED_IMAGE_CENTRIC_HEADS) | set(tl.PLANTED_MIXED_HEADS))
+    return case, out, heads
+
+
+def _settings(mode: str) -> VarSettings:
+    from calibration import tiny_llava as tl
+
+    return VarSettings(sink_dims=tl.TINY_SINK_DIMS, heads=mode, layers="2:")
+
+
+def test_locate_rejects_eager_and_finds_attention(tiny):
+    from passes.fused_var import locate_fused_layers
+
+    _, out, _ = tiny
+    found = locate_fused_layers(ir.load(str(out / "fused.onnx")))
+    assert [m.layer for m in found] == [0, 1, 2, 3]
+    assert all(m.num_heads == 8 and m.head_dim == 128 for m in found)
+    with pytest.raises(GraphPatternError, match="no ONNX Attention"):
+        locate_fused_layers(ir.load(str(out / "eager.onnx")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
+@pytest.mark.parametrize("shift", ["qk", "mask"])
+def test_fused_var_matches_reference_and_naive(tiny, mode, shift):
+    from calibration.reference import VarReference
+    from passes.fused_var import apply_fused_var
+    from passes.pipeline import apply_var
+    from var_export.bench import ort_session, run_decode
+
+    case, out, heads = tiny
+    settings = _settings(mode)
+    fused, report = apply_fused_var(ir.load(str(out / "fused.onnx")), settings, heads, shift=shift)
+    assert report.var_layers == [2, 3] and report.changed_layers == [2, 3]
+    ops = [n.op_type for n in fused.graph]
+    assert "Softmax" not in ops and ops.count("Attention") == 4 + 2  # + one pass-1 per VAR layer
+    naive, _ = apply_var(ir.load(str(out / "eager.onnx")), settings, heads)
+
+    ref = VarReference(case.model, settings, heads)
+    want = case.reference_logits(ref, DECODE_STEPS)
+    got_fused = run_decode(ort_session(fused), case, DECODE_STEPS, var=True).logits
+    got_naive = run_decode(ort_session(naive), case, DECODE_STEPS, var=True).logits
+    valid = case.valid_rows()
+    for step, (w, f, n) in enumerate(zip(want, got_fused, got_naive)):
+        rows = valid if step == 0 else slice(None)
+        assert np.abs(f[rows] - w[rows]).max() < ATOL, (mode, shift, step)
+        assert np.abs(f[rows] - n[rows]).max() < ATOL, (mode, shift, step)
+    # VAR actually changes something on this model (otherwise parity proves nothing)
+    plain = case.reference_logits(VarReference(case.model, None), DECODE_STEPS)
+    assert max(np.abs(p - w)[valid].max() for p, w in zip(plain[:1], want[:1])) > 1e-3
+
+
+@pytest.mark.slow
+def test_all_false_visual_mask_is_the_plain_decoder(tiny):
+    from passes.fused_var import apply_fused_var
+    from var_export.bench import ort_session, run_decode
+
+    case, out, heads = tiny
+    fused, _ = apply_fused_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None)
+    plain = run_decode(ort_session(ir.load(str(out / "fused.onnx"))), case, 1, var=False).logits
+    got = run_decode(ort_session(fused), case.without_visual(), 1, var=True).logits
+    rows = case.valid_rows()
+    assert np.abs(got[0][rows] - plain[0][rows]).max() < 1e-5
+
+
+def test_reapplying_is_an_error(tiny):
+    from passes.fused_var import apply_fused_var
+
+    _, out, _ = tiny
+    once, _ = apply_fused_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None, check=False)
+    with pytest.raises(AlreadyAppliedError):
+        apply_fused_var(once, _settings("dynamic"), None)
+
+
+def test_torch_not_imported_by_pass():
+    import subprocess
+    import sys
+
+    code = "import sys, passes.fused_var; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+_ = torch  # the fixtures build torch models
