@@ -13,7 +13,7 @@ DESCRIPTION = """\
 Build a TensorRT engine from a bundle's decoder_model_merged.onnx (or any .onnx file).
 
 First a preflight lint that needs no TensorRT: op types the TensorRT ONNX parser supports,
-no data-dependent shapes (NonZero, ScatterND, Loop, If ...) in the VAR nodes, bool / int64
+no data-dependent shapes (NonZero, Loop, If ...; in the VAR nodes no ScatterND either), bool / int64
 graph I/O, dynamic inputs that need optimization profiles, external data. Errors stop the
 build; --lint-only stops after the lint (exit 0 when it passes, 1 when it does not).
 
