@@ -231,11 +231,6 @@ def test_existing_out_dir_keeps_other_files(tmp_path, tiny, image_path):
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the top-level parser (var_export/cli/__init__.py) abbreviates options: `--head` is "
-    "ambiguous with its --heads/--head-threshold until it is built with allow_abbrev=False",
-)
 def test_cli_head_option_reaches_inspect(tmp_path, image_path, capsys):
     args = ["inspect", "--model", "tiny-llava", "--image", str(image_path), "--prompt", PROMPT,
             "--out", str(tmp_path / "o"), "--head", "99"]

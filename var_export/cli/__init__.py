@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="var-export",
+        allow_abbrev=False,
         description=common.TOP_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
