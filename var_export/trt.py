@@ -567,7 +567,7 @@ def graph_input_shapes(model: str | os.PathLike[str] | onnx.ModelProto) -> dict[
 # Engine build (needs tensorrt + a CUDA GPU)
 
 INSTALL_HINT = (
-    "install it with `pip install var-export[trt]` (the tensorrt package, >= 10) on a machine "
+    "install the tensorrt package (>= 10; the `trt` extra: `pip install var-export[trt]`) on a machine "
     "with an NVIDIA GPU and driver, then run `var-export build-trt BUNDLE --out engine.plan` "
     "there. Meanwhile the bundle runs with ONNX Runtime (`var-export run BUNDLE ...`)"
 )

@@ -43,17 +43,21 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from var_export import trt
     from var_export.errors import ConfigError
 
     graph = _graph(args.bundle)
     report = trt.lint_for_tensorrt(graph)
     style = {"error": "bold red", "warning": "yellow", "info": "dim"}
-    common.console.print(report.format().splitlines()[0], highlight=False)
+    common.console.print(escape(report.format().splitlines()[0]), highlight=False, soft_wrap=True)
     for f in report.findings:
         common.console.print(
-            f"  [{style[f.severity]}]{f.severity}[/] [{f.code}] {f.message}\n      -> {f.fix}",
+            f"  [{style[f.severity]}]{f.severity}[/] {escape(f'[{f.code}] {f.message}')}\n"
+            f"      -> {escape(f.fix)}",
             highlight=False,
+            soft_wrap=True,
         )
     if args.lint_only:
         return 0 if report.ok else 1
@@ -64,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch, max_seq=args.max_seq, max_past=args.max_past
     )
     common.console.print(
-        trt.describe_profiles(trt.make_profiles(trt.graph_input_shapes(graph), limits)),
+        escape(trt.describe_profiles(trt.make_profiles(trt.graph_input_shapes(graph), limits))),
         highlight=False,
         style="dim",
+        soft_wrap=True,
     )
     with _progress(args) as progress:
         out = trt.build_engine(
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             lint=False,  # done above
             progress=progress,
         )
-    common.console.print(f"wrote {out}", highlight=False)
+    common.console.print(f"wrote {escape(str(out))}", highlight=False)
     return 0
 
 
