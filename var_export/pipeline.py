@@ -66,7 +66,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     """Calibrate (when needed), export the three graphs, bake VAR, write the bundle atomically."""
     import onnx_ir as ir
 
-    from calibration.calibrate import calibrate, load_calibration
+    from calibration.calibrate import calibrate, calibration_samples, load_calibration
     from passes.pipeline import apply_var, save_model
     from var_export.bundle import write_bundle
     from var_export.export import export_graphs
@@ -101,7 +101,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             )
             cal = calibrate(
                 loaded,
-                _calibration_samples(opts, loaded),
+                calibration_samples(opts.data),
                 base,
                 head_threshold=opts.head_threshold,
                 preset_sink_dims=(spec.preset or {}).get("sink_dims"),
@@ -127,7 +127,10 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     with tempfile.TemporaryDirectory(prefix=".var-export-", dir=out.parent) as tmp:
         work = Path(tmp)
         t = time.perf_counter()
-        exported = export_graphs(loaded.model, work / "graphs", dtype=opts.dtype, opset=opts.opset, progress=progress)
+        exported = export_graphs(
+            loaded.model, work / "graphs", dtype=opts.dtype, opset=opts.opset,
+            progress=_export_progress(progress),
+        )
         timings["export"] = time.perf_counter() - t
         graphs = dict(exported.paths)
         var_layers: list[int] = []
@@ -181,23 +184,16 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     )
 
 
-def _calibration_samples(opts: BuildOptions, loaded: Any) -> list[tuple[Any, str]]:
-    """(image, prompt) pairs for calibration: --data DIR or the built-in synthetic set."""
-    if opts.data is not None:
-        from var_export.inputs import load_images, load_prompts
+def _export_progress(progress: Any):
+    """Adapt a rich Progress (add_task/update) to export_graphs' callback (name, done, total)."""
+    if progress is None:
+        return None
+    task = progress.add_task("export graphs", total=3)
 
-        images = [img for _, img in load_images(Path(opts.data))]
-        prompts_file = Path(opts.data) / "prompts.txt"
-        prompts = load_prompts(prompts_file) if prompts_file.exists() else None
-    else:
-        from calibration.tiny_llava import DEFAULT_PROMPTS, synthetic_images
+    def report(name: str, done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total, description=f"export {name}")
 
-        images, prompts = synthetic_images(8, seed=0), list(DEFAULT_PROMPTS)
-    if not prompts:
-        from calibration.tiny_llava import DEFAULT_PROMPTS
-
-        prompts = list(DEFAULT_PROMPTS)
-    return [(img, prompts[i % len(prompts)]) for i, img in enumerate(images)]
+    return report
 
 
 def plan_paths(plan: Path) -> tuple[Path, Path]:

@@ -60,7 +60,7 @@ class VarSettings:
             raise ConfigError(f"sink_scope must be one of {SINK_SCOPES}, found {self.sink_scope!r}.")
         if self.heads not in HEAD_MODES:
             raise ConfigError(f"heads must be one of {HEAD_MODES}, found {self.heads!r}.")
-        parse_layers(self.layers, 10**6)  # syntax check; range is checked against a model
+        _check_layers_syntax(self.layers)  # the range is checked against a model later
 
     def check_model(self, num_layers: int, hidden_size: int) -> None:
         """Raise ConfigError when sink dims or layers do not fit a model of this size."""
@@ -132,6 +132,22 @@ def from_paper_convention(*, p: float, rho: float) -> dict[str, float]:
 
 def to_paper_convention(*, p: float, rho: float) -> dict[str, float]:
     return {"p": round(1.0 - p, 12), "rho": round(1.0 - rho, 12)}
+
+
+def _check_layers_syntax(spec: str | Sequence[int]) -> None:
+    """Raise ConfigError when ``spec`` is neither a slice nor a comma list (no model needed)."""
+    if not isinstance(spec, str):
+        return
+    if ":" in spec:
+        parse_layers(spec, 1)  # a slice parses the same for every layer count
+        return
+    try:
+        if not [int(x) for x in spec.split(",") if x.strip()]:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"--layers {spec!r} is not a slice like '2:' / '2:-1' or a comma list like '0,1,5'."
+        ) from None
 
 
 def parse_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:

@@ -43,6 +43,9 @@ def setup_logging(args: argparse.Namespace) -> None:
         handlers=[RichHandler(console=console, show_time=False, show_path=False)],
         force=True,
     )
+    # third-party exporters and optimizers log at INFO per node; keep them to warnings
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING if not getattr(args, "verbose", False) else logging.INFO)
 
 
 def print_error(exc: BaseException | str) -> None:
