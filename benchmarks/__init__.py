@@ -1,0 +1,1 @@
+"""Benchmarks (python -m benchmarks.<name>); not part of the installed package."""

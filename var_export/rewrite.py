@@ -1,0 +1,566 @@
+"""Bake VAR into an existing decoder ONNX file (Optimum, TorchScript or dynamo exports).
+
+    rewrite_decoder(in_path, out_path, settings, heads=..., calibration=..., dry_run=...)
+
+1. **safety** — :func:`var_export.safety.check_external_data` on the graph protobuf, before
+   anything else reads it: external-data locations must stay inside the model's folder.
+2. **load** — onnx-ir, weights left lazy (external tensors are never read; inline ones are
+   already in the protobuf).
+3. **prepare** — small, pure annotations that let the passes read foreign graphs: the layer
+   count from the ``past_key_values.{i}.key`` inputs, and the query-head count of each
+   attention (``q_proj`` width / head dim) where the graph carries no static shape for it
+   (TorchScript and Optimum exports build the Q ``Reshape`` target at run time).
+4. **passes** — :func:`passes.pipeline.apply_var` (locate, sink detection, head selection,
+   redistribution, finalize), in place.
+5. **write** — atomically: a temporary file beside ``out_path``, then ``os.replace``. Weights
+   are never materialised:
+
+   * ``data="share"`` (default when ``out_path`` is in the input's folder): the new graph
+     references the input's external data file(s) by the same relative location — no byte of
+     weights is read or written. The output is valid as long as the input's data file stays.
+   * ``data="copy"`` (default for another folder): each data file is copied beside the output
+     as ``<out name>.data`` (several files: ``<out name>.data.d/<location>``) with a
+     sparse-aware, copy-offloading copy (``SEEK_DATA``/``copy_file_range``), then the graph
+     is relinked to the copies. Hard links and symlinks are not used: onnx-ir refuses data
+     files with several hard links, and a symlink out of the folder is what
+     :mod:`var_export.safety` refuses.
+
+   Graphs without external data are written self-contained.
+
+The input file is never overwritten (nor its data files).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import onnx_ir as ir
+
+from var_export.errors import CalibrationError, ConfigError, ModelLoadError
+from var_export.safety import ExternalDataRef, check_external_data
+from var_export.settings import VarSettings, from_paper_convention, parse_sink_dims
+
+__all__ = [
+    "RewriteResult",
+    "load_calibration",
+    "prepare_decoder",
+    "resolve_settings",
+    "rewrite_decoder",
+]
+
+log = logging.getLogger(__name__)
+
+DataMode = Literal["auto", "share", "copy"]
+
+PAST_KEY_RE = re.compile(r"^past(?:_key_values)?[._](\d+)[._]key$")
+
+
+@dataclasses.dataclass
+class RewriteResult:
+    """What :func:`rewrite_decoder` did (or, with ``dry_run``, would do)."""
+
+    in_path: Path
+    out_path: Path | None  # None for a dry run
+    dry_run: bool
+    report: Any  # passes.pipeline.VarReport: per-layer plan, ignored Softmax nodes
+    data_mode: str  # "inline" (no external data) | "share" | "copy"
+    data_files: list[Path]  # external data files the output reads (would read)
+    prepared: list[str]  # annotations made by prepare_decoder
+    added_inputs: list[str]
+    added_outputs: list[str]
+    seconds: float
+
+    def describe(self) -> str:
+        """A human-readable plan: per decoder layer what is (would be) changed."""
+        r = self.report
+        verb = "would change" if self.dry_run else "changed"
+        lines = [
+            f"{self.in_path} -> {self.out_path if self.out_path else '(dry run, nothing written)'}",
+            f"decoder layers: {r.num_layers}; VAR layers: {r.var_layers}; head mode: {r.head_mode}",
+        ]
+        by_layer = {lr.layer: lr for lr in r.layers}
+        for layer in range(r.num_layers):
+            lr = by_layer.get(layer)
+            if lr is None:
+                lines.append(f"  layer {layer}: untouched (not a VAR layer)")
+                continue
+            found = lr.found
+            what = ["sink detection"]
+            if lr.redistribution:
+                heads = "all heads (per-row test)" if lr.heads is None else f"heads {lr.heads}"
+                what.append(f"head selection + redistribution on {heads}")
+            else:
+                what.append("no redistribution (no calibrated head in this layer)")
+            lines.append(
+                f"  layer {layer}: {verb}: {', '.join(what)}\n"
+                f"      softmax {found.get('softmax')!r} -> probs {found.get('probs')!r} "
+                f"(via {found.get('probs_path') or 'direct'}) -> MatMul {found.get('pv_matmul')!r}; "
+                f"residual {found.get('residual')!r}; heads {found.get('num_heads')}; "
+                f"layer from {found.get('layer_from')}"
+            )
+        for why in r.ignored:
+            lines.append(f"  ignored Softmax {why}")
+        lines.append(f"new inputs: {self.added_inputs}; new outputs: {self.added_outputs}; "
+                     f"nodes added: {r.nodes_added}")
+        if self.data_files:
+            lines.append(f"weights ({self.data_mode}): {[str(p) for p in self.data_files]}")
+        for note in self.prepared:
+            lines.append(f"prepared: {note}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration and settings
+
+
+def load_calibration(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``calibration.json`` (DESIGN.md §2): returns the parsed dict, checked for shape."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration file {str(p)!r} not found.") from None
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"calibration file {str(p)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{p}: expected a JSON object, found {type(data).__name__}.")
+    heads = data.get("heads")
+    if heads is not None:
+        ok = isinstance(heads, list) and all(
+            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, int) for x in h)
+            for h in heads
+        )
+        if not ok:
+            raise CalibrationError(f"{p}: 'heads' must be a list of [layer, head] integer pairs.")
+    return data
+
+
+def calibration_heads(calibration: dict[str, Any] | None) -> list[tuple[int, int]] | None:
+    if not calibration or calibration.get("heads") is None:
+        return None
+    return [(int(a), int(b)) for a, b in calibration["heads"]]
+
+
+def resolve_settings(
+    *,
+    sink_dims: str | Sequence[int] | None = None,
+    calibration: dict[str, Any] | None = None,
+    convention: str = "code",
+    **knobs: Any,
+) -> VarSettings:
+    """VarSettings from explicit knobs (None = not given) over the calibration's settings.
+
+    Explicit values win; a user-given ``sink_dims`` that differs from the calibration's is
+    kept (with a warning). The head mode defaults to ``hybrid`` with a calibration that lists
+    heads and to ``dynamic`` without one.
+    """
+    cal_settings = dict((calibration or {}).get("settings") or {})
+    cal_dims = (calibration or {}).get("sink_dims") or cal_settings.get("sink_dims")
+    if sink_dims is not None:
+        dims = parse_sink_dims(sink_dims)
+        if cal_dims is not None and tuple(int(d) for d in cal_dims) != dims:
+            log.warning("--sink-dims %s differs from the calibration's %s; using %s",
+                        list(dims), list(cal_dims), list(dims))
+    elif cal_dims is not None:
+        dims = tuple(int(d) for d in cal_dims)
+    else:
+        raise ConfigError(
+            "no sink dims: pass --sink-dims a,b (e.g. 1415,2533 for LLaMA-2-7B / LLaVA-1.5-7B) "
+            "or --calibration calibration.json that records them."
+        )
+    fields = {f.name for f in dataclasses.fields(VarSettings)} - {"sink_dims"}
+    base = {k: v for k, v in cal_settings.items() if k in fields}
+    if cal_settings.get("convention") == "paper":  # stored values are code convention anyway
+        pass
+    given = {k: v for k, v in knobs.items() if v is not None and k in fields}
+    unknown = sorted(k for k, v in knobs.items() if v is not None and k not in fields)
+    if unknown:
+        raise ConfigError(f"unknown VAR setting(s) {unknown}; known: {sorted(fields)}.")
+    if convention == "paper" and ("p" in given or "rho" in given):
+        mapped = from_paper_convention(p=given.get("p", 0.4), rho=given.get("rho", 0.5))
+        given.update({k: mapped[k] for k in ("p", "rho") if k in given})
+    merged = {**base, **given}
+    if "heads" not in merged:
+        merged["heads"] = "hybrid" if calibration_heads(calibration) is not None else "dynamic"
+    if not isinstance(merged.get("exclude_last_layer", False), bool):
+        merged["exclude_last_layer"] = bool(merged["exclude_last_layer"])
+    return VarSettings(sink_dims=dims, **merged)
+
+
+def _check_fingerprint(calibration: dict[str, Any], num_layers: int, hidden: int | None,
+                       heads: dict[int, int | None]) -> None:
+    """Refuse a calibration whose recorded model shape does not match the graph."""
+    fp = calibration.get("fingerprint")
+    if not isinstance(fp, dict):
+        return
+    def pick(*names: str) -> int | None:
+        for n in names:
+            if isinstance(fp.get(n), int):
+                return int(fp[n])
+        return None
+    want = {
+        "layers": (pick("num_layers", "num_hidden_layers"), num_layers),
+        "hidden size": (pick("hidden_size"), hidden),
+        "query heads": (pick("num_heads", "num_attention_heads"),
+                        next((h for h in heads.values() if h), None)),
+    }
+    bad = [f"{k}: calibration {a}, graph {b}" for k, (a, b) in want.items()
+           if a is not None and b is not None and a != b]
+    if bad:
+        raise CalibrationError(
+            "calibration.json was made for another model (" + "; ".join(bad) + "). "
+            "Calibrate this model (`var-export calibrate`) or use --heads dynamic without it."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepare: annotations for foreign exports
+
+
+def graph_num_layers(model: ir.Model) -> int | None:
+    """Decoder layers = number of ``past_key_values.{i}.key`` inputs (indices 0..L-1)."""
+    idx = sorted(int(m.group(1)) for v in model.graph.inputs if v.name and (m := PAST_KEY_RE.match(v.name)))
+    if not idx:
+        return None
+    if idx != list(range(len(idx))):
+        raise ModelLoadError(
+            f"past key inputs have indices {idx}; expected 0..{len(idx) - 1} (one per layer)."
+        )
+    return len(idx)
+
+
+def _head_dim(model: ir.Model) -> int | None:
+    for v in model.graph.inputs:
+        if v.name and PAST_KEY_RE.match(v.name) and v.shape is not None and len(v.shape) == 4:
+            d = v.shape[3]
+            if isinstance(d, int):
+                return d
+    return None
+
+
+def _q_width(score_matmul: ir.Node) -> int | None:
+    """Output width of the Q projection: the first MatMul/Gemm with a 2-D constant weight
+    found walking back from the score MatMul's Q operand (shapes only, no data read)."""
+    queue = collections.deque([score_matmul.inputs[0]])
+    seen: set[int] = set()
+    while queue and len(seen) < 64:
+        v = queue.popleft()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None:
+            continue
+        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2:
+            w = node.inputs[1]
+            shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
+            if shape is not None and len(shape) == 2 and isinstance(shape[1], int):
+                trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+                return int(shape[0] if trans_b else shape[1])
+            continue
+        if node.op_type in ("Transpose", "Reshape", "Mul", "Div", "Add", "Cast", "Concat", "Neg",
+                            "Slice", "Identity", "Split", "Sub"):
+            queue.extend(node.inputs[:1] if node.op_type in ("Reshape", "Slice", "Transpose") else node.inputs)
+    return None
+
+
+def _infer_dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
+    """Element type of ``value`` from its producers (Cast target, constants, data inputs)."""
+    if value is None or depth > 32:
+        return None
+    if value.dtype is not None:
+        return value.dtype
+    if value.const_value is not None:
+        return value.const_value.dtype
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Cast":
+        return ir.DataType(node.attributes.get_int("to"))
+    if node.op_type in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin"):
+        return ir.DataType.INT64
+    if node.op_type in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not",
+                        "And", "Or", "IsNaN", "IsInf"):
+        return ir.DataType.BOOL
+    inputs = node.inputs[1:] if node.op_type == "Where" else node.inputs[:1]
+    for inp in inputs:
+        found = _infer_dtype(inp, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def prepare_decoder(model: ir.Model) -> list[str]:
+    """Annotate what the passes cannot read from a foreign graph; returns notes.
+
+    * query heads: where neither the Softmax output nor the score MatMul has a static head
+      dim and no constant Q ``Reshape`` target exists (TorchScript/Optimum exports), the
+      Softmax output gets the shape ``[B, H, S, T]`` with ``H = q_proj width / head_dim``.
+    Pure annotation: no node or value is added, renamed or removed.
+    """
+    from passes.locate import locate_layers
+
+    notes: list[str] = []
+    version = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx"))
+    if version == 14 and not any(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+                                 for n in model.graph):
+        # Opset 15 changed no op of a decoder (only BatchNormalization's types; Shape gained
+        # start/end, Pow bfloat16): the bump lets the passes use Shape(start, end).
+        model.graph.opset_imports[""] = 15
+        model.opset_imports[""] = 15
+        notes.append("default opset 14 -> 15 (no op changes meaning; the VAR nodes use Shape start/end)")
+    head_dim = _head_dim(model)
+    try:
+        located = locate_layers(model)
+    except Exception:  # noqa: BLE001 - apply_var reports the located error itself
+        return notes
+    for m in located.matches:
+        if m.num_heads is not None or head_dim is None:
+            continue
+        width = _q_width(m.score_matmul)
+        if width is None or width % head_dim:
+            continue
+        heads = width // head_dim
+        out = m.softmax.outputs[0]
+        dtype = out.dtype or _infer_dtype(m.softmax.inputs[0])
+        if dtype is None:
+            continue
+        dims = list(out.shape) if out.shape is not None and len(out.shape) == 4 else [None] * 4
+        dims[1] = heads
+        out.shape = ir.Shape(dims)
+        out.dtype = dtype
+        notes.append(
+            f"layer {m.layer}: {heads} query heads (q_proj width {width} / head dim {head_dim}) "
+            f"annotated on {out.name!r}"
+        )
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing without materialising weights
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` keeping holes (SEEK_DATA/SEEK_HOLE) and letting the kernel
+    copy the data extents (``copy_file_range``: reflink or in-kernel copy where supported)."""
+    size = src.stat().st_size
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fd_in, fd_out = fin.fileno(), fout.fileno()
+        os.ftruncate(fd_out, size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd_in, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = os.lseek(fd_in, start, os.SEEK_HOLE)
+            off = start
+            while off < end:
+                try:
+                    n = os.copy_file_range(fd_in, fd_out, end - off, off, off)
+                except OSError:
+                    os.lseek(fd_in, off, os.SEEK_SET)
+                    os.lseek(fd_out, off, os.SEEK_SET)
+                    n = os.write(fd_out, os.read(fd_in, min(end - off, 1 << 24)))
+                if n <= 0:
+                    break
+                off += n
+            pos = end
+        os.fsync(fd_out)
+
+
+def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
+    """Point every external tensor at its new (location, base_dir); returns how many."""
+    count = 0
+
+    def fix(tensor: Any) -> Any:
+        nonlocal count
+        if not isinstance(tensor, ir.ExternalTensor):
+            return None
+        key = os.path.normpath(os.path.abspath(tensor.path))
+        if key not in mapping:
+            return None
+        location, base = mapping[key]
+        count += 1
+        return ir.ExternalTensor(
+            location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+            name=tensor.name, doc_string=tensor.doc_string,
+            metadata_props=dict(tensor.metadata_props) or None, base_dir=os.fspath(base),
+        )
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            new = fix(value.const_value)
+            if new is not None:
+                value.const_value = new
+        for node in graph:
+            if node.op_type == "Constant" and "value" in node.attributes:
+                attr = node.attributes["value"]
+                new = fix(attr.value)
+                if new is not None:
+                    node.attributes["value"] = ir.AttrTensor("value", new)
+    return count
+
+
+def _write(
+    model: ir.Model, in_path: Path, out_path: Path, refs: list[ExternalDataRef], mode: str
+) -> list[Path]:
+    """Save atomically; returns the data files the output references."""
+    out_dir = out_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []  # (temporary, final) data files
+    data_files: list[Path] = []
+    try:
+        if refs and mode == "copy":
+            mapping: dict[str, tuple[str, Path]] = {}
+            for ref in refs:
+                location = (f"{out_path.name}.data" if len(refs) == 1
+                            else f"{out_path.name}.data.d/{os.path.normpath(ref.location)}")
+                final = out_dir / location
+                if any(_same_file(final, r.path) for r in refs if final.exists()):
+                    raise ConfigError(f"the copy of {ref.location!r} would overwrite the input's "
+                                      f"data file {final}; choose another --out name.")
+                final.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+                os.close(fd)
+                staged.append((Path(tmp), final))
+                log.info("copying weights %s -> %s (%.1f MB apparent)", ref.path, final, ref.size / 1e6)
+                _copy_sparse(ref.path, Path(tmp))
+                os.chmod(tmp, stat.S_IMODE(ref.path.stat().st_mode))
+                mapping[os.path.normpath(os.path.abspath(ref.path))] = (location, out_dir)
+                data_files.append(final)
+            _relink(model, mapping)
+        elif refs:  # share: same folder, same relative locations
+            data_files = [ref.path for ref in refs]
+        fd, tmp_model = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        staged_model = Path(tmp_model)
+        try:
+            ir.save(model, tmp_model, format="protobuf")  # external tensors keep their (new) locations; no data read
+            os.chmod(tmp_model, stat.S_IMODE(in_path.stat().st_mode))  # mkstemp made it 0600
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            staged = []
+            os.replace(tmp_model, out_path)
+        finally:
+            if staged_model.exists():
+                staged_model.unlink()
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return data_files
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def rewrite_decoder(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None,
+    settings: VarSettings,
+    *,
+    heads: Iterable[Sequence[int]] | None = None,
+    calibration: str | os.PathLike[str] | dict[str, Any] | None = None,
+    dry_run: bool = False,
+    data: DataMode = "auto",
+) -> RewriteResult:
+    """Bake VAR into the decoder graph ``in_path`` and write it to ``out_path``.
+
+    ``heads``: calibrated (layer, head) pairs for static/hybrid; default: the calibration's
+    ``heads``. ``calibration``: a ``calibration.json`` path or its parsed dict (heads and a
+    fingerprint check against the graph). ``dry_run``: plan only, nothing written.
+    ``data``: how external weights reach the output (module docstring); ``auto`` shares them
+    when ``out_path`` is in the input's folder and copies them otherwise.
+    """
+    from passes.pipeline import apply_var
+
+    t0 = time.perf_counter()
+    in_path = Path(in_path)
+    if not in_path.is_file():
+        raise ModelLoadError(f"input graph {str(in_path)!r} not found (expected an .onnx file).")
+    if out_path is None and not dry_run:
+        raise ConfigError("no output path: pass --out OUT.onnx (or --dry-run to only print the plan).")
+    out = Path(out_path) if out_path is not None else None
+    if out is not None and (out.exists() and _same_file(out, in_path)
+                            or os.path.abspath(out) == os.path.abspath(in_path)):
+        raise ConfigError(
+            f"--out {str(out)!r} is the input graph itself; refusing to overwrite it. "
+            "Choose another output name, e.g. model_var.onnx."
+        )
+    try:
+        proto = onnx.load(os.fspath(in_path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{in_path} is not a readable ONNX model ({type(exc).__name__}: {exc}).") from exc
+    refs = check_external_data(in_path, proto)  # before anything else reads the graph
+    if out is not None:
+        for ref in refs:
+            if out.exists() and _same_file(out, ref.path) or os.path.abspath(out) == os.path.abspath(ref.path):
+                raise ConfigError(f"--out {str(out)!r} is the input's external data file; refusing.")
+
+    model = ir.serde.deserialize_model(proto)
+    del proto
+    ir.external_data.set_base_dir(model.graph, os.fspath(in_path.parent))
+
+    cal = load_calibration(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
+    head_list = [(int(a), int(b)) for a, b in heads] if heads is not None else calibration_heads(cal)
+
+    num_layers = graph_num_layers(model)
+    inputs_before = [v.name for v in model.graph.inputs]
+    outputs_before = [v.name for v in model.graph.outputs]
+    notes = prepare_decoder(model)
+    if cal:
+        from passes.locate import locate_layers
+
+        matches = locate_layers(model).matches
+        hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
+                       and isinstance(m.residual.shape[-1], int)), None)
+        _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
+
+    model, report = apply_var(model, settings, head_list, num_layers=num_layers, inplace=True)
+    added_in = [v.name for v in model.graph.inputs if v.name not in inputs_before]
+    added_out = [v.name for v in model.graph.outputs if v.name not in outputs_before]
+
+    if not refs:
+        mode = "inline"
+    elif data == "auto":
+        same_dir = out is None or os.path.realpath(out.parent) == os.path.realpath(in_path.parent)
+        mode = "share" if same_dir else "copy"
+    else:
+        mode = data
+        if mode == "share" and out is not None and (
+            os.path.realpath(out.parent) != os.path.realpath(in_path.parent)
+        ):
+            raise ConfigError(
+                "data='share' needs the output in the input's folder (its weights are referenced "
+                f"by relative location); {out.parent} is another folder. Use data='copy'."
+            )
+    data_files = [r.path for r in refs]
+    if not dry_run:
+        assert out is not None
+        data_files = _write(model, in_path, out, refs, mode)
+        log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
+    return RewriteResult(
+        in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,
+        data_mode=mode, data_files=data_files, prepared=notes, added_inputs=added_in,
+        added_outputs=added_out, seconds=time.perf_counter() - t0,
+    )
