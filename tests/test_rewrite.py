@@ -148,6 +148,24 @@ def test_external_weights_are_copied_to_another_folder_never_read(tmp_path, no_w
     assert [r.location for r in check_external_data(out)] == ["var.onnx.data"]
 
 
+def test_sharded_external_data_is_copied_file_by_file(tmp_path, no_weight_reads):
+    """Several data files (torch's legacy >2 GB layout, sharded saves) keep one file each."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    ir.save(ir.load(str(GRAPHS["legacy"])), str(folder / "model.onnx"), external_data="w.data",
+            size_threshold_bytes=1024, max_shard_size_bytes=100_000)
+    shards = sorted(p.name for p in folder.iterdir() if p.name != "model.onnx")
+    assert len(shards) > 2
+    out = tmp_path / "other" / "var.onnx"
+    result = rewrite_decoder(folder / "model.onnx", out, SETTINGS)
+    assert result.data_mode == "copy"
+    copied = sorted(p.name for p in (out.parent / "var.onnx.data.d").iterdir())
+    assert copied == shards
+    assert len(check_external_data(out)) == len(shards)
+    for name in shards:
+        assert sha(folder / name) == sha(out.parent / "var.onnx.data.d" / name)
+
+
 def test_external_data_outputs_compute_what_the_inline_rewrite_computes(tmp_path):
     inline = tmp_path / "inline.onnx"
     rewrite_decoder(GRAPHS["dynamo"], inline, SETTINGS)

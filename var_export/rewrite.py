@@ -182,8 +182,8 @@ def resolve_settings(
         )
     fields = {f.name for f in dataclasses.fields(VarSettings)} - {"sink_dims"}
     base = {k: v for k, v in cal_settings.items() if k in fields}
-    if cal_settings.get("convention") == "paper":  # stored values are code convention anyway
-        pass
+    if cal_settings.get("convention") == "paper":  # as VarSettings.from_dict
+        base.update(from_paper_convention(p=base.get("p", 0.4), rho=base.get("rho", 0.5)))
     given = {k: v for k, v in knobs.items() if v is not None and k in fields}
     unknown = sorted(k for k, v in knobs.items() if v is not None and k not in fields)
     if unknown:
