@@ -158,6 +158,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             "heads": heads,
             "opset": opts.opset,
             "dtype": opts.dtype,
+            **_token_facts(loaded.config),
         }
         t = time.perf_counter()
         bundle_dir = write_bundle(
@@ -182,6 +183,16 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
         timings=timings,
         triton_dir=triton_dir,
     )
+
+
+def _token_facts(config: Any) -> dict[str, Any]:
+    """What the runtime needs from the config without loading it: limits and special tokens."""
+    text = getattr(config, "text_config", config)
+    return {
+        "max_position_embeddings": getattr(text, "max_position_embeddings", None),
+        "image_token_id": getattr(config, "image_token_id", None),
+        "eos_token_id": getattr(text, "eos_token_id", None),
+    }
 
 
 def _export_progress(progress: Any):
@@ -214,9 +225,7 @@ def build_plan(opts: BuildOptions, progress: Any = None, *, fp16: bool = False) 
 
     plan, bundle_dir = plan_paths(opts.out)
     result = build_bundle(dataclasses.replace(opts, out=bundle_dir), progress=progress)
-    lint = lint_for_tensorrt(result.bundle_dir / DECODER)
-    if lint.errors:
-        raise ConfigError(f"the decoder graph fails the TensorRT lint:\n{lint}")
+    lint_for_tensorrt(result.bundle_dir / DECODER).raise_if_errors()
     try:
         engine = build_engine(result.bundle_dir, plan, fp16=fp16)
     except TensorRTUnavailableError as exc:

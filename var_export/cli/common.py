@@ -49,8 +49,10 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 
 def print_error(exc: BaseException | str) -> None:
+    from rich.markup import escape
+
     name = type(exc).__name__ if isinstance(exc, BaseException) else "error"
-    console.print(f"[bold red]{name}:[/] {exc}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]{name}:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 def add_model_arg(parser: argparse.ArgumentParser, *, required: bool = False) -> None:

@@ -1,0 +1,111 @@
+"""The one command on a local HF LLaVA directory that is not tiny-llava, and its refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+
+from var_export.cli import main
+
+
+@pytest.fixture(scope="module")
+def local_llava(tmp_path_factory, tiny_llava_path):
+    """A random LLaVA (hidden 256, MHA 4 heads, 3 layers) saved with save_pretrained, with the
+    tiny-llava processor (same vision geometry) — any user's local HF directory looks like this."""
+    from transformers import AutoProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    src = LlavaConfig.from_pretrained(tiny_llava_path)
+    text = LlamaConfig(
+        hidden_size=256, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=src.text_config.vocab_size, max_position_embeddings=512,
+    )
+    cfg = LlavaConfig(
+        text_config=text, vision_config=src.vision_config, image_token_id=src.image_token_id,
+        vision_feature_layer=src.vision_feature_layer,
+        vision_feature_select_strategy=src.vision_feature_select_strategy,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    out = tmp_path_factory.mktemp("local") / "my-llava"
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_llava_path).save_pretrained(out)
+    return out
+
+
+def test_one_command_on_a_local_llava_dir(local_llava, tmp_path):
+    out = tmp_path / "b"
+    rc = main(["-q", "--model", str(local_llava), "--out", str(out), "--heads", "dynamic",
+               "--sink-dims", "3,200", "--tau", "6", "--layers", "1:"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["var_layers"] == [1, 2]
+    assert manifest["var"]["sink_dims"] == [3, 200] and manifest["var"]["tau"] == 6
+    assert manifest["head_mode"] == "dynamic"
+    decoder = onnx.load(out / "decoder_model_merged.onnx", load_external_data=False)
+    names = {i.name for i in decoder.graph.input} | {o.name for o in decoder.graph.output}
+    assert {"visual_token_mask", "past_sink_mask", "present_sink_mask"} <= names
+    meta = {p.key: p.value for p in decoder.metadata_props}
+    assert "var_export.applied" in meta
+    for f in ("vision_encoder.onnx", "embed_tokens.onnx", "tokenizer.json", "processor_config.json"):
+        assert (out / f).is_file(), f
+
+
+def test_calibration_from_another_model_is_refused(local_llava, tmp_path, tiny_loaded):
+    from calibration.calibrate import calibrate, calibration_samples, write_calibration
+    from var_export.settings import VarSettings
+
+    cal = calibrate(tiny_loaded, calibration_samples(None, 1), VarSettings(sink_dims=(5, 17)))
+    cal_path = write_calibration(cal, tmp_path / "calibration.json")
+    out = tmp_path / "b"
+    rc = main(["-q", "export", "--model", str(local_llava), "--out", str(out), "--calibration", str(cal_path)])
+    assert rc != 0
+    assert not out.exists()
+
+
+def test_export_no_var_and_bad_inputs_leave_nothing(local_llava, tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert main(["-q", "export", "--model", str(local_llava), "--out", str(out), "--no-var"]) == 0
+    decoder = onnx.load(out / "decoder_model_merged.onnx", load_external_data=False)
+    assert "visual_token_mask" not in {i.name for i in decoder.graph.input}
+    assert json.loads((out / "manifest.json").read_text())["var"] is None
+    # sink dim out of range for hidden 256; unknown preset; a model dir without weights
+    broken = tmp_path / "broken"
+    shutil.copytree(local_llava, broken)
+    (broken / "model.safetensors").unlink()
+    for args, needle in (
+        (["--model", str(local_llava), "--heads", "dynamic", "--sink-dims", "3,999"], "999"),
+        (["--model", "no-such-preset"], "no-such-preset"),
+        (["--model", str(broken), "--heads", "dynamic", "--sink-dims", "3"], "weights"),
+    ):
+        target = tmp_path / "x"
+        rc = main(["-q", "export", "--out", str(target), *args])
+        err = capsys.readouterr().err
+        assert rc != 0, args
+        assert needle in err, (needle, err)
+        assert not target.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".var-export-")]
+
+
+def test_plan_output_without_tensorrt_keeps_bundle_and_names_build_trt(local_llava, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here: the engine would really be built")
+    except ImportError:
+        pass
+    plan = tmp_path / "engine.plan"
+    rc = main(["-q", "--model", str(local_llava), "--out", str(plan), "--heads", "dynamic",
+               "--sink-dims", "3,200", "--tau", "6"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "var-export build-trt" in err and str(tmp_path / "engine_bundle") in err
+    assert not plan.exists()
+    from var_export.bundle import load_bundle
+
+    bundle = load_bundle(tmp_path / "engine_bundle")  # complete and verified
+    assert bundle.var_layers == [2]
