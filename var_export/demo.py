@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -23,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--prompt", default="What is in the picture?")
     args = parser.parse_args(argv)
+    from var_export.cli.common import setup_logging
+
+    setup_logging(argparse.Namespace(quiet=True, verbose=False))
     console = Console()
     try:
         return _run(args, console)
@@ -38,17 +42,21 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from var_export.runtime import VarRuntime
 
     console.rule("1. calibrate → export → VAR passes → bundle  (tiny-llava)")
-    result = build_bundle(BuildOptions(out=args.out, model="tiny-llava", heads="hybrid"))
+    from var_export.cli.common import progress
+
+    with progress(argparse.Namespace(quiet=False)) as bar:
+        result = build_bundle(BuildOptions(out=args.out, model="tiny-llava", heads="hybrid"), bar)
     print_build_summary(result)
 
     image_path = args.out.parent / f"{args.out.name}-demo.png"
     synthetic_images(1, seed=123)[0].save(image_path)
     console.rule(f"2. var-export run {args.out} --image {image_path} --prompt {args.prompt!r}")
-    texts = {}
+    texts, logits = {}, {}
     for var in (True, False):
         rt = VarRuntime(result.bundle_dir, provider="cpu", var=var)
         gen = rt.generate(image_path, args.prompt, max_new_tokens=args.max_new_tokens)
         texts["with VAR" if var else "without VAR (--no-var)"] = gen
+        logits[var] = rt.prompt_logits(image_path, args.prompt)
     table = Table(title="generation (ONNX Runtime, CPU, greedy)")
     table.add_column("mode")
     table.add_column("text")
@@ -60,6 +68,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     same = list(a) == list(b)
     console.print(
         "VAR changed the generated tokens." if not same else "VAR left the greedy tokens unchanged on this prompt."
+    )
+    delta = np.abs(logits[True] - logits[False])  # (S, V)
+    console.print(
+        f"VAR moved the prefill logits by max |Δ| = {delta.max():.4f} (mean {delta.mean():.5f}) over "
+        f"{delta.shape[0]} prompt positions; the rows before the image are unchanged "
+        f"(max |Δ| there = {delta[:1].max():.1e})."
     )
     return 0
 

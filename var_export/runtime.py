@@ -444,6 +444,17 @@ class VarRuntime:
             raise DataError(str(exc)) from exc
         return merged, t_vision
 
+    def prompt_logits(self, image: Image.Image | str | os.PathLike[str], prompt: str) -> np.ndarray:
+        """Prefill logits (S, V) of one image + prompt: what the first generated token is chosen from."""
+        batch = self.prepare(image, prompt)
+        embeds, _ = self.prompt_embeds(batch)
+        mask = batch["attention_mask"]
+        visual = (batch["input_ids"] == self.image_token_id) if self.var else None
+        logits, _ = decode_step_numpy(
+            self.decoder, embeds, mask, prefill_position_ids(mask), empty_past(self.decoder, 1), visual
+        )
+        return logits[0]
+
     def generate(
         self,
         image: Image.Image | str | os.PathLike[str],
