@@ -8,6 +8,7 @@ steps, one VAR graph at a time beside the baselines (memory: ~4 sessions of ~2.1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -21,9 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="the LLaMA-7B-width slice (minutes, ~10 GB RAM)")
     p.add_argument("--out", type=Path, default=Path("build/bench"))
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch per-token comparison")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = run_bench(config_for(full=args.full, threads=args.threads), args.out, progress=print)
+    config = dataclasses.replace(
+        config_for(full=args.full, threads=args.threads), provider=args.provider,
+        torch_compare=not args.no_torch,
+    )
+    result = run_bench(config, args.out, progress=print)
     print(markdown_table(result))
     print(f"wrote {args.out}/bench.json, bench.md, bench.png")
     return 0

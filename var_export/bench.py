@@ -285,9 +285,23 @@ def build_graphs(
 # Running a decoder
 
 
-def ort_session(model: Any, *, threads: int | None = None, profile_prefix: str | None = None) -> Any:
-    """An ORT CPU session from a path or an in-memory onnx-ir model (small models only)."""
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def ort_session(
+    model: Any, *, threads: int | None = None, profile_prefix: str | None = None, provider: str = "cpu"
+) -> Any:
+    """An ORT session (CPU, or CUDA with onnxruntime-gpu) from a path or an in-memory onnx-ir model."""
     import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ConfigError(f"unknown provider {provider!r}; expected one of {sorted(PROVIDERS)}.")
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ConfigError(
+            "provider cuda: this onnxruntime has no CUDAExecutionProvider "
+            f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a CUDA machine."
+        )
+    providers = PROVIDERS[provider]
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -298,11 +312,11 @@ def ort_session(model: Any, *, threads: int | None = None, profile_prefix: str |
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
     if isinstance(model, (str, Path)):
-        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), opts, providers=providers)
     import onnx_ir as ir
 
     proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
 
 
 @dataclasses.dataclass
@@ -541,11 +555,13 @@ class _Out:
 # Profiles
 
 
-def op_type_profile(path: Path, case: Case, steps: int, *, threads: int | None, var: bool) -> dict[str, dict[str, float]]:
+def op_type_profile(
+    path: Path, case: Case, steps: int, *, threads: int | None, var: bool, provider: str = "cpu"
+) -> dict[str, dict[str, float]]:
     """ORT profiler: ms per node type for one prefill and per decode step (after a warm-up run)."""
     warm = 1  # warm-up: prefill + 1 decode step -> 2 model runs, excluded
     with tempfile.TemporaryDirectory() as tmp:
-        session = ort_session(path, threads=threads, profile_prefix=str(Path(tmp) / "prof"))
+        session = ort_session(path, threads=threads, profile_prefix=str(Path(tmp) / "prof"), provider=provider)
         run_decode(session, case, warm, var=var, keep_logits=False)
         run_decode(session, case, steps, var=var, keep_logits=False)
         with open(session.end_profiling()) as f:
@@ -583,6 +599,7 @@ class BenchConfig:
     torch_compare: bool = True  # released-code approach vs reference vs ORT, per token
     profile: bool = True  # per-node-type profile where a goal is missed
     slice_spec: SliceSpec = SliceSpec()
+    provider: str = "cpu"  # ORT execution provider: cpu | cuda (onnxruntime-gpu)
 
 
 def machine_info() -> dict[str, Any]:
@@ -598,6 +615,14 @@ def machine_info() -> dict[str, Any]:
         pass
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__,
                             "python": platform.python_version(), "platform": platform.platform()}
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        import shutil
+        import subprocess
+
+        if shutil.which("nvidia-smi"):
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, text=True, check=False)
+            info["gpu"] = smi.stdout.strip().splitlines()[0] if smi.stdout.strip() else None
     try:
         import psutil
 
@@ -652,14 +677,16 @@ def _bench_case(case: Case, paths: dict[str, Path], config: BenchConfig, say: Ca
     var_names = [n for n in paths if _is_var(n)]
     size = config.group_size or len(var_names)
     groups = [var_names[i : i + size] for i in range(0, len(var_names), size)] or [[]]
-    base = {"unfused": ort_session(paths["unfused"], threads=threads), "fused": ort_session(paths["fused"], threads=threads),
-            "fused#aa": ort_session(paths["fused"], threads=threads)}
+    def session(path: Path) -> Any:
+        return ort_session(path, threads=threads, provider=config.provider)
+
+    base = {"unfused": session(paths["unfused"]), "fused": session(paths["fused"]), "fused#aa": session(paths["fused"])}
     rows: dict[str, Any] = {}
     groups_out = []
     for g, names in enumerate(groups):
         say(f"{case.name}: group {g + 1}/{len(groups)}: {', '.join(names) or 'baselines'}")
         sessions = dict(base)
-        sessions.update({n: ort_session(paths[n], threads=threads) for n in names})
+        sessions.update({n: session(paths[n]) for n in names})
         t = interleaved(sessions, case, rounds=config.rounds, steps=config.decode_steps)
         med = {n: {ph: t[n].median(ph) for ph in ("prefill", "decode")} for n in sessions}
         aa = {ph: med["fused#aa"][ph] / med["fused"][ph] for ph in ("prefill", "decode")}
@@ -698,7 +725,7 @@ def _bench_case(case: Case, paths: dict[str, Path], config: BenchConfig, say: Ca
         if missed:
             say(f"{case.name}: profiling {', '.join(missed)} (goal missed)")
             out["profiles"] = {
-                n: op_type_profile(paths[n], case, 2, threads=threads, var=_is_var(n)) for n in ["fused", *missed]
+                n: op_type_profile(paths[n], case, 2, threads=threads, var=_is_var(n), provider=config.provider) for n in ["fused", *missed]
             }
     return out
 
@@ -714,7 +741,8 @@ def _pct(x: float) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, ONNX Runtime {m.get('onnxruntime')} (CPU EP), "
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores{', ' + m['gpu'] if m.get('gpu') else ''}, "
+        f"ONNX Runtime {m.get('onnxruntime')} ({result['config'].get('provider', 'cpu').upper()} EP), "
         f"load average at start {m.get('load_avg', '?')}.",
         "",
     ]

@@ -1,0 +1,121 @@
+"""``python -m benchmarks.gpu_check --out DIR``: the checks only a CUDA machine shows, in one run.
+
+1. ONNX Runtime CUDA EP parity: every graph of the benchmark (the two no-VAR baselines and each VAR
+   formulation x head mode) on tiny-llava, batch 2 left padded, prefill + decode steps, against the
+   PyTorch reference (``VarReference``, CPU, fp32) and against the same graph on the CPU EP. Also
+   whether every node of each graph is placed on CUDA (CPU fallback disabled in a probe session).
+2. The VAR price table on the CUDA EP (``var_export.bench``), for tiny-llava and the
+   LLaMA-7B-width slice.
+3. TensorRT: whether the ``tensorrt`` module is importable (the engine build needs it).
+
+Writes ``gpu_check.json`` and the bench files under ``--out``; prints as it goes. Needs
+onnxruntime-gpu. Nothing here runs in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cuda_parity(out: Path, steps: int = 4) -> dict:
+    import onnxruntime as ort
+
+    from calibration.reference import VarReference
+    from var_export.bench import _is_var, build_graphs, ort_session, run_decode, tiny_llava_case
+
+    case = tiny_llava_case(batch=2, seed=7, decode_steps=steps)
+    paths = build_graphs(case, out / "graphs-parity")
+    valid = case.valid_rows()
+    rows = {}
+    for name, path in paths.items():
+        var = _is_var(name)
+        mode = name.rsplit("-", 1)[1] if var else None
+        settings = case.settings.replace(heads=mode) if var else None
+        heads = case.heads if mode in ("static", "hybrid") else None
+        ref = case.reference_logits(VarReference(case.model, settings, heads), steps)
+        cuda = run_decode(ort_session(path, provider="cuda"), case, steps, var=var)
+        cpu = run_decode(ort_session(path, provider="cpu"), case, steps, var=var)
+
+        def maxdiff(a: list, b: list) -> float:
+            d = [float(np.abs(a[0][valid] - b[0][valid]).max())]
+            d += [float(np.abs(x - y).max()) for x, y in zip(a[1:], b[1:])]
+            return max(d)
+
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        try:
+            ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
+            all_cuda = True
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            all_cuda = str(exc).splitlines()[0][:300]
+        rows[name] = {
+            "cuda_vs_reference": maxdiff(cuda.logits, ref),
+            "cuda_vs_cpu_ep": maxdiff(cuda.logits, cpu.logits),
+            "all_nodes_on_cuda": all_cuda,
+        }
+        _say(f"parity {name:20s} CUDA vs reference {rows[name]['cuda_vs_reference']:.2e}  "
+             f"CUDA vs CPU EP {rows[name]['cuda_vs_cpu_ep']:.2e}  all nodes on CUDA: {all_cuda}")
+    return {"case": "tiny-llava batch 2 left-padded", "decode_steps": steps, "graphs": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--sizes", default="tiny,slice")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA / cuDNN libraries from the nvidia-* wheels
+    report: dict = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+    _say(f"onnxruntime {ort.__version__}, providers {report['providers']}")
+    try:
+        import tensorrt  # noqa: F401
+
+        report["tensorrt"] = tensorrt.__version__
+    except Exception as exc:  # noqa: BLE001
+        report["tensorrt"] = f"not importable: {exc}"
+    _say(f"tensorrt: {report['tensorrt']}")
+
+    def section(name: str, fn) -> None:
+        t = time.perf_counter()
+        try:
+            report[name] = fn()
+        except Exception:  # noqa: BLE001 - one failing section must not hide the others
+            report[name] = {"error": traceback.format_exc()[-3000:]}
+            _say(report[name]["error"])
+        report.setdefault("seconds", {})[name] = round(time.perf_counter() - t, 1)
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+
+    section("parity", lambda: cuda_parity(args.out))
+
+    def bench() -> dict:
+        from var_export.bench import BenchConfig, markdown_table, run_bench
+
+        config = BenchConfig(sizes=tuple(args.sizes.split(",")), rounds=args.rounds,
+                             decode_steps=args.decode_steps, provider="cuda", torch_compare=False,
+                             profile=True)
+        result = run_bench(config, args.out / "bench", progress=_say)
+        _say(markdown_table(result))
+        return {"table": markdown_table(result)}
+
+    section("bench", bench)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
