@@ -32,6 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     p.add_argument("--group-size", type=int, default=0,
                    help="VAR graphs loaded at once beside the baselines (0 = all; use 1 for the 7B slice)")
+    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                   help="ONNX Runtime execution provider (cuda needs onnxruntime-gpu; default cpu)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch per-token comparison")
     p.add_argument("--no-profile", action="store_true", help="skip the ORT per-node-type profiles")
     return p
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         torch_compare=not args.no_torch,
         profile=not args.no_profile,
+        provider=args.provider,
     )
     result = run_bench(config, args.out, progress=lambda msg: common.console.print(msg, highlight=False))
     from var_export.bench import markdown_table
