@@ -155,6 +155,15 @@ def opset(graph: ir.Graph) -> int:
     return int(graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 18)))
 
 
+def shape(b: Builder, x: ir.Value, start: int, end: int, name: str) -> ir.Value:
+    """``Shape(x)[start:end]`` (1-D int64): Shape's start/end are opset 15+; Shape then Slice below."""
+    if opset(b.graph) >= 15:
+        return b.op("Shape", [x], name, {"start": start, "end": end}, dtype=ir.DataType.INT64)
+    full = b.op("Shape", [x], f"{name}_full", dtype=ir.DataType.INT64)
+    bounds = [b.const(f"{name}_{what}", [v], np.int64) for what, v in (("start", start), ("end", end), ("axis", 0))]
+    return b.op("Slice", [full, *bounds], name, dtype=ir.DataType.INT64)
+
+
 def reduce(
     b: Builder, op_type: str, x: ir.Value, axes: Sequence[int], name: str, *, keepdims: bool
 ) -> ir.Value:

@@ -42,7 +42,17 @@ import onnx_ir as ir
 from passes._ir import constant_array, is_constant, is_var_node
 from var_export.errors import GraphPatternError
 
-__all__ = ["LayerMatch", "LocateResult", "check_softmax", "locate_layers", "resolve_dtype"]
+__all__ = [
+    "LayerMatch",
+    "LocateResult",
+    "check_softmax",
+    "find_residual",
+    "format_rejected",
+    "locate_layers",
+    "nearest_input",
+    "resolve_dtype",
+    "static_dim",
+]
 
 PAST_KEY_RE = re.compile(r"^past(?:_key_values)?[._](\d+)[._]key$")
 PAST_VALUE_RE = re.compile(r"^past(?:_key_values)?[._](\d+)[._]value$")
@@ -167,7 +177,7 @@ def _find_score_matmul(softmax: ir.Node) -> ir.Node | None:
     return None
 
 
-def _nearest_input(value: ir.Value | None, pattern: re.Pattern[str]) -> tuple[int, str] | None:
+def nearest_input(value: ir.Value | None, pattern: re.Pattern[str]) -> tuple[int, str] | None:
     """Breadth-first along data inputs to the nearest graph input matching ``pattern``."""
     queue = collections.deque([value])
     seen: set[int] = set()
@@ -190,7 +200,9 @@ def _nearest_input(value: ir.Value | None, pattern: re.Pattern[str]) -> tuple[in
     return None
 
 
-def _find_residual(pv_matmul: ir.Node) -> tuple[ir.Node, ir.Value] | str:
+def find_residual(pv_matmul: ir.Node) -> tuple[ir.Node, ir.Value] | str:
+    """From the attention output (probs @ V, or a fused attention node) forward to the
+    residual Add: (that Add, the residual stream entering the layer), or a reason."""
     value = pv_matmul.outputs[0]
     saw_projection = False
     for _ in range(16):
@@ -225,7 +237,8 @@ def _find_residual(pv_matmul: ir.Node) -> tuple[ir.Node, ir.Value] | str:
     return "no residual Add within 16 nodes after probs @ V"
 
 
-def _static_dim(value: ir.Value | None, axis: int) -> int | None:
+def static_dim(value: ir.Value | None, axis: int) -> int | None:
+    """``value.shape[axis]`` when it is a static int, else None."""
     if value is None or value.shape is None or len(value.shape) <= axis:
         return None
     dim = value.shape[axis]
@@ -234,7 +247,7 @@ def _static_dim(value: ir.Value | None, axis: int) -> int | None:
 
 def _num_heads(probs: ir.Value, score_matmul: ir.Node, softmax: ir.Node) -> int | None:
     for v in (softmax.outputs[0], probs, score_matmul.outputs[0], score_matmul.inputs[0]):
-        h = _static_dim(v, 1)
+        h = static_dim(v, 1)
         if h is not None and (v.shape is not None and len(v.shape) == 4):
             return h
     # Q Reshape constant [B, S, H, hd] (H may be -1 = D / hd).
@@ -260,7 +273,7 @@ def _num_heads(probs: ir.Value, score_matmul: ir.Node, softmax: ir.Node) -> int 
                 h, hd = int(target[2]), int(target[3])
                 if h > 0:
                     return h
-                d = _static_dim(producer.inputs[0], 2)
+                d = static_dim(producer.inputs[0], 2)
                 if h == -1 and hd > 0 and d is not None:
                     return d // hd
             continue
@@ -298,17 +311,17 @@ def check_softmax(softmax: ir.Node) -> LayerMatch | str:
     score_matmul = _find_score_matmul(softmax)
     if score_matmul is None:
         return "no score MatMul (Q @ K^T) before it through Add/Mul/Div/Where/Cast"
-    key = _nearest_input(score_matmul.inputs[1], PAST_KEY_RE)
+    key = nearest_input(score_matmul.inputs[1], PAST_KEY_RE)
     if key is None:
         return (
             "the K operand of its score MatMul reaches no graph input named "
             "past_key_values.{i}.key (the layer index is read from it)"
         )
     layer, key_name = key
-    value = _nearest_input(pv_matmul.inputs[1], PAST_VALUE_RE)
+    value = nearest_input(pv_matmul.inputs[1], PAST_VALUE_RE)
     if value is not None and value[0] != layer:
         return f"K comes from {key_name} (layer {layer}) but V from {value[1]} (layer {value[0]})"
-    residual = _find_residual(pv_matmul)
+    residual = find_residual(pv_matmul)
     if isinstance(residual, str):
         return f"layer {layer}: residual stream not found: {residual}"
     residual_add, residual_value = residual
@@ -334,7 +347,7 @@ def _fused_attention_error(model: ir.Model, fused: list[ir.Node]) -> GraphPatter
     for node in fused:
         layer = None
         for inp in node.inputs:
-            hit = _nearest_input(inp, PAST_KEY_RE)
+            hit = nearest_input(inp, PAST_KEY_RE)
             if hit is not None and (layer is None or hit[0] > layer):
                 layer = hit[0]  # the past key closest to this op is an input of it
         direct = [
@@ -354,6 +367,11 @@ def _fused_attention_error(model: ir.Model, fused: list[ir.Node]) -> GraphPatter
         "fused attention (eager attention, opset < 23, no ORT attention fusion), e.g. "
         "`var-export export` of this project."
     )
+
+
+def format_rejected(rejected: list[tuple[str, str]]) -> str:
+    """One ``\n  Softmax 'name': why`` line per rejected candidate."""
+    return "".join(f"\n  Softmax {name!r}: {why}" for name, why in rejected)
 
 
 def locate_layers(model: ir.Model) -> LocateResult:
@@ -387,9 +405,9 @@ def locate_layers(model: ir.Model) -> LocateResult:
             f"Found: {len(softmaxes)} Softmax node(s), 0 fused attention ops, "
             f"past key inputs: {past or 'none'}."
         )
-        per = "".join(f"\n  Softmax {name!r}: {why}" for name, why in rejected)
         raise GraphPatternError(
-            f"no decoder attention layer found in graph {graph.name!r}. {searched} {found}{per}\n"
+            f"no decoder attention layer found in graph {graph.name!r}. {searched} {found}"
+            f"{format_rejected(rejected)}\n"
             "Expected a decoder exported with eager attention and a KV cache "
             "(inputs past_key_values.{i}.key/value); export it with `var-export export`."
         )

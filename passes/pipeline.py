@@ -16,15 +16,25 @@ from typing import Any
 import onnx_ir as ir
 
 from passes import _ir
+from passes.builders import calibrated_heads, heads_by_layer
 from passes.finalize import FinalizePass, check_not_applied
-from passes.head_selection import HeadSelectionPass, heads_by_layer
-from passes.locate import locate_layers
+from passes.head_selection import HeadSelectionPass
+from passes.locate import format_rejected, locate_layers
 from passes.redistribution import RedistributionPass
 from passes.sink_detection import SinkDetectionPass
 from var_export.errors import ConfigError, GraphPatternError, VarExportError
 from var_export.settings import VarSettings
 
-__all__ = ["LayerReport", "VarReport", "apply_var", "load_model", "save_model"]
+__all__ = [
+    "LayerReport",
+    "VarPlan",
+    "VarReport",
+    "apply_var",
+    "load_model",
+    "plan_var",
+    "run_passes",
+    "save_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,55 +82,21 @@ def apply_var(
         model = model.clone()
     located = locate_layers(model)
     matches = {m.layer: m for m in located.matches}
-    n_layers = num_layers if num_layers is not None else max(matches) + 1
-    hidden = _hidden_size(located.matches)
-    if hidden is not None:
-        settings.check_model(n_layers, hidden)
-    var_layers = settings.var_layers(n_layers)
-    if not var_layers:
-        raise ConfigError(f"--layers {settings.layers!r} selects no layer of {n_layers}.")
-    missing = [layer for layer in var_layers if layer not in matches]
-    if missing:
-        raise GraphPatternError(
-            f"VAR layers {missing} were not found in the graph (located attention layers: "
-            f"{sorted(matches)}; ignored Softmax nodes: {located.rejected}). Check --layers."
-        )
-    by_layer = heads_by_layer(heads) if settings.heads != "dynamic" else {}
-    if settings.heads != "dynamic" and heads is None:
-        raise ConfigError(
-            f"--heads {settings.heads} needs the calibrated head list (calibration.json 'heads'); "
-            "found none. Calibrate first or use --heads dynamic."
-        )
-    if settings.heads == "dynamic" and heads:
-        logger.info("head mode dynamic: the %d calibrated heads are not used", len(heads))
-    stray = sorted(set(by_layer) - set(var_layers))
-    if stray:
-        logger.warning("heads listed for non-VAR layers %s are ignored", stray)
-        heads = [(la, h) for la, h in heads or () if la in var_layers]
-        by_layer = heads_by_layer(heads)
-
+    plan = plan_var(settings, heads, matches, num_layers=num_layers, what="attention", rejected=located.rejected)
     before = model.graph.num_nodes()
-    manager = ir.passes.PassManager(
+    run_passes(
+        model,
         [
-            SinkDetectionPass(settings, num_layers=n_layers),
-            HeadSelectionPass(settings, heads, num_layers=n_layers),
-            RedistributionPass(settings, num_layers=n_layers),
-            FinalizePass(settings, var_layers, heads, check=check),
-        ]
+            SinkDetectionPass(settings, num_layers=plan.num_layers),
+            HeadSelectionPass(settings, plan.heads, num_layers=plan.num_layers),
+            RedistributionPass(settings, num_layers=plan.num_layers),
+            FinalizePass(settings, plan.var_layers, plan.heads, check=check),
+        ],
     )
-    try:
-        manager(model)
-    except (ir.passes.PassError, ir.passes.InvariantError) as e:
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, VarExportError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from e
-        raise
 
     values = _ir.value_map(model.graph)
     layer_reports = []
-    for layer in var_layers:
+    for layer in plan.var_layers:
         changed = _ir.layer_value_name(layer, "probs_var") in values
         layer_reports.append(
             LayerReport(
@@ -128,18 +104,81 @@ def apply_var(
                 found=matches[layer].describe(),
                 sink_detection=True,
                 redistribution=changed,
-                heads=None if settings.heads == "dynamic" else by_layer.get(layer, []),
+                heads=None if settings.heads == "dynamic" else plan.by_layer.get(layer, []),
             )
         )
     report = VarReport(
-        var_layers=var_layers,
-        num_layers=n_layers,
+        var_layers=plan.var_layers,
+        num_layers=plan.num_layers,
         head_mode=settings.heads,
         layers=layer_reports,
         ignored=[f"{name}: {why}" for name, why in located.rejected],
         nodes_added=model.graph.num_nodes() - before,
     )
     return model, report
+
+
+@dataclasses.dataclass
+class VarPlan:
+    """What ``apply_var`` / ``apply_fused_var`` will do, checked before any pass runs."""
+
+    num_layers: int  # decoder layers of the model
+    var_layers: list[int]  # VAR layers, in present_sink_mask order
+    heads: list[tuple[int, int]] | None  # calibrated heads restricted to the VAR layers
+    by_layer: dict[int, list[int]]  # the same by layer ({} for dynamic)
+
+
+def plan_var(
+    settings: VarSettings,
+    heads: Iterable[tuple[int, int]] | None,
+    matches: dict[int, Any],
+    *,
+    num_layers: int | None,
+    what: str,
+    rejected: Iterable[tuple[str, str]] = (),
+) -> VarPlan:
+    """Check settings, layers and heads against the located layers (``matches``: layer ->
+    a match with a ``residual``); shared by both formulations. ``what`` names what was
+    located ("attention", "Attention node"); ``rejected`` the candidates locate passed over."""
+    heads = None if heads is None else [(int(la), int(h)) for la, h in heads]
+    n_layers = num_layers if num_layers is not None else max(matches) + 1
+    hidden = _hidden_size(matches.values())
+    if hidden is not None:
+        settings.check_model(n_layers, hidden)
+    var_layers = settings.var_layers(n_layers)
+    if not var_layers:
+        raise ConfigError(f"--layers {settings.layers!r} selects no layer of {n_layers}.")
+    missing = [layer for layer in var_layers if layer not in matches]
+    if missing:
+        rejected = list(rejected)
+        ignored = f"\nIgnored Softmax nodes:{format_rejected(rejected)}" if rejected else ""
+        raise GraphPatternError(
+            f"VAR layers {missing} were not found in the graph (located {what} layers: "
+            f"{sorted(matches)}). Check --layers.{ignored}"
+        )
+    by_layer = calibrated_heads(settings.heads, heads)
+    if settings.heads == "dynamic" and heads:
+        logger.info("head mode dynamic: the %d calibrated heads are not used", len(heads))
+    stray = sorted(set(by_layer) - set(var_layers))
+    if stray:
+        logger.warning("heads listed for non-VAR layers %s are ignored", stray)
+    kept = None if heads is None else [(la, h) for la, h in heads if la in var_layers]
+    if stray:
+        by_layer = heads_by_layer(kept)
+    return VarPlan(num_layers=n_layers, var_layers=var_layers, heads=kept, by_layer=by_layer)
+
+
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
+    """Run ``passes`` in place; a VarExportError raised inside surfaces as itself."""
+    try:
+        ir.passes.PassManager(passes)(model)
+    except (ir.passes.PassError, ir.passes.InvariantError) as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, VarExportError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from e
+        raise
 
 
 def _hidden_size(matches: Iterable[Any]) -> int | None:

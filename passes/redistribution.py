@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from passes import _ir
 from passes._ir import Builder
+from passes.builders import build_visual_boost
 from passes.locate import locate_layers
 from var_export.errors import GraphPatternError
 from var_export.settings import VarSettings
@@ -61,12 +62,16 @@ class RedistributionPass(ir.passes.InPlacePass):
             b = Builder(graph, f"var/L{layer}")
             p = np.float32(self.settings.p)
             one = b.const("one_f32", np.float32(1.0))
-            # m_vis = 1 + (1 - p) * (visual_sink_mass + text_sink_mass) / visual_nonsink_mass
-            sink_mass = b.op("Add", [got["visual_sink_mass"], got["text_sink_mass"]], "sink_mass")
-            budget = b.op("Mul", [sink_mass, b.const("one_minus_p", np.float32(1.0) - p)], "budget")
-            movable = b.op("Greater", [got["visual_nonsink_mass"], b.const("zero_f32", np.float32(0.0))], "nonsink_positive")
-            safe = b.op("Where", [movable, got["visual_nonsink_mass"], one], "nonsink_mass_safe")
-            boost = b.op("Div", [budget, safe], "visual_boost")  # m_vis - 1, (B, H, S, 1)
+            nonsink_mass = got["visual_nonsink_mass"]
+            movable = b.op("Greater", [nonsink_mass, b.const("zero_f32", np.float32(0.0))], "nonsink_positive")
+            boost = build_visual_boost(  # m_vis - 1, (B, H, S, 1)
+                b,
+                self.settings.p,
+                visual_sink_mass=got["visual_sink_mass"],
+                text_sink_mass=got["text_sink_mass"],
+                visual_nonsink_mass=nonsink_mass,
+                movable=movable,
+            )
             sink_f = b.op("Cast", [got["sink"]], "sink_f32", {"to": ir.DataType.FLOAT})  # (B, T)
             not_sink = b.op("Not", [got["sink"]], "not_sink")
             vis_nonsink = b.op("And", [visual, not_sink], "visual_nonsink")
