@@ -21,7 +21,9 @@ For every ``Softmax`` we try to read one attention layer:
    entering the layer (the tensor the input RMSNorm reads).
 4. **query heads** — dim 1 of the probabilities' static shape, else of the score
    MatMul's first input, else from the Q ``Reshape`` constant ``[.., .., H, hd]``
-   (``H = -1`` resolved as ``D / hd``).
+   (``H = -1`` resolved as ``D / hd``), else (Optimum / TorchScript build that target at
+   run time) the Q projection's output width / the head size (dim 3) of the layer's
+   ``past_key_values.{i}.key`` input.
 
 Nodes named ``var/...`` (added by the VAR passes) are transparent, so locating a
 graph that already carries VAR nodes finds the same layers.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+from collections.abc import Callable, Iterator, Sequence
 
 import onnx_ir as ir
 
@@ -98,6 +101,7 @@ class LayerMatch:
     probs_fp16: bool  # probabilities are float16/bfloat16 at the MatMul
     probs_path: tuple[str, ...]  # op types between Softmax and the probs-V MatMul
     layer_source: str  # name of the graph input that fixed `layer`
+    num_heads_source: str = ""  # where `num_heads` was read
 
     def describe(self) -> dict[str, object]:
         return {
@@ -109,6 +113,7 @@ class LayerMatch:
             "residual": self.residual.name,
             "residual_add": self.residual_add.name,
             "num_heads": self.num_heads,
+            "num_heads_from": self.num_heads_source,
             "probs_dtype": self.probs_dtype.name.lower(),
             "probs_path": list(self.probs_path),
             "layer_from": self.layer_source,
@@ -245,41 +250,92 @@ def static_dim(value: ir.Value | None, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _num_heads(probs: ir.Value, score_matmul: ir.Node, softmax: ir.Node) -> int | None:
-    for v in (softmax.outputs[0], probs, score_matmul.outputs[0], score_matmul.inputs[0]):
-        h = static_dim(v, 1)
-        if h is not None and (v.shape is not None and len(v.shape) == 4):
-            return h
-    # Q Reshape constant [B, S, H, hd] (H may be -1 = D / hd).
-    queue = collections.deque([score_matmul.inputs[0]])
+def _upstream(
+    value: ir.Value | None, follow: Callable[[ir.Node], Sequence[ir.Value | None]], limit: int
+) -> Iterator[ir.Node]:
+    """Producers breadth-first backward from ``value``; ``follow(node)`` names the inputs to
+    walk on from ``node`` (empty: stop there). At most ``limit`` values are visited."""
+    queue = collections.deque([value])
     seen: set[int] = set()
-    while queue:
+    while queue and len(seen) < limit:
         v = queue.popleft()
-        if v is None or id(v) in seen or len(seen) > 32:
+        if v is None or id(v) in seen:
             continue
         seen.add(id(v))
         producer = v.producer()
-        if producer is None:
+        if producer is not None:
+            yield producer
+            queue.extend(follow(producer))
+
+
+def _reshape_heads(q: ir.Value | None) -> int | None:
+    """H from the Q Reshape target [B, S, H, hd] (H may be -1 = D / hd), constant or a Concat
+    of constant parts."""
+
+    def follow(node: ir.Node) -> Sequence[ir.Value | None]:
+        if node.op_type in ("Transpose", "Mul", "Div", "Cast", "Concat", "Neg", "Slice"):
+            return node.inputs[:1]
+        return node.inputs if node.op_type == "Add" else ()
+
+    for producer in _upstream(q, follow, 33):
+        if producer.op_type != "Reshape":
             continue
-        if producer.op_type == "Reshape":
-            target = constant_array(producer.inputs[1])
-            if target is None and producer.inputs[1] is not None:
-                concat = producer.inputs[1].producer()
-                if concat is not None and concat.op_type == "Concat":
-                    parts = [constant_array(x) for x in concat.inputs]
-                    if all(p is not None and p.size == 1 for p in parts[2:]):
-                        target = [0, 0, *[int(p.reshape(-1)[0]) for p in parts[2:]]]  # type: ignore[union-attr]
-            if target is not None and len(target) == 4:
-                h, hd = int(target[2]), int(target[3])
-                if h > 0:
-                    return h
-                d = static_dim(producer.inputs[0], 2)
-                if h == -1 and hd > 0 and d is not None:
-                    return d // hd
-            continue
-        if producer.op_type in ("Transpose", "Mul", "Add", "Div", "Cast", "Concat", "Neg", "Slice"):
-            queue.extend(producer.inputs[:1] if producer.op_type != "Add" else producer.inputs)
+        target = constant_array(producer.inputs[1])
+        if target is None and producer.inputs[1] is not None:
+            concat = producer.inputs[1].producer()
+            if concat is not None and concat.op_type == "Concat":
+                parts = [constant_array(x) for x in concat.inputs]
+                if all(p is not None and p.size == 1 for p in parts[2:]):
+                    target = [0, 0, *[int(p.reshape(-1)[0]) for p in parts[2:]]]  # type: ignore[union-attr]
+        if target is not None and len(target) == 4:
+            h, hd = int(target[2]), int(target[3])
+            if h > 0:
+                return h
+            d = static_dim(producer.inputs[0], 2)
+            if h == -1 and hd > 0 and d is not None:
+                return d // hd
     return None
+
+
+def _q_width(q: ir.Value | None) -> int | None:
+    """Output width of the Q projection: the first MatMul/Gemm with a 2-D constant-shaped
+    weight walking back from the score MatMul's Q operand (shapes only, no data read)."""
+
+    def follow(node: ir.Node) -> Sequence[ir.Value | None]:
+        if node.op_type in ("Reshape", "Slice", "Transpose"):
+            return node.inputs[:1]
+        if node.op_type in ("Mul", "Div", "Add", "Cast", "Concat", "Neg", "Identity", "Split", "Sub"):
+            return node.inputs
+        return ()
+
+    for node in _upstream(q, follow, 64):
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
+        if shape is not None and len(shape) == 2 and isinstance(shape[1], int):
+            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+            return int(shape[0] if trans_b else shape[1])
+    return None
+
+
+def _num_heads(
+    probs: ir.Value, score_matmul: ir.Node, softmax: ir.Node, past_key: ir.Value | None
+) -> tuple[int | None, str]:
+    """Query heads H and where they were read (DESIGN.md §4 "locate")."""
+    for v in (softmax.outputs[0], probs, score_matmul.outputs[0], score_matmul.inputs[0]):
+        h = static_dim(v, 1)
+        if h is not None and (v.shape is not None and len(v.shape) == 4):
+            return h, f"dim 1 of {v.name!r}"
+    h = _reshape_heads(score_matmul.inputs[0])
+    if h is not None:
+        return h, "the Q Reshape target"
+    # Optimum / TorchScript build the Q Reshape target at run time: Q projection width / hd.
+    head_dim = static_dim(past_key, 3)
+    width = _q_width(score_matmul.inputs[0])
+    if head_dim and width and width % head_dim == 0:
+        return width // head_dim, f"Q projection width {width} / head dim {head_dim} of {past_key.name!r}"  # type: ignore[union-attr]
+    return None, "not found (no static dim 1, no constant Q Reshape target, no Q projection width)"
 
 
 def resolve_dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType:
@@ -326,6 +382,9 @@ def check_softmax(softmax: ir.Node) -> LayerMatch | str:
         return f"layer {layer}: residual stream not found: {residual}"
     residual_add, residual_value = residual
     dtype = resolve_dtype(probs)
+    graph_inputs = softmax.graph.inputs if softmax.graph is not None else []
+    past_key = next((v for v in graph_inputs if v.name == key_name), None)
+    num_heads, num_heads_source = _num_heads(probs, score_matmul, softmax, past_key)
     return LayerMatch(
         layer=layer,
         softmax=softmax,
@@ -334,11 +393,12 @@ def check_softmax(softmax: ir.Node) -> LayerMatch | str:
         score_matmul=score_matmul,
         residual=residual_value,
         residual_add=residual_add,
-        num_heads=_num_heads(probs, score_matmul, softmax),
+        num_heads=num_heads,
         probs_dtype=dtype,
         probs_fp16=dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16),
         probs_path=path,
         layer_source=key_name,
+        num_heads_source=num_heads_source,
     )
 
 

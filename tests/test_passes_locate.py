@@ -45,6 +45,17 @@ def test_locate_reads_layer_from_past_key_input_not_names(variant, path, dtype):
     assert by_layer[2].layer_source == "past_key_values.2.key"
 
 
+@pytest.mark.parametrize("exporter", ["optimum", "legacy"])
+def test_locate_reads_query_heads_built_at_run_time(exporter):
+    """Optimum / TorchScript build the Q Reshape target at run time: H = q_proj width / hd."""
+    from tests.fixtures.foreign.make_fixtures import GRAPHS
+
+    matches = locate_layers(ir.load(str(GRAPHS[exporter]))).matches
+    assert [m.layer for m in matches] == [0, 1, 2]
+    assert all(m.num_heads == 4 for m in matches)  # 64-wide q_proj, head dim 16 (GQA: 2 KV heads)
+    assert all("Q projection width 64 / head dim 16" in m.describe()["num_heads_from"] for m in matches)
+
+
 def test_no_attention_lists_what_was_searched():
     proto = onnx.parser.parse_model(
         """<ir_version: 8, opset_import: ["" : 18]>
@@ -63,6 +74,17 @@ def test_softmax_without_kv_cache_says_why():
     model.graph.inputs[2].name = "cache_k"  # past_key_values.0.key renamed away
     with pytest.raises(GraphPatternError, match="past_key_values"):
         locate_layers(model)
+
+
+def test_missing_layer_lists_each_ignored_softmax_on_its_own_line():
+    model = tiny_attention_model(n_layers=2)
+    next(v for v in model.graph.inputs if v.name == "past_key_values.1.key").name = "cache_k"
+    with pytest.raises(GraphPatternError) as err:
+        apply_var(model, SETTINGS, None, num_layers=2)
+    msg = str(err.value)
+    assert "VAR layers [1] were not found" in msg and "[(" not in msg
+    lines = [line for line in msg.splitlines() if line.startswith("  Softmax ")]
+    assert len(lines) == 1 and "past_key_values.1.value (layer 1)" in lines[0]  # the reason
 
 
 def test_fused_attention_is_named_with_its_layer():

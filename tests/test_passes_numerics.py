@@ -141,3 +141,27 @@ def test_sink_scope_all_flags_decode_tokens():
     feeds["inputs_embeds"][0, 0, 6] = 40.0
     out = _run_model(var_model, feeds)
     assert out["present_sink_mask"][0, 0].tolist() == [False, False, False, True]
+
+
+def test_opset_14_graph_gets_shape_then_slice_and_same_numbers():
+    """Below opset 15 ``Shape`` has no start/end: the passes slice the full shape instead."""
+    rng = np.random.default_rng(4)
+    settings = VarSettings(sink_dims=SINK_DIMS, tau=3.0, heads="dynamic", layers="0:", rho=0.9, summ=0.05)
+    base = tiny_attention_model(n_layers=2, heads=H, head_dim=E)
+    old = tiny_attention_model(n_layers=2, heads=H, head_dim=E)
+    old.opset_imports[""] = 14
+    old.graph.opset_imports[""] = 14
+    want_model, _ = apply_var(base, settings, None)
+    got_model, _ = apply_var(old, settings, None)  # finalize runs onnx.checker at opset 14
+    assert got_model.opset_imports[""] == 14
+    shapes = [n for n in got_model.graph if n.op_type == "Shape"]
+    assert shapes and not any("start" in n.attributes or "end" in n.attributes for n in shapes)
+    b, s = 1, 6
+    visual = np.zeros((b, s), bool)
+    visual[0, 1:4] = True
+    feeds = _inputs(rng, base, b, s, {}, visual, np.ones((b, s)), np.zeros((b, 2, 0), bool), 2)
+    feeds["inputs_embeds"][0, 2, 1] = 40.0
+    want, got = _run_model(want_model, feeds), _run_model(got_model, feeds)
+    np.testing.assert_array_equal(got["x_2"], want["x_2"])
+    np.testing.assert_array_equal(got["present_sink_mask"], want["present_sink_mask"])
+    assert np.abs(want["x_2"] - _run_model(base, {k: v for k, v in feeds.items() if "sink" not in k and "visual" not in k})["x_2"]).max() > 1e-2

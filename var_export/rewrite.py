@@ -6,10 +6,9 @@
    anything else reads it: external-data locations must stay inside the model's folder.
 2. **load** — onnx-ir, weights left lazy (external tensors are never read; inline ones are
    already in the protobuf).
-3. **prepare** — small, pure annotations that let the passes read foreign graphs: the layer
-   count from the ``past_key_values.{i}.key`` inputs, and the query-head count of each
-   attention (``q_proj`` width / head dim) where the graph carries no static shape for it
-   (TorchScript and Optimum exports build the Q ``Reshape`` target at run time).
+3. **layers** — the layer count from the ``past_key_values.{i}.key`` inputs (the passes read
+   everything else themselves, including the query-head count of graphs that build the Q
+   ``Reshape`` target at run time, and opset < 15 graphs).
 4. **passes** — :func:`passes.pipeline.apply_var` (locate, sink detection, head selection,
    redistribution, finalize), in place.
 5. **write** — atomically: a temporary file beside ``out_path``, then ``os.replace``. Weights
@@ -32,12 +31,10 @@ The input file is never overwritten (nor its data files).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
 import os
-import re
 import stat
 import tempfile
 import time
@@ -48,6 +45,7 @@ from typing import Any, Literal
 import onnx
 import onnx_ir as ir
 
+from passes.locate import PAST_KEY_RE
 from var_export.errors import CalibrationError, ConfigError, ModelLoadError
 from var_export.safety import ExternalDataRef, check_external_data
 from var_export.settings import VarSettings, from_paper_convention, parse_sink_dims
@@ -55,7 +53,6 @@ from var_export.settings import VarSettings, from_paper_convention, parse_sink_d
 __all__ = [
     "RewriteResult",
     "load_calibration",
-    "prepare_decoder",
     "resolve_settings",
     "rewrite_decoder",
 ]
@@ -63,9 +60,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DataMode = Literal["auto", "share", "copy"]
-
-PAST_KEY_RE = re.compile(r"^past(?:_key_values)?[._](\d+)[._]key$")
-
 
 @dataclasses.dataclass
 class RewriteResult:
@@ -77,7 +71,6 @@ class RewriteResult:
     report: Any  # passes.pipeline.VarReport: per-layer plan, ignored Softmax nodes
     data_mode: str  # "inline" (no external data) | "share" | "copy"
     data_files: list[Path]  # external data files the output reads (would read)
-    prepared: list[str]  # annotations made by prepare_decoder
     added_inputs: list[str]
     added_outputs: list[str]
     seconds: float
@@ -107,7 +100,8 @@ class RewriteResult:
                 f"  layer {layer}: {verb}: {', '.join(what)}\n"
                 f"      softmax {found.get('softmax')!r} -> probs {found.get('probs')!r} "
                 f"(via {found.get('probs_path') or 'direct'}) -> MatMul {found.get('pv_matmul')!r}; "
-                f"residual {found.get('residual')!r}; heads {found.get('num_heads')}; "
+                f"residual {found.get('residual')!r}; heads {found.get('num_heads')} "
+                f"(from {found.get('num_heads_from') or '?'}); "
                 f"layer from {found.get('layer_from')}"
             )
         for why in r.ignored:
@@ -116,8 +110,6 @@ class RewriteResult:
                      f"nodes added: {r.nodes_added}")
         if self.data_files:
             lines.append(f"weights ({self.data_mode}): {[str(p) for p in self.data_files]}")
-        for note in self.prepared:
-            lines.append(f"prepared: {note}")
         return "\n".join(lines)
 
 
@@ -226,7 +218,7 @@ def _check_fingerprint(calibration: dict[str, Any], num_layers: int, hidden: int
 
 
 # ---------------------------------------------------------------------------------------------
-# Prepare: annotations for foreign exports
+# Layers of a foreign export
 
 
 def graph_num_layers(model: ir.Model) -> int | None:
@@ -239,113 +231,6 @@ def graph_num_layers(model: ir.Model) -> int | None:
             f"past key inputs have indices {idx}; expected 0..{len(idx) - 1} (one per layer)."
         )
     return len(idx)
-
-
-def _head_dim(model: ir.Model) -> int | None:
-    for v in model.graph.inputs:
-        if v.name and PAST_KEY_RE.match(v.name) and v.shape is not None and len(v.shape) == 4:
-            d = v.shape[3]
-            if isinstance(d, int):
-                return d
-    return None
-
-
-def _q_width(score_matmul: ir.Node) -> int | None:
-    """Output width of the Q projection: the first MatMul/Gemm with a 2-D constant weight
-    found walking back from the score MatMul's Q operand (shapes only, no data read)."""
-    queue = collections.deque([score_matmul.inputs[0]])
-    seen: set[int] = set()
-    while queue and len(seen) < 64:
-        v = queue.popleft()
-        if v is None or id(v) in seen:
-            continue
-        seen.add(id(v))
-        node = v.producer()
-        if node is None:
-            continue
-        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2:
-            w = node.inputs[1]
-            shape = None if w is None else (w.const_value.shape if w.const_value is not None else w.shape)
-            if shape is not None and len(shape) == 2 and isinstance(shape[1], int):
-                trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-                return int(shape[0] if trans_b else shape[1])
-            continue
-        if node.op_type in ("Transpose", "Reshape", "Mul", "Div", "Add", "Cast", "Concat", "Neg",
-                            "Slice", "Identity", "Split", "Sub"):
-            queue.extend(node.inputs[:1] if node.op_type in ("Reshape", "Slice", "Transpose") else node.inputs)
-    return None
-
-
-def _infer_dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
-    """Element type of ``value`` from its producers (Cast target, constants, data inputs)."""
-    if value is None or depth > 32:
-        return None
-    if value.dtype is not None:
-        return value.dtype
-    if value.const_value is not None:
-        return value.const_value.dtype
-    node = value.producer()
-    if node is None:
-        return None
-    if node.op_type == "Cast":
-        return ir.DataType(node.attributes.get_int("to"))
-    if node.op_type in ("Shape", "Size", "NonZero", "ArgMax", "ArgMin"):
-        return ir.DataType.INT64
-    if node.op_type in ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not",
-                        "And", "Or", "IsNaN", "IsInf"):
-        return ir.DataType.BOOL
-    inputs = node.inputs[1:] if node.op_type == "Where" else node.inputs[:1]
-    for inp in inputs:
-        found = _infer_dtype(inp, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
-def prepare_decoder(model: ir.Model) -> list[str]:
-    """Annotate what the passes cannot read from a foreign graph; returns notes.
-
-    * query heads: where neither the Softmax output nor the score MatMul has a static head
-      dim and no constant Q ``Reshape`` target exists (TorchScript/Optimum exports), the
-      Softmax output gets the shape ``[B, H, S, T]`` with ``H = q_proj width / head_dim``.
-    Pure annotation: no node or value is added, renamed or removed.
-    """
-    from passes.locate import locate_layers
-
-    notes: list[str] = []
-    version = model.graph.opset_imports.get("", model.graph.opset_imports.get("ai.onnx"))
-    if version == 14 and not any(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
-                                 for n in model.graph):
-        # Opset 15 changed no op of a decoder (only BatchNormalization's types; Shape gained
-        # start/end, Pow bfloat16): the bump lets the passes use Shape(start, end).
-        model.graph.opset_imports[""] = 15
-        model.opset_imports[""] = 15
-        notes.append("default opset 14 -> 15 (no op changes meaning; the VAR nodes use Shape start/end)")
-    head_dim = _head_dim(model)
-    try:
-        located = locate_layers(model)
-    except Exception:  # noqa: BLE001 - apply_var reports the located error itself
-        return notes
-    for m in located.matches:
-        if m.num_heads is not None or head_dim is None:
-            continue
-        width = _q_width(m.score_matmul)
-        if width is None or width % head_dim:
-            continue
-        heads = width // head_dim
-        out = m.softmax.outputs[0]
-        dtype = out.dtype or _infer_dtype(m.softmax.inputs[0])
-        if dtype is None:
-            continue
-        dims = list(out.shape) if out.shape is not None and len(out.shape) == 4 else [None] * 4
-        dims[1] = heads
-        out.shape = ir.Shape(dims)
-        out.dtype = dtype
-        notes.append(
-            f"layer {m.layer}: {heads} query heads (q_proj width {width} / head dim {head_dim}) "
-            f"annotated on {out.name!r}"
-        )
-    return notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +412,6 @@ def rewrite_decoder(
     num_layers = graph_num_layers(model)
     inputs_before = [v.name for v in model.graph.inputs]
     outputs_before = [v.name for v in model.graph.outputs]
-    notes = prepare_decoder(model)
     if cal:
         from passes.locate import locate_layers
 
@@ -561,6 +445,6 @@ def rewrite_decoder(
         log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,
-        data_mode=mode, data_files=data_files, prepared=notes, added_inputs=added_in,
+        data_mode=mode, data_files=data_files, added_inputs=added_in,
         added_outputs=added_out, seconds=time.perf_counter() - t0,
     )
