@@ -30,7 +30,8 @@ graph that already carries VAR nodes finds the same layers.
 
 Fused attention ops hide the probabilities: the ONNX ``Attention`` op and ORT's
 ``MultiHeadAttention`` / ``GroupQueryAttention`` (and other com.microsoft attention
-ops) raise a ``GraphPatternError`` naming them and their layer.
+ops) raise a ``GraphPatternError`` naming them and their layer; for ONNX ``Attention``
+graphs it points at the fused formulation, ``passes.fused_var``.
 """
 
 from __future__ import annotations
@@ -420,12 +421,20 @@ def _fused_attention_error(model: ir.Model, fused: list[ir.Node]) -> GraphPatter
         where = f"layer {layer}" if layer is not None else "layer unknown"
         domain = node.domain or "ai.onnx"
         lines.append(f"  {where}: {domain}::{node.op_type} (node {node.name!r})")
+    onnx_attention = all((n.domain or "ai.onnx") == "ai.onnx" and n.op_type == "Attention" for n in fused)
+    fix = (
+        "\nThese are ONNX Attention ops (opset 23): the fused formulation handles them without "
+        "unfusing, passes.fused_var.apply_fused_var (same contract as apply_var). Or re-export "
+        "with eager attention (`var-export export`) for passes.pipeline.apply_var."
+        if onnx_attention
+        else "\nExpected an unfused attention (MatMul -> Softmax -> MatMul). Re-export without "
+        "fused attention (eager attention, opset < 23, no ORT attention fusion), e.g. "
+        "`var-export export` of this project."
+    )
     return GraphPatternError(
         "fused attention ops hide the attention probabilities that VAR rewrites:\n"
         + "\n".join(lines)
-        + "\nExpected an unfused attention (MatMul -> Softmax -> MatMul). Re-export without "
-        "fused attention (eager attention, opset < 23, no ORT attention fusion), e.g. "
-        "`var-export export` of this project."
+        + fix
     )
 
 

@@ -51,6 +51,16 @@ def test_locate_rejects_eager_and_finds_attention(tiny):
         locate_fused_layers(ir.load(str(out / "eager.onnx")))
 
 
+def test_apply_var_on_attention_ops_points_at_the_fused_formulation(tiny):
+    from passes.pipeline import apply_var
+
+    _, out, _ = tiny
+    with pytest.raises(GraphPatternError) as err:
+        apply_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None)
+    msg = str(err.value)
+    assert "layer 3: ai.onnx::Attention" in msg and "passes.fused_var.apply_fused_var" in msg
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
 @pytest.mark.parametrize("shift", ["qk", "mask"])

@@ -100,6 +100,7 @@ def test_fused_attention_is_named_with_its_layer():
     with pytest.raises(GraphPatternError) as err:
         locate_layers(model)
     assert "layer 7" in str(err.value) and "com.microsoft::MultiHeadAttention" in str(err.value)
+    assert "fused_var" not in str(err.value)  # the fused formulation handles ONNX Attention only
 
 
 def test_apply_twice_is_an_error_and_input_is_untouched():
