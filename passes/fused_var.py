@@ -110,12 +110,12 @@ def locate_fused_layers(model: ir.Model) -> list[FusedLayerMatch]:
             raise GraphPatternError(
                 f"{where} takes past_key/past_value inputs (the KV cache inside the op); expected "
                 "the cache concatenated before it, as torch.onnx exports SDPA. Re-export with "
-                "var_export.export_fused."
+                "var_export.export.export_decoder(..., fused=True)."
             )
         if q is None or q.shape is None or len(q.shape) != 4:
             raise GraphPatternError(
                 f"{where}: expected a 4-D query (B, H, S, hd), found shape {q.shape if q else None}. "
-                "3-D (B, S, H*hd) Attention inputs are not supported; export with var_export.export_fused."
+                "3-D (B, S, H*hd) Attention inputs are not supported; export with var_export.export.export_decoder(..., fused=True)."
             )
         if float(node.attributes.get_float("softcap", 0.0)) != 0.0:
             raise GraphPatternError(f"{where} has softcap; the additive score shift of VAR is not exact under it.")
@@ -147,7 +147,7 @@ def locate_fused_layers(model: ir.Model) -> list[FusedLayerMatch]:
     if not found:
         raise GraphPatternError(
             f"no ONNX Attention node found in graph {model.graph.name!r}; expected a decoder "
-            "exported with SDPA at opset 23 (var_export.export_fused). For MatMul->Softmax->MatMul "
+            "exported with SDPA at opset 23 (var_export.export.export_decoder(..., fused=True)). For MatMul->Softmax->MatMul "
             "graphs use passes.pipeline.apply_var."
         )
     return [found[i] for i in sorted(found)]

@@ -275,6 +275,35 @@ def test_fp16_decoder_keeps_fp32_softmax(tmp_path):
     assert np.abs(logits.astype(np.float32) - ref).max() < 2e-2 * max(1.0, np.abs(ref).max())
 
 
+def test_fused_decoder_has_attention_ops_and_matches_hf(model, tmp_path):
+    """fused=True: SDPA attention -> one ONNX Attention per layer at opset 23; eager restored."""
+    path = tmp_path / DECODER
+    with pytest.raises(ConfigError, match="opset >= 23"):
+        export_decoder(model, path, opset=18, fused=True)
+    export_decoder(model, path, fused=True)
+    assert model.config.get_text_config()._attn_implementation == "eager"
+    m = onnx.load(str(path))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("Attention") == NUM_LAYERS and "Softmax" not in ops
+    assert {o.version for o in m.opset_import if o.domain in ("", "ai.onnx")} == {23}
+
+    g = torch.Generator().manual_seed(4)
+    embeds = torch.randn(2, 7, 64, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    mask[0, :2] = 0  # left padding
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    feed = {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    for i in range(NUM_LAYERS):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((2, KV_HEADS, 0, HEAD_DIM), np.float32)
+    logits = _session(path).run(["logits"], feed)[0]
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos)
+        ref = model.lm_head(hidden.last_hidden_state).numpy()
+    rows = mask.bool().numpy()  # a fully masked query row is undefined
+    assert np.abs(logits - ref)[rows].max() < TOL
+
+
 def test_external_data_forced(model, tmp_path):
     path = tmp_path / EMBED_TOKENS
     data, _ = export_embed_tokens(model, path, external_data=True)

@@ -24,11 +24,10 @@ def tiny(tmp_path_factory):
     from calibration import tiny_llava as tl
     from var_export.bench import tiny_llava_case
     from var_export.export import export_decoder
-    from var_export.export_fused import export_decoder_fused
 
     out = tmp_path_factory.mktemp("fused_var")
     case = tiny_llava_case(batch=2, seed=7)
-    export_decoder_fused(case.model, out / "fused.onnx")
+    export_decoder(case.model, out / "fused.onnx", fused=True)
     export_decoder(case.model, out / "eager.onnx")
     heads = sorted(set(tl.PLANTED_IMAGE_CENTRIC_HEADS) | set(tl.PLANTED_MIXED_HEADS))
     return case, out, heads

@@ -8,7 +8,10 @@
 
 T = P + S; one decoder graph serves prefill (P = 0) and decode. The decoder is exported with
 EAGER attention so each layer keeps ``MatMul(Q, K^T) -> Add(mask) -> Softmax -> MatMul(., V)``:
-the VAR passes (``passes/``) rewrite the Softmax output.
+the VAR passes (``passes/``) rewrite the Softmax output. ``fused=True`` exports SDPA attention
+at opset 23 instead: one ONNX ``Attention`` node per layer (with ``RotaryEmbedding`` and
+``RMSNormalization``), the fastest graph without VAR and the input of the fused VAR formulation
+(``passes/fused_var.py``); same wrapper, IO names and dynamic axes.
 
 The caller builds ``inputs_embeds`` by scattering ``image_features`` into the image-token
 positions (:func:`embed_and_merge` in torch, :func:`merge_image_features` in numpy).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import time
 import warnings
@@ -43,6 +47,7 @@ GRAPH_FILES: tuple[str, ...] = (VISION_ENCODER, EMBED_TOKENS, DECODER)
 
 DTYPES: tuple[str, ...] = ("fp32", "fp16")
 DEFAULT_OPSET = 18
+FUSED_OPSET = 23  # fused=True: first opset with Attention / RotaryEmbedding / RMSNormalization
 # Above this many bytes of weights in one graph, weights go to an external data file
 # (protobuf caps a single .onnx file at 2 GiB).
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
@@ -263,8 +268,9 @@ def _make_modules() -> tuple[type, type, type]:
 
 
 @contextlib.contextmanager
-def _eager_attention(model: Any) -> Iterator[None]:
-    """Force eager attention in the language model (MatMul -> Softmax -> MatMul in the graph)."""
+def _attention(model: Any, implementation: str) -> Iterator[None]:
+    """Force ``implementation`` ("eager": MatMul -> Softmax -> MatMul in the graph; "sdpa":
+    torch exports it to the ONNX ``Attention`` op at opset 23) in the language model."""
     candidates = [model.config, model.config.get_text_config(decoder=True)]
     candidates += [getattr(mod, "config", None) for mod in _parts(model).language_model.modules()]
     configs: list[tuple[Any, Any]] = []
@@ -275,7 +281,7 @@ def _eager_attention(model: Any) -> Iterator[None]:
             configs.append((cfg, cfg._attn_implementation))
     try:
         for cfg, _ in configs:
-            cfg._attn_implementation = "eager"
+            cfg._attn_implementation = implementation
         yield
     finally:
         for cfg, old in configs:
@@ -516,26 +522,41 @@ def export_embed_tokens(
         )
 
 
+def resolve_opset(opset: int | None, *, fused: bool = False) -> int:
+    """The opset to export at: ``opset``, else 23 (fused) or 18; fused needs >= 23."""
+    if opset is None:
+        return FUSED_OPSET if fused else DEFAULT_OPSET
+    if fused and int(opset) < FUSED_OPSET:
+        raise ConfigError(
+            f"the fused export needs opset >= {FUSED_OPSET} (ONNX Attention op), found {opset}. "
+            "Export without fused=True (eager attention) for older opsets."
+        )
+    return int(opset)
+
+
 def export_decoder(
     model: Any,
     path: Path,
     *,
     dtype: str = "fp32",
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     external_data: bool | None = None,
+    fused: bool = False,
 ) -> tuple[list[Path], float]:
     """Export ``decoder_model_merged.onnx`` (language model + lm_head, KV cache in and out).
 
-    Eager attention is forced during the export (restored afterwards). Dynamic axes: batch,
+    Eager attention is forced during the export (restored afterwards); ``fused=True`` forces
+    SDPA instead (ONNX ``Attention`` ops; opset default 23 instead of 18). Dynamic axes: batch,
     sequence, past_sequence, total_sequence (= past_sequence + sequence). Returns
     (external data files, seconds).
     """
     import torch
     from torch.export import Dim
 
+    opset = resolve_opset(opset, fused=fused)
     _, _, Decoder = _make_modules()
     tdtype = _torch_dtype(dtype)
-    with _in_dtype(model, dtype) as m, _eager_attention(m):
+    with _in_dtype(model, dtype) as m, _attention(m, "sdpa" if fused else "eager"):
         parts = _parts(m)
         module = Decoder(parts).eval()
         tc = parts.text_config
@@ -591,11 +612,15 @@ def export_graphs(
     out_dir: Path,
     *,
     dtype: str = "fp32",
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     external_data: bool | None = None,
     progress: ProgressFn | None = None,
+    fused: bool = False,
 ) -> ExportResult:
     """Export the three graphs of DESIGN.md §3 into ``out_dir`` (created if needed).
+
+    ``opset``: default 18, or 23 with ``fused`` (the decoder with SDPA attention, ONNX
+    ``Attention`` ops: the input of ``passes.fused_var``, not of ``passes.pipeline.apply_var``).
 
     ``dtype``: "fp32" (default) or "fp16" (weights and activations; the decoder computes the
     softmax in fp32 and casts its output to fp16 before the MatMul with V, as HF eager does).
@@ -603,7 +628,8 @@ def export_graphs(
     True/False forces it.
     """
     _torch_dtype(dtype)  # validate before any work
-    if not 7 <= int(opset) <= 23:
+    opset = resolve_opset(opset, fused=fused)
+    if not 7 <= opset <= 23:
         raise ConfigError(
             f"--opset must be between 7 and 23 (default {DEFAULT_OPSET}), found {opset}."
         )
@@ -614,7 +640,7 @@ def export_graphs(
         jobs: list[tuple[str, Callable[..., tuple[list[Path], float]], GraphIO]] = [
             (VISION_ENCODER, export_vision_encoder, VISION_IO),
             (EMBED_TOKENS, export_embed_tokens, EMBED_IO),
-            (DECODER, export_decoder, GraphIO(*decoder_io_names(num_layers))),
+            (DECODER, functools.partial(export_decoder, fused=fused), GraphIO(*decoder_io_names(num_layers))),
         ]
         result = ExportResult(
             out_dir=out_dir,
