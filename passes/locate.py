@@ -166,20 +166,14 @@ def _follow_probs(softmax: ir.Node) -> tuple[ir.Node, ir.Value, tuple[str, ...]]
 
 
 def _find_score_matmul(softmax: ir.Node) -> ir.Node | None:
-    queue = collections.deque([softmax.inputs[0]])
-    seen: set[int] = set()
-    while queue:
-        value = queue.popleft()
-        if value is None or id(value) in seen:
-            continue
-        seen.add(id(value))
-        producer = value.producer()
-        if producer is None:
-            continue
+    """The nearest MatMul (Q @ K^T) behind the Softmax through the score arithmetic."""
+
+    def follow(node: ir.Node) -> Sequence[ir.Value | None]:
+        return node.inputs if node.op_type in _SCORE_OPS or is_var_node(node) else ()
+
+    for producer in _upstream(softmax.inputs[0], follow, limit=1 << 20):
         if producer.op_type == "MatMul" and not is_var_node(producer):
             return producer
-        if producer.op_type in _SCORE_OPS or is_var_node(producer):
-            queue.extend(producer.inputs)
     return None
 
 
