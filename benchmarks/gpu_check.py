@@ -132,17 +132,17 @@ def main(argv: list[str] | None = None) -> int:
 
     section("parity", lambda: cuda_parity(args.out))
 
-    def bench() -> dict:
+    def bench(size: str) -> dict:
         from var_export.bench import BenchConfig, markdown_table, run_bench
 
-        config = BenchConfig(sizes=tuple(args.sizes.split(",")), rounds=args.rounds,
-                             decode_steps=args.decode_steps, provider="cuda", torch_compare=False,
-                             profile=True)
-        result = run_bench(config, args.out / "bench", progress=_say)
+        config = BenchConfig(sizes=(size,), rounds=args.rounds, decode_steps=args.decode_steps,
+                             provider="cuda", torch_compare=False, profile=True)
+        result = run_bench(config, args.out / f"bench-{size}", progress=_say)
         _say(markdown_table(result))
         return {"table": markdown_table(result)}
 
-    section("bench", bench)
+    for size in args.sizes.split(","):
+        section(f"bench-{size}", lambda size=size: bench(size))
     return 0
 
 
