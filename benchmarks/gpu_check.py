@@ -28,6 +28,9 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+PLACEMENT_LINES: list[str] = []  # ORT's "... placed on [EP]" log lines, for the report
+
+
 def cpu_placed_ops(path: Path) -> dict[str, int]:
     """Op types ORT placed on the CPU EP in a CUDA session (from its verbose placement log)."""
     import os
@@ -54,6 +57,7 @@ def cpu_placed_ops(path: Path) -> dict[str, int]:
     for line in text.splitlines():
         if "placed on [" in line:
             on_cpu = "placed on [CPUExecutionProvider]" in line
+            PLACEMENT_LINES.append(line.strip()[-160:])
             if on_cpu and "All nodes" in line:
                 return {"ALL NODES": int(line.rsplit(":", 1)[1])}
             continue
@@ -65,7 +69,7 @@ def cpu_placed_ops(path: Path) -> dict[str, int]:
     return counts
 
 
-def cuda_parity(out: Path, steps: int = 4) -> dict:
+def cuda_parity(out: Path, steps: int = 4, provider: str = "cuda") -> dict:
 
     from calibration.reference import VarReference
     from var_export.bench import _is_var, build_graphs, ort_session, run_decode, tiny_llava_case
@@ -80,7 +84,7 @@ def cuda_parity(out: Path, steps: int = 4) -> dict:
         settings = case.settings.replace(heads=mode) if var else None
         heads = case.heads if mode in ("static", "hybrid") else None
         ref = case.reference_logits(VarReference(case.model, settings, heads), steps)
-        cuda = run_decode(ort_session(path, provider="cuda"), case, steps, var=var)
+        cuda = run_decode(ort_session(path, provider=provider), case, steps, var=var)
         cpu = run_decode(ort_session(path, provider="cpu"), case, steps, var=var)
 
         def maxdiff(a: list, b: list) -> float:
@@ -95,7 +99,7 @@ def cuda_parity(out: Path, steps: int = 4) -> dict:
         }
         _say(f"parity {name:20s} CUDA vs reference {rows[name]['cuda_vs_reference']:.2e}  "
              f"CUDA vs CPU EP {rows[name]['cuda_vs_cpu_ep']:.2e}  ops left on CPU: {rows[name]['ops_on_cpu']}")
-    return {"case": "tiny-llava batch 2 left-padded", "decode_steps": steps, "graphs": rows}
+    return {"case": "tiny-llava batch 2 left-padded", "decode_steps": steps, "provider": provider, "graphs": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
     section("parity", lambda: cuda_parity(args.out))
+    section("parity-no-tf32", lambda: cuda_parity(args.out, provider="cuda-fp32"))
+    report["placement_log"] = sorted(set(PLACEMENT_LINES))[:40]
 
     def bench(size: str) -> dict:
         from var_export.bench import BenchConfig, markdown_table, run_bench
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(markdown_table(result))
         return {"table": markdown_table(result)}
 
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         section(f"bench-{size}", lambda size=size: bench(size))
     return 0
 

@@ -285,7 +285,12 @@ def build_graphs(
 # Running a decoder
 
 
-PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS: dict[str, list[Any]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    # CUDA with TF32 MatMul off: fp32 accuracy, to tell TF32 rounding from graph errors
+    "cuda-fp32": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
+}
 
 
 def ort_session(
@@ -296,7 +301,7 @@ def ort_session(
 
     if provider not in PROVIDERS:
         raise ConfigError(f"unknown provider {provider!r}; expected one of {sorted(PROVIDERS)}.")
-    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+    if provider.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise ConfigError(
             "provider cuda: this onnxruntime has no CUDAExecutionProvider "
             f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a CUDA machine."
