@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     section("parity", lambda: cuda_parity(args.out))
     section("parity-no-tf32", lambda: cuda_parity(args.out, provider="cuda-fp32"))
     report["placement_log"] = sorted(set(PLACEMENT_LINES))[:40]
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
     def bench(size: str) -> dict:
         from var_export.bench import BenchConfig, markdown_table, run_bench
