@@ -60,6 +60,8 @@ def cpu_placed_ops(path: Path) -> dict[str, int]:
             PLACEMENT_LINES.append(line.strip()[-160:])
             if on_cpu and "All nodes" in line:
                 return {"ALL NODES": int(line.rsplit(":", 1)[1])}
+            if on_cpu:  # ORT lists the nodes on the following lines (with their own log prefix)
+                counts["nodes"] = int(line.rsplit(":", 1)[1])
             continue
         m = re.match(r"^\s+(\w+) \(", line)
         if on_cpu and m:
