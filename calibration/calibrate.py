@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,12 +32,18 @@ from calibration.reference import (
     multimodal_embeds,
     split_model,
 )
+from calibration.schema import (  # noqa: F401 - re-exported: the calibration file API
+    SCHEMA_VERSION,
+    calibration_heads,
+    jsonable,
+    load_calibration,
+    write_calibration,
+)
 from var_export.errors import CalibrationError, ConfigError, DataError
 from var_export.settings import RMS_EPS, VarSettings, parse_sink_dims
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # bump on any incompatible change of calibration.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +87,6 @@ def _fingerprint(config: Any) -> dict[str, Any]:
     from var_export.models import model_fingerprint
 
     return model_fingerprint(config)
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
 
 
 def _prepare(sample: Any, loaded: Any, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,7 +250,7 @@ def calibrate(
     return {
         "schema_version": SCHEMA_VERSION,
         "model_id": getattr(spec, "name", None) or getattr(config, "_name_or_path", None) or "unknown",
-        "fingerprint": _jsonable(_fingerprint(config)),
+        "fingerprint": jsonable(_fingerprint(config)),
         "tool_version": _tool_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {
@@ -337,66 +337,3 @@ def calibration_samples(data: str | os.PathLike | None, num_synthetic: int = 8) 
         images = synthetic_images(num_synthetic, seed=0)
     prompts = prompts or list(DEFAULT_PROMPTS)
     return [(img, prompts[i % len(prompts)]) for i, img in enumerate(images)]
-
-
-def write_calibration(cal: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``cal`` as JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(cal, f, indent=1)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _describe(fp: Any) -> str:
-    if not isinstance(fp, Mapping):
-        return repr(fp)
-    keys = ("num_layers", "num_heads", "num_kv_heads", "hidden_size")
-    short = ", ".join(f"{k}={fp[k]}" for k in keys if k in fp)
-    return short or json.dumps(fp, sort_keys=True)[:120]
-
-
-def load_calibration(path: str | os.PathLike, *, fingerprint: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read and check a calibration.json; with ``fingerprint``, check it was made for this model."""
-    path = Path(path)
-    try:
-        cal = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file {path} does not exist; run `var-export calibrate`.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CalibrationError(
-            f"{path} is not a readable JSON calibration file ({exc}); expected one written by "
-            "`var-export calibrate`."
-        ) from None
-    if not isinstance(cal, dict) or cal.get("schema_version") != SCHEMA_VERSION:
-        found = cal.get("schema_version") if isinstance(cal, dict) else type(cal).__name__
-        raise CalibrationError(
-            f"{path}: expected calibration schema_version {SCHEMA_VERSION}, found {found!r}. "
-            "Re-run `var-export calibrate` with this version of var-export."
-        )
-    missing = [k for k in ("model_id", "fingerprint", "settings", "sink_dims", "layers", "heads") if k not in cal]
-    if missing:
-        raise CalibrationError(f"{path}: missing fields {missing}; re-run `var-export calibrate`.")
-    dims, heads = cal["sink_dims"], cal["heads"]
-    if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
-        raise CalibrationError(f"{path}: sink_dims must be a list of non-negative ints, found {dims!r}.")
-    if not isinstance(heads, list) or not all(
-        isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads
-    ):
-        raise CalibrationError(f"{path}: heads must be a list of [layer, head] int pairs, found {heads!r}.")
-    if fingerprint is not None and _jsonable(dict(fingerprint)) != cal["fingerprint"]:
-        raise CalibrationError(
-            f"{path} was made for model {cal['model_id']!r} ({_describe(cal['fingerprint'])}), "
-            f"not for this model ({_describe(fingerprint)}). Re-run `var-export calibrate` for this model."
-        )
-    return cal

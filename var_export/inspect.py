@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from var_export.errors import BundleError, CalibrationError, ConfigError, DataError
+from var_export.inputs import load_image
 from var_export.settings import VarSettings
 
 log = logging.getLogger(__name__)
@@ -222,23 +223,6 @@ def choose_head(
 # ---------------------------------------------------------------------------------------------
 
 
-def open_image(image: Any) -> Any:
-    """A PIL RGB image from a path or a PIL image; DataError when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise DataError(f"image {str(path)!r} does not exist or is not a file; pass --image PATH to a PNG/JPEG.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"cannot read image {str(path)!r} ({exc}); expected a PNG/JPEG/WebP file.") from None
-
-
 def inspect_model(
     loaded_model: Any,
     image: Any,
@@ -258,7 +242,7 @@ def inspect_model(
     selected head with the highest score. Writes the files atomically (temp dir, then rename).
     """
     model, processor, config = loaded_model.model, loaded_model.processor, loaded_model.config
-    pil = open_image(image)
+    pil = load_image(image)
     text_cfg = getattr(config, "text_config", config)
     num_layers, num_heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
     settings.check_model(num_layers, int(text_cfg.hidden_size))
@@ -297,7 +281,7 @@ def calibrate_on_sample(
     from calibration.calibrate import calibrate
 
     cal = calibrate(
-        loaded_model, [(open_image(image), prompt)], settings, head_threshold=head_threshold,
+        loaded_model, [(load_image(image), prompt)], settings, head_threshold=head_threshold,
         user_sink_dims=settings.sink_dims,
     )
     cal["inspect_source"] = "computed from this image"
@@ -319,7 +303,7 @@ def inspect_bundle(
     from var_export.bundle import load_bundle
     from var_export.models import load_llava, model_fingerprint
 
-    pil = open_image(image)  # a bad image fails before a model is loaded
+    pil = load_image(image)  # a bad image fails before a model is loaded
     bundle = load_bundle(Path(bundle_dir), verify=False)  # the graphs are not used: sizes only
     if not bundle.var:
         raise BundleError(
@@ -365,7 +349,7 @@ def inspect_pretrained(
     from var_export.models import load_llava, resolve_model
     from var_export.settings import resolve_settings
 
-    pil = open_image(image)
+    pil = load_image(image)
     spec = resolve_model(model)
     loaded = load_llava(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     overrides = dict(overrides or {})

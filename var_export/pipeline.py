@@ -36,7 +36,8 @@ class BuildOptions:
     head_threshold: float = 0.5  # image-centric score needed for a calibrated head
     no_var: bool = False  # the baseline bundle without VAR
     dtype: str = "fp32"  # fp32 | fp16 (VAR arithmetic stays fp32)
-    opset: int = 18
+    opset: int | None = None  # default 18, or 23 with fused
+    fused: bool = False  # SDPA export (ONNX Attention op) + the fused VAR formulation (passes.fused_var)
     trust_remote_code: bool = False
     allow_pickle: bool = False
     triton: bool = False  # also write a Triton model repository beside the bundle
@@ -67,6 +68,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     import onnx_ir as ir
 
     from calibration.calibrate import calibrate, calibration_samples, load_calibration
+    from passes.fused_var import apply_fused_var
     from passes.pipeline import apply_var, save_model
     from var_export.bundle import write_bundle
     from var_export.export import export_graphs
@@ -128,7 +130,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
         work = Path(tmp)
         t = time.perf_counter()
         exported = export_graphs(
-            loaded.model, work / "graphs", dtype=opts.dtype, opset=opts.opset,
+            loaded.model, work / "graphs", dtype=opts.dtype, opset=opts.opset, fused=opts.fused,
             progress=_export_progress(progress),
         )
         timings["export"] = time.perf_counter() - t
@@ -139,7 +141,8 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             t = time.perf_counter()
             heads = [list(map(int, h)) for h in (cal or {}).get("heads", [])] if settings.heads != "dynamic" else []
             model = ir.load(graphs[DECODER])
-            model, report = apply_var(
+            apply = apply_fused_var if opts.fused else apply_var
+            model, report = apply(
                 model, settings, [tuple(h) for h in heads] if settings.heads != "dynamic" else None,
                 num_layers=num_layers,
             )
@@ -156,8 +159,9 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             "var_layers": var_layers,
             "head_mode": settings.heads if settings else None,
             "heads": heads,
-            "opset": opts.opset,
+            "opset": exported.opset,
             "dtype": opts.dtype,
+            "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
             **_token_facts(loaded.config),
         }
         t = time.perf_counter()

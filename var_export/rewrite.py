@@ -32,7 +32,6 @@ The input file is never overwritten (nor its data files).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import stat
@@ -45,10 +44,13 @@ from typing import Any, Literal
 import onnx
 import onnx_ir as ir
 
+from calibration import schema
+from calibration.schema import calibration_heads
 from passes.locate import PAST_KEY_RE
+from var_export import settings as settings_module
 from var_export.errors import CalibrationError, ConfigError, ModelLoadError
 from var_export.safety import ExternalDataRef, check_external_data
-from var_export.settings import VarSettings, from_paper_convention, parse_sink_dims
+from var_export.settings import VarSettings
 
 __all__ = [
     "RewriteResult",
@@ -118,31 +120,9 @@ class RewriteResult:
 
 
 def load_calibration(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``calibration.json`` (DESIGN.md §2): returns the parsed dict, checked for shape."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file {str(p)!r} not found.") from None
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"calibration file {str(p)!r} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CalibrationError(f"{p}: expected a JSON object, found {type(data).__name__}.")
-    heads = data.get("heads")
-    if heads is not None:
-        ok = isinstance(heads, list) and all(
-            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, int) for x in h)
-            for h in heads
-        )
-        if not ok:
-            raise CalibrationError(f"{p}: 'heads' must be a list of [layer, head] integer pairs.")
-    return data
-
-
-def calibration_heads(calibration: dict[str, Any] | None) -> list[tuple[int, int]] | None:
-    if not calibration or calibration.get("heads") is None:
-        return None
-    return [(int(a), int(b)) for a, b in calibration["heads"]]
+    """Read ``calibration.json`` for a graph rewrite: partial files are accepted (no HF config here
+    to fingerprint; the model shape is checked against the graph instead)."""
+    return schema.load_calibration(path, strict=False)
 
 
 def resolve_settings(
@@ -152,43 +132,15 @@ def resolve_settings(
     convention: str = "code",
     **knobs: Any,
 ) -> VarSettings:
-    """VarSettings from explicit knobs (None = not given) over the calibration's settings.
-
-    Explicit values win; a user-given ``sink_dims`` that differs from the calibration's is
-    kept (with a warning). The head mode defaults to ``hybrid`` with a calibration that lists
-    heads and to ``dynamic`` without one.
-    """
-    cal_settings = dict((calibration or {}).get("settings") or {})
-    cal_dims = (calibration or {}).get("sink_dims") or cal_settings.get("sink_dims")
-    if sink_dims is not None:
-        dims = parse_sink_dims(sink_dims)
-        if cal_dims is not None and tuple(int(d) for d in cal_dims) != dims:
-            log.warning("--sink-dims %s differs from the calibration's %s; using %s",
-                        list(dims), list(cal_dims), list(dims))
-    elif cal_dims is not None:
-        dims = tuple(int(d) for d in cal_dims)
-    else:
-        raise ConfigError(
-            "no sink dims: pass --sink-dims a,b (e.g. 1415,2533 for LLaMA-2-7B / LLaVA-1.5-7B) "
-            "or --calibration calibration.json that records them."
-        )
-    fields = {f.name for f in dataclasses.fields(VarSettings)} - {"sink_dims"}
-    base = {k: v for k, v in cal_settings.items() if k in fields}
-    if cal_settings.get("convention") == "paper":  # as VarSettings.from_dict
-        base.update(from_paper_convention(p=base.get("p", 0.4), rho=base.get("rho", 0.5)))
-    given = {k: v for k, v in knobs.items() if v is not None and k in fields}
-    unknown = sorted(k for k, v in knobs.items() if v is not None and k not in fields)
-    if unknown:
-        raise ConfigError(f"unknown VAR setting(s) {unknown}; known: {sorted(fields)}.")
-    if convention == "paper" and ("p" in given or "rho" in given):
-        mapped = from_paper_convention(p=given.get("p", 0.4), rho=given.get("rho", 0.5))
-        given.update({k: mapped[k] for k in ("p", "rho") if k in given})
-    merged = {**base, **given}
-    if "heads" not in merged:
-        merged["heads"] = "hybrid" if calibration_heads(calibration) is not None else "dynamic"
-    if not isinstance(merged.get("exclude_last_layer", False), bool):
-        merged["exclude_last_layer"] = bool(merged["exclude_last_layer"])
-    return VarSettings(sink_dims=dims, **merged)
+    """VarSettings from explicit knobs (None = not given) over the calibration's settings
+    (``var_export.settings.resolve_settings``). The head mode defaults to ``hybrid`` with a
+    calibration that lists heads and to ``dynamic`` without one."""
+    overrides = {**knobs, "sink_dims": sink_dims}
+    if overrides.get("heads") is None:
+        overrides["heads"] = "hybrid" if calibration_heads(calibration) is not None else "dynamic"
+    return settings_module.resolve_settings(
+        calibration=calibration, overrides=overrides, convention=convention  # type: ignore[arg-type]
+    )
 
 
 def _check_fingerprint(calibration: dict[str, Any], num_layers: int, hidden: int | None,

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from var_export.errors import BundleError, ConfigError, DataError
+from var_export.inputs import load_image  # noqa: F401 - part of this module's API
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -251,26 +252,6 @@ def greedy_decode_numpy(
 
 # ---------------------------------------------------------------------------------------------
 # Images and prompts
-
-
-def load_image(image: Image.Image | str | os.PathLike[str]) -> Image.Image:
-    """A PIL RGB image from a PIL image or a path; DataError when missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise DataError(f"expected an image file at {path}; found none. Check --image.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(
-            f"expected a readable image (PNG, JPEG, ...) at {path}; it is corrupt or not an image "
-            f"({type(exc).__name__}: {exc}). Pass another --image."
-        ) from exc
 
 
 def format_prompt(processor: Any, prompt: str) -> str:

@@ -14,6 +14,7 @@ Internally everything is stored in the code convention.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -232,12 +233,22 @@ def resolve_settings(
             cal_settings.update(
                 from_paper_convention(p=cal_settings.get("p", 0.4), rho=cal_settings.get("rho", 0.5))
             )
-        for key in ("tau", "rho", "summ", "p", "layers", "sink_scope"):
+        for key in ("tau", "rho", "summ", "p", "layers", "sink_scope", "exclude_last_layer"):
             if key in cal_settings:
                 merged[key] = cal_settings[key]
         if calibration.get("sink_dims"):
             merged["sink_dims"] = calibration["sink_dims"]
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(VarSettings)}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ConfigError(f"unknown VAR setting(s) {unknown}; known: {sorted(fields)}.")
+    if "sink_dims" in given and merged.get("sink_dims") is not None and calibration:
+        user, cal_dims = parse_sink_dims(given["sink_dims"]), tuple(int(d) for d in merged["sink_dims"])
+        if user != cal_dims:
+            logging.getLogger(__name__).warning(
+                "--sink-dims %s differs from the calibration's %s; using %s", list(user), list(cal_dims), list(user)
+            )
     if convention == "paper" and ("p" in given or "rho" in given):
         paper = from_paper_convention(p=given.get("p", 0.4), rho=given.get("rho", 0.5))
         for key in ("p", "rho"):
@@ -252,5 +263,5 @@ def resolve_settings(
             "them, or a calibration.json (run `var-export calibrate`)."
         )
     merged["sink_dims"] = parse_sink_dims(merged["sink_dims"])
-    fields = {f.name for f in dataclasses.fields(VarSettings)}
+    merged["exclude_last_layer"] = bool(merged.get("exclude_last_layer", False))
     return VarSettings(**{k: v for k, v in merged.items() if k in fields})

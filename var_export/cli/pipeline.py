@@ -18,7 +18,8 @@ def add_build_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
     g.add_argument("--head-threshold", type=float, default=0.5, help="image-centric score a head needs to be selected (default 0.5)")
     g = parser.add_argument_group("graphs")
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (VAR arithmetic stays fp32; default fp32)")
-    g.add_argument("--opset", type=int, default=18, help="ONNX opset of the exported graphs (default 18)")
+    g.add_argument("--opset", type=int, help="ONNX opset of the exported graphs (default 18; 23 with --fused)")
+    g.add_argument("--fused", action="store_true", help="export SDPA attention as the fused ONNX Attention op (opset 23) and bake VAR around it (class masses + shifted scores); the TensorRT lint warns that it needs a parser with opset-23 Attention")
     g.add_argument("--format", choices=("onnx", "triton"), default="onnx", help="triton: also write a Triton model repository (ORT backend) beside the bundle")
     common.add_var_args(parser)
 
@@ -48,6 +49,7 @@ def options_from_args(args: argparse.Namespace, *, no_var: bool = False):
         no_var=no_var,
         dtype=args.dtype,
         opset=args.opset,
+        fused=args.fused,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         triton=args.format == "triton",
