@@ -46,16 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a directory; expected a file path like calibration.json.")
     user_dims = parse_sink_dims(args.sink_dims) if args.sink_dims else None
-    overrides = {
-        "sink_dims": user_dims,
-        "tau": args.tau,
-        "rho": args.rho,
-        "summ": args.summ,
-        "p": args.p,
-        "layers": args.layers,
-        "exclude_last_layer": args.exclude_last_layer or None,
-        "sink_scope": args.sink_scope,
-    }
+    overrides = dict(common.var_overrides(args), sink_dims=user_dims)
     spec = resolve_model(args.model)
     preset = spec.preset
     # knobs are validated here, before the model loads; sink dims come from the data when not given

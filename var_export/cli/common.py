@@ -74,6 +74,20 @@ def add_model_arg(parser: argparse.ArgumentParser, *, required: bool = False) ->
     )
 
 
+def var_overrides(args: argparse.Namespace) -> dict:
+    """The VAR knobs the user gave (None = not given), as ``resolve_settings`` overrides."""
+    return {
+        "sink_dims": args.sink_dims,
+        "tau": args.tau,
+        "rho": args.rho,
+        "summ": args.summ,
+        "p": args.p,
+        "layers": args.layers,
+        "exclude_last_layer": args.exclude_last_layer or None,
+        "sink_scope": args.sink_scope,
+    }
+
+
 def add_var_args(parser: argparse.ArgumentParser) -> None:
     """The VAR knobs of DESIGN.md §1, shared by the pipeline, calibrate, export and rewrite."""
     g = parser.add_argument_group(

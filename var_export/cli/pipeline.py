@@ -27,16 +27,7 @@ def add_build_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
 def options_from_args(args: argparse.Namespace, *, no_var: bool = False):
     from var_export.pipeline import BuildOptions
 
-    overrides = {
-        "sink_dims": args.sink_dims,
-        "tau": args.tau,
-        "rho": args.rho,
-        "summ": args.summ,
-        "p": args.p,
-        "layers": args.layers,
-        "exclude_last_layer": args.exclude_last_layer or None,
-        "sink_scope": args.sink_scope,
-    }
+    overrides = common.var_overrides(args)
     return BuildOptions(
         out=args.out,
         model=args.model,
