@@ -125,3 +125,35 @@ def test_default_hybrid_calibrates_a_local_llava_dir(local_llava, tmp_path):
     decoder = onnx.load(out / "decoder_model_merged.onnx", load_external_data=False)
     meta = {p.key: p.value for p in decoder.metadata_props}
     assert json.loads(meta["var_export.heads"]) == cal["heads"]
+
+
+def test_fp16_bundle_keeps_var_in_fp32_and_tracks_the_reference(tmp_path, tiny_loaded):
+    """--dtype fp16: the graph runs in half precision, VAR's arithmetic in fp32; its sink masks equal
+    the fp32 reference's and its VAR effect matches the reference's to fp16 rounding."""
+    import numpy as np
+
+    from calibration.reference import VarReference
+    from calibration.tiny_llava import synthetic_images
+    from var_export.export import embed_and_merge
+    from var_export.inputs import prepare_batch
+    from var_export.pipeline import BuildOptions, build_bundle
+    from var_export.runtime import decode_step_numpy, empty_past, make_session, prefill_position_ids
+
+    result = build_bundle(BuildOptions(out=tmp_path / "fp16", model="tiny-llava", heads="dynamic", dtype="fp16"))
+    decoder = make_session(result.bundle_dir / "decoder_model_merged.onnx")
+    batch = prepare_batch(tiny_loaded.processor, synthetic_images(1, seed=3), ["Describe the image."])
+    embeds = embed_and_merge(tiny_loaded.model, batch["input_ids"], batch["pixel_values"])
+    mask, visual = batch["attention_mask"], batch["visual_token_mask"]
+    pos = prefill_position_ids(mask.numpy())
+    feeds = (embeds.numpy().astype(np.float16), mask.numpy(), pos, empty_past(decoder, 1))
+    on, nxt = decode_step_numpy(decoder, *feeds, visual.numpy())
+    off, _ = decode_step_numpy(decoder, *feeds, None)
+    ref = VarReference(tiny_loaded.model, result.settings)
+    ref_on = ref.step(embeds, mask, torch.from_numpy(pos), None, visual, None)
+    ref_off = VarReference(tiny_loaded.model, None).step(embeds, mask, torch.from_numpy(pos), None, visual, None)
+    np.testing.assert_array_equal(nxt["past_sink_mask"], ref_on.present_sink_mask.numpy())
+    effect16 = on.astype(np.float32) - off.astype(np.float32)
+    effect32 = (ref_on.logits - ref_off.logits).numpy()
+    assert np.abs(effect32).max() > 1e-2  # VAR does something here
+    assert np.abs(effect16 - effect32).max() < 0.25 * np.abs(effect32).max()
+    assert np.abs(on.astype(np.float32) - ref_on.logits.numpy()).max() < 2e-2
