@@ -98,6 +98,8 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     if not opts.no_var:
         if _needs_calibration(opts, spec.preset):
             t = time.perf_counter()
+            # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
+            # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
             base = resolve_settings(
                 preset=spec.preset or {"sink_dims": [0]}, overrides=overrides, convention=opts.convention
             )
