@@ -212,7 +212,7 @@ for name in ("_load", "numpy", "tobytes", "tofile", "__array__"):
         return _orig(self, *a, **k)
     setattr(ir.ExternalTensor, name, guard)
 from var_export.rewrite import rewrite_decoder
-from var_export.settings import VarSettings
+from var_export.core.settings import VarSettings
 def peak_rss_mb():
     # VmHWM: this process image's own peak (ru_maxrss survives execve and would report
     # the parent's peak at fork time, e.g. after building the graph with torch).

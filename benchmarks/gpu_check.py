@@ -73,8 +73,8 @@ def cpu_placed_ops(path: Path) -> dict[str, int]:
 
 def cuda_parity(out: Path, steps: int = 4, provider: str = "cuda") -> dict:
 
-    from calibration.reference import VarReference
     from var_export.bench import _is_var, build_graphs, ort_session, run_decode, tiny_llava_case
+    from var_export.calibration.reference import VarReference
 
     case = tiny_llava_case(batch=2, seed=7, decode_steps=steps)
     paths = build_graphs(case, out / "graphs-parity")

@@ -25,22 +25,22 @@ from typing import Any
 
 import torch
 
-from calibration.reference import (
+from var_export.calibration.reference import (
     VarCounts,
     VarObserver,
     VarReference,
     multimodal_embeds,
     split_model,
 )
-from calibration.schema import (  # noqa: F401 - re-exported: the calibration file API
+from var_export.core.calibration_schema import (  # noqa: F401 - re-exported: the calibration file API
     SCHEMA_VERSION,
     calibration_heads,
     jsonable,
     load_calibration,
     write_calibration,
 )
-from var_export.errors import CalibrationError, ConfigError, DataError
-from var_export.settings import RMS_EPS, VarSettings, parse_sink_dims
+from var_export.core.errors import CalibrationError, ConfigError, DataError
+from var_export.core.settings import RMS_EPS, VarSettings, parse_sink_dims
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def calibration_samples(data: str | os.PathLike | None, num_synthetic: int = 8) 
     """(image, prompt) pairs: the images of folder ``data`` (+ its optional prompts.txt, one prompt
     per line, cycled), or without ``data`` ``num_synthetic`` built-in synthetic images. Prompts
     default to the built-in ones."""
-    from calibration.tiny_llava import DEFAULT_PROMPTS
+    from var_export.calibration.tiny_llava import DEFAULT_PROMPTS
 
     prompts: list[str] = []
     if data is not None:
@@ -330,7 +330,7 @@ def calibration_samples(data: str | os.PathLike | None, num_synthetic: int = 8) 
         if (folder / "prompts.txt").is_file():
             prompts = list(load_prompts(folder / "prompts.txt"))
     else:
-        from calibration.tiny_llava import synthetic_images
+        from var_export.calibration.tiny_llava import synthetic_images
 
         if num_synthetic < 1:
             raise ConfigError(f"--num-samples must be >= 1, found {num_synthetic}.")

@@ -32,8 +32,8 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from var_export.errors import ConfigError
-from var_export.settings import PORTION_EPS, RMS_EPS, VarSettings
+from var_export.core.errors import ConfigError
+from var_export.core.settings import PORTION_EPS, RMS_EPS, VarSettings
 
 log = logging.getLogger(__name__)
 

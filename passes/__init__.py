@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from passes.finalize import FinalizePass, check_not_applied
-from passes.head_selection import HeadSelectionPass
-from passes.locate import LayerMatch, LocateResult, locate_layers
-from passes.pipeline import LayerReport, VarReport, apply_var, load_model, save_model
-from passes.redistribution import RedistributionPass
-from passes.sink_detection import SinkDetectionPass
+from var_export.passes.finalize import FinalizePass, check_not_applied
+from var_export.passes.head_selection import HeadSelectionPass
+from var_export.passes.locate import LayerMatch, LocateResult, locate_layers
+from var_export.passes.pipeline import LayerReport, VarReport, apply_var, load_model, save_model
+from var_export.passes.redistribution import RedistributionPass
+from var_export.passes.sink_detection import SinkDetectionPass
 
 __all__ = [
     "FinalizePass",

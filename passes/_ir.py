@@ -13,12 +13,15 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-VAR_PREFIX = "var/"
-VISUAL_MASK = "visual_token_mask"  # graph input [B, T] bool
-PAST_SINK_MASK = "past_sink_mask"  # graph input [B, Lv, P] bool
-PRESENT_SINK_MASK = "present_sink_mask"  # graph output [B, Lv, T] bool
-ATTENTION_MASK = "attention_mask"  # graph input [B, T] int64 (from the exporter)
-APPLIED_KEY = "var_export.applied"  # metadata marker written by finalize
+from var_export.core.contract import (  # noqa: F401  (re-exported for the passes)
+    APPLIED_KEY,
+    ATTENTION_MASK,
+    PAST_SINK_MASK,
+    PRESENT_SINK_MASK,
+    VAR_PREFIX,
+    VISUAL_MASK,
+)
+
 SETTINGS_KEY = "var_export.settings"  # metadata: VarSettings as JSON
 LAYERS_KEY = "var_export.var_layers"  # metadata: JSON list of VAR layers
 HEADS_KEY = "var_export.heads"  # metadata: JSON list of [layer, head] (static/hybrid)
@@ -144,7 +147,7 @@ class Builder:
 
 
 def cast(b: Builder, value: ir.Value, to: ir.DataType, name: str) -> ir.Value:
-    from passes.locate import resolve_dtype
+    from var_export.passes.locate import resolve_dtype
 
     if resolve_dtype(value) == to:
         return value

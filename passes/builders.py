@@ -26,11 +26,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from passes import _ir
-from passes._ir import Builder
-from passes.locate import PAST_KEY_RE
-from var_export.errors import ConfigError, GraphPatternError
-from var_export.settings import PORTION_EPS, RMS_EPS, VarSettings
+from var_export.core.errors import ConfigError, GraphPatternError
+from var_export.core.settings import PORTION_EPS, RMS_EPS, VarSettings
+from var_export.passes import _ir
+from var_export.passes._ir import Builder
+from var_export.passes.locate import PAST_KEY_RE
 
 __all__ = [
     "Eligibility",

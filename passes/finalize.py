@@ -9,9 +9,9 @@ from collections.abc import Iterable
 import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
 
-from passes import _ir
-from var_export.errors import AlreadyAppliedError, GraphPatternError
-from var_export.settings import VarSettings
+from var_export.core.errors import AlreadyAppliedError, GraphPatternError
+from var_export.core.settings import VarSettings
+from var_export.passes import _ir
 
 __all__ = ["FinalizePass", "check_not_applied"]
 

@@ -44,9 +44,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from passes import _ir
-from passes._ir import Builder
-from passes.builders import (
+from var_export.core.errors import ConfigError, GraphPatternError
+from var_export.core.settings import VarSettings
+from var_export.passes import _ir
+from var_export.passes._ir import Builder
+from var_export.passes.builders import (
     Eligibility,
     add_present_sink_mask,
     add_sink_mask_io,
@@ -62,11 +64,9 @@ from passes.builders import (
     split_columns,
     stack_columns,
 )
-from passes.finalize import FinalizePass, check_not_applied
-from passes.locate import PAST_KEY_RE, find_residual, nearest_input, static_dim
-from passes.pipeline import plan_var, run_passes
-from var_export.errors import ConfigError, GraphPatternError
-from var_export.settings import VarSettings
+from var_export.passes.finalize import FinalizePass, check_not_applied
+from var_export.passes.locate import PAST_KEY_RE, find_residual, nearest_input, static_dim
+from var_export.passes.pipeline import plan_var, run_passes
 
 __all__ = ["FusedLayerMatch", "FusedVarPass", "apply_fused_var", "locate_fused_layers"]
 

@@ -27,9 +27,11 @@ from collections.abc import Iterable
 
 import onnx_ir as ir
 
-from passes import _ir
-from passes._ir import Builder
-from passes.builders import (
+from var_export.core.errors import GraphPatternError
+from var_export.core.settings import VarSettings
+from var_export.passes import _ir
+from var_export.passes._ir import Builder
+from var_export.passes.builders import (
     build_eligibility,
     build_key_classes,
     build_selection,
@@ -39,9 +41,7 @@ from passes.builders import (
     split_columns,
     stack_columns,
 )
-from passes.locate import LayerMatch, locate_layers
-from var_export.errors import GraphPatternError
-from var_export.settings import VarSettings
+from var_export.passes.locate import LayerMatch, locate_layers
 
 __all__ = ["HeadSelectionPass", "heads_by_layer"]
 

@@ -43,8 +43,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import onnx_ir as ir
 
-from passes._ir import constant_array, is_constant, is_var_node
-from var_export.errors import GraphPatternError
+from var_export.core.errors import GraphPatternError
+from var_export.passes._ir import constant_array, is_constant, is_var_node
 
 __all__ = [
     "LayerMatch",
@@ -418,7 +418,7 @@ def _fused_attention_error(model: ir.Model, fused: list[ir.Node]) -> GraphPatter
     onnx_attention = all((n.domain or "ai.onnx") == "ai.onnx" and n.op_type == "Attention" for n in fused)
     fix = (
         "\nThese are ONNX Attention ops (opset 23): the fused formulation handles them without "
-        "unfusing, passes.fused_var.apply_fused_var (same contract as apply_var). Or re-export "
+        "unfusing, var_export.passes.fused_var.apply_fused_var (same contract as apply_var). Or re-export "
         "with eager attention (`var-export export`) for passes.pipeline.apply_var."
         if onnx_attention
         else "\nExpected an unfused attention (MatMul -> Softmax -> MatMul). Re-export without "

@@ -15,15 +15,15 @@ from typing import Any
 
 import onnx_ir as ir
 
-from passes import _ir
-from passes.builders import calibrated_heads, heads_by_layer
-from passes.finalize import FinalizePass, check_not_applied
-from passes.head_selection import HeadSelectionPass
-from passes.locate import format_rejected, locate_layers
-from passes.redistribution import RedistributionPass
-from passes.sink_detection import SinkDetectionPass
-from var_export.errors import ConfigError, GraphPatternError, VarExportError
-from var_export.settings import VarSettings
+from var_export.core.errors import ConfigError, GraphPatternError, VarExportError
+from var_export.core.settings import VarSettings
+from var_export.passes import _ir
+from var_export.passes.builders import calibrated_heads, heads_by_layer
+from var_export.passes.finalize import FinalizePass, check_not_applied
+from var_export.passes.head_selection import HeadSelectionPass
+from var_export.passes.locate import format_rejected, locate_layers
+from var_export.passes.redistribution import RedistributionPass
+from var_export.passes.sink_detection import SinkDetectionPass
 
 __all__ = [
     "LayerReport",

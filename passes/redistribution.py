@@ -19,12 +19,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from passes import _ir
-from passes._ir import Builder
-from passes.builders import build_visual_boost
-from passes.locate import locate_layers
-from var_export.errors import GraphPatternError
-from var_export.settings import VarSettings
+from var_export.core.errors import GraphPatternError
+from var_export.core.settings import VarSettings
+from var_export.passes import _ir
+from var_export.passes._ir import Builder
+from var_export.passes.builders import build_visual_boost
+from var_export.passes.locate import locate_layers
 
 __all__ = ["RedistributionPass"]
 

@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from passes import _ir
-from passes._ir import Builder
-from passes.builders import (
+from var_export.core.errors import GraphPatternError
+from var_export.core.settings import VarSettings
+from var_export.passes import _ir
+from var_export.passes._ir import Builder
+from var_export.passes.builders import (
     add_present_sink_mask,
     add_sink_mask_io,
     build_sink_flags,
     build_sink_inputs,
     check_var_layers,
 )
-from passes.locate import locate_layers
-from var_export.errors import GraphPatternError
-from var_export.settings import VarSettings
+from var_export.passes.locate import locate_layers
 
 __all__ = ["SinkDetectionPass"]
 

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_llava_path():
-    from calibration.tiny_llava import tiny_llava_dir
+    from var_export.calibration.tiny_llava import tiny_llava_dir
 
     return tiny_llava_dir()
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from passes.locate import locate_layers
+from var_export.passes.locate import locate_layers
 
 # ---------------------------------------------------------------- tiny hand-written graphs
 

@@ -22,7 +22,7 @@ from var_export.bundle import (
     load_bundle,
     write_bundle,
 )
-from var_export.errors import BundleError, UnsafeInputError
+from var_export.core.errors import BundleError, UnsafeInputError
 
 FIELDS = {
     "model_id": "test/tiny",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from calibration.calibrate import (
+from var_export.calibration.calibrate import (
     SCHEMA_VERSION,
     calibrate,
     calibration_samples,
@@ -19,8 +19,8 @@ from calibration.calibrate import (
     write_calibration,
 )
 from var_export.cli import main
-from var_export.errors import CalibrationError, ConfigError
-from var_export.settings import VarSettings
+from var_export.core.errors import CalibrationError, ConfigError
+from var_export.core.settings import VarSettings
 
 HIDDEN = 64
 
@@ -58,7 +58,7 @@ def knobs(**kw) -> VarSettings:
 
 def test_planted_random_model_dims_stats_and_preset_check(caplog):
     lm = planted_llama()
-    with caplog.at_level(logging.WARNING, logger="calibration.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="var_export.calibration.calibrate"):
         cal = calibrate(lm, planted_samples(3), knobs(), preset_sink_dims=[3, 9])
     assert cal["sink_dims"] == [5, 17] and cal["sink_dims_source"] == "data"
     assert "differ from the preset" in caplog.text
@@ -73,7 +73,7 @@ def test_planted_random_model_dims_stats_and_preset_check(caplog):
                             for h, x in enumerate(r["image_centric_score"]) if x >= 0.5]
     # a user's dims are kept as given, with a warning
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="calibration.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="var_export.calibration.calibrate"):
         cal = calibrate(lm, planted_samples(2), knobs(), user_sink_dims="5")
     assert cal["sink_dims"] == [5] and cal["sink_dims_source"] == "user"
     assert "keeping --sink-dims" in caplog.text
@@ -119,7 +119,7 @@ def test_write_and_load_calibration(tmp_path):
 
 
 def test_tiny_llava_finds_planted_dims_and_heads(tiny_loaded):
-    from calibration.tiny_llava import PLANTED_IMAGE_CENTRIC_HEADS, TINY_SINK_DIMS
+    from var_export.calibration.tiny_llava import PLANTED_IMAGE_CENTRIC_HEADS, TINY_SINK_DIMS
     from var_export.models import model_fingerprint
 
     settings = VarSettings(sink_dims=TINY_SINK_DIMS)  # defaults: tau 20, rho 0.5, summ 0.2
@@ -135,7 +135,7 @@ def test_tiny_llava_finds_planted_dims_and_heads(tiny_loaded):
 
 
 def _write_images(folder: Path, n: int) -> None:
-    from calibration.tiny_llava import synthetic_images
+    from var_export.calibration.tiny_llava import synthetic_images
 
     folder.mkdir()
     for i, img in enumerate(synthetic_images(n, seed=3)):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from var_export.errors import ConfigError, ModelLoadError
+from var_export.core.errors import ConfigError, ModelLoadError
 from var_export.export import (
     DECODER,
     EMBED_TOKENS,

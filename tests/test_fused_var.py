@@ -12,8 +12,8 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from var_export.errors import AlreadyAppliedError, GraphPatternError
-from var_export.settings import VarSettings
+from var_export.core.errors import AlreadyAppliedError, GraphPatternError
+from var_export.core.settings import VarSettings
 
 ATOL = 1e-4
 DECODE_STEPS = 3
@@ -21,8 +21,8 @@ DECODE_STEPS = 3
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from calibration import tiny_llava as tl
     from var_export.bench import tiny_llava_case
+    from var_export.calibration import tiny_llava as tl
     from var_export.export import export_decoder
 
     out = tmp_path_factory.mktemp("fused_var")
@@ -34,13 +34,13 @@ def tiny(tmp_path_factory):
 
 
 def _settings(mode: str) -> VarSettings:
-    from calibration import tiny_llava as tl
+    from var_export.calibration import tiny_llava as tl
 
     return VarSettings(sink_dims=tl.TINY_SINK_DIMS, heads=mode, layers="2:")
 
 
 def test_locate_rejects_eager_and_finds_attention(tiny):
-    from passes.fused_var import locate_fused_layers
+    from var_export.passes.fused_var import locate_fused_layers
 
     _, out, _ = tiny
     found = locate_fused_layers(ir.load(str(out / "fused.onnx")))
@@ -51,23 +51,23 @@ def test_locate_rejects_eager_and_finds_attention(tiny):
 
 
 def test_apply_var_on_attention_ops_points_at_the_fused_formulation(tiny):
-    from passes.pipeline import apply_var
+    from var_export.passes.pipeline import apply_var
 
     _, out, _ = tiny
     with pytest.raises(GraphPatternError) as err:
         apply_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None)
     msg = str(err.value)
-    assert "layer 3: ai.onnx::Attention" in msg and "passes.fused_var.apply_fused_var" in msg
+    assert "layer 3: ai.onnx::Attention" in msg and "var_export.passes.fused_var.apply_fused_var" in msg
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
 @pytest.mark.parametrize("shift", ["qk", "mask"])
 def test_fused_var_matches_reference_and_naive(tiny, mode, shift):
-    from calibration.reference import VarReference
-    from passes.fused_var import apply_fused_var
-    from passes.pipeline import apply_var
     from var_export.bench import ort_session, run_decode
+    from var_export.calibration.reference import VarReference
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import apply_var
 
     case, out, heads = tiny
     settings = _settings(mode)
@@ -93,8 +93,8 @@ def test_fused_var_matches_reference_and_naive(tiny, mode, shift):
 
 @pytest.mark.slow
 def test_all_false_visual_mask_is_the_plain_decoder(tiny):
-    from passes.fused_var import apply_fused_var
     from var_export.bench import ort_session, run_decode
+    from var_export.passes.fused_var import apply_fused_var
 
     case, out, heads = tiny
     fused, _ = apply_fused_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None)
@@ -105,7 +105,7 @@ def test_all_false_visual_mask_is_the_plain_decoder(tiny):
 
 
 def test_reapplying_is_an_error(tiny):
-    from passes.fused_var import apply_fused_var
+    from var_export.passes.fused_var import apply_fused_var
 
     _, out, _ = tiny
     once, _ = apply_fused_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None, check=False)

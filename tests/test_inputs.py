@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from calibration import tiny_llava as tl
-from var_export.errors import DataError
+from var_export.calibration import tiny_llava as tl
+from var_export.core.errors import DataError
 from var_export.inputs import format_prompt, load_images, load_prompts, prepare_batch
 
 

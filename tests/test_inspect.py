@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from calibration.calibrate import calibrate
-from calibration.tiny_llava import (
+from var_export.calibration.calibrate import calibrate
+from var_export.calibration.tiny_llava import (
     GRID,
     PLANTED_IMAGE_CENTRIC_HEADS,
     SINK_COLOURFULNESS_THRESHOLD,
@@ -20,7 +20,8 @@ from calibration.tiny_llava import (
     synthetic_images,
 )
 from var_export.cli import main
-from var_export.errors import BundleError, ConfigError, DataError, VarExportError
+from var_export.core.errors import BundleError, ConfigError, DataError, VarExportError
+from var_export.core.settings import VarSettings
 from var_export.inputs import prepare_batch
 from var_export.inspect import (
     HEAD_SCORES_PNG,
@@ -31,7 +32,6 @@ from var_export.inspect import (
     inspect_model,
 )
 from var_export.models import load_llava, model_fingerprint
-from var_export.settings import VarSettings
 
 PROMPT = "What is in the image?"
 SEED = 3  # synthetic image: grey background (sinks) with a few coloured boxes

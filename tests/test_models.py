@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibration import tiny_llava as tl
-from var_export.errors import ModelLoadError, UnsafeInputError, VarExportError
+from var_export.calibration import tiny_llava as tl
+from var_export.core.errors import ModelLoadError, UnsafeInputError, VarExportError
 from var_export.models import (
     LoadedModel,
     ModelSpec,

@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from calibration.reference import VarReference
-from passes.pipeline import apply_var, load_model, save_model
+from var_export.calibration.reference import VarReference
+from var_export.core.settings import VarSettings
 from var_export.export import embed_and_merge, export_decoder
-from var_export.settings import VarSettings
+from var_export.passes.pipeline import apply_var, load_model, save_model
 
 TOL = 1e-4
 DECODE_STEPS = 4
@@ -102,7 +102,7 @@ def _run_both(case: Case, sess: ort.InferenceSession, settings: VarSettings | No
 
 
 def _tiny_case(tiny_loaded) -> Case:
-    from calibration.tiny_llava import (
+    from var_export.calibration.tiny_llava import (
         PLANTED_IMAGE_CENTRIC_HEADS,
         PLANTED_MIXED_HEADS,
         TINY_SINK_DIMS,

@@ -20,9 +20,9 @@ from passes_fixtures import (
     to_session,
 )
 
-from passes import apply_var, load_model, locate_layers, save_model
-from var_export.errors import AlreadyAppliedError
-from var_export.settings import VarSettings
+from var_export.core.errors import AlreadyAppliedError
+from var_export.core.settings import VarSettings
+from var_export.passes import apply_var, load_model, locate_layers, save_model
 
 SPEC = LlamaSpec(hidden=64, layers=3, heads=4, kv_heads=2)
 HD = SPEC.hidden // SPEC.heads

@@ -11,15 +11,15 @@ import onnx_ir as ir
 import pytest
 from passes_fixtures import tiny_attention_model, to_session
 
-from passes import (
+from var_export.core.errors import AlreadyAppliedError, ConfigError, GraphPatternError
+from var_export.core.settings import VarSettings
+from var_export.passes import (
     HeadSelectionPass,
     RedistributionPass,
     SinkDetectionPass,
     apply_var,
     locate_layers,
 )
-from var_export.errors import AlreadyAppliedError, ConfigError, GraphPatternError
-from var_export.settings import VarSettings
 
 SETTINGS = VarSettings(sink_dims=(1, 6), tau=3.0, heads="dynamic", layers="0:")
 ALLOWED_VAR_OPS = {

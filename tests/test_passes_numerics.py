@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from passes_fixtures import numpy_sink_flags, numpy_var, probe, tiny_attention_model, to_session
 
-from passes import apply_var, locate_layers
-from var_export.settings import VarSettings
+from var_export.core.settings import VarSettings
+from var_export.passes import apply_var, locate_layers
 
 H, E, D = 2, 8, 16
 SINK_DIMS = (1, 6)  # tau=3 < sqrt(D): a planted 40 normalises to ~3.98

@@ -55,8 +55,8 @@ def test_one_command_on_a_local_llava_dir(local_llava, tmp_path):
 
 
 def test_calibration_from_another_model_is_refused(local_llava, tmp_path, tiny_loaded):
-    from calibration.calibrate import calibrate, calibration_samples, write_calibration
-    from var_export.settings import VarSettings
+    from var_export.calibration.calibrate import calibrate, calibration_samples, write_calibration
+    from var_export.core.settings import VarSettings
 
     cal = calibrate(tiny_loaded, calibration_samples(None, 1), VarSettings(sink_dims=(5, 17)))
     cal_path = write_calibration(cal, tmp_path / "calibration.json")
@@ -132,8 +132,8 @@ def test_fp16_bundle_keeps_var_in_fp32_and_tracks_the_reference(tmp_path, tiny_l
     the fp32 reference's and its VAR effect matches the reference's to fp16 rounding."""
     import numpy as np
 
-    from calibration.reference import VarReference
-    from calibration.tiny_llava import synthetic_images
+    from var_export.calibration.reference import VarReference
+    from var_export.calibration.tiny_llava import synthetic_images
     from var_export.export import embed_and_merge
     from var_export.inputs import prepare_batch
     from var_export.pipeline import BuildOptions, build_bundle

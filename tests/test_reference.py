@@ -13,7 +13,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from calibration.reference import (
+from var_export.calibration.reference import (
     ATTN_IMPLEMENTATION,
     VarReference,
     eligible_rows,
@@ -21,8 +21,8 @@ from calibration.reference import (
     redistribute,
     sink_flags,
 )
-from var_export.errors import ConfigError
-from var_export.settings import VarSettings
+from var_export.core.errors import ConfigError
+from var_export.core.settings import VarSettings
 
 SINK_DIMS = (5, 17)
 HIDDEN = 64
@@ -308,7 +308,7 @@ def test_redistribute_by_hand():
 
 def test_tiny_llava_exact_off_and_batched_var(tiny_loaded):
     """On the embedded tiny-llava (GQA, real processor, real sinks at tau=20)."""
-    from calibration.tiny_llava import TINY_SINK_DIMS, synthetic_images
+    from var_export.calibration.tiny_llava import TINY_SINK_DIMS, synthetic_images
     from var_export.inputs import prepare_batch
 
     model = tiny_loaded.model

@@ -13,14 +13,14 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from calibration import released_port
-from calibration.reference import (
+from var_export.calibration import released_port
+from var_export.calibration.reference import (
     VarReference,
     eligible_rows,
     image_centric_rows,
     redistribute,
 )
-from var_export.settings import VarSettings
+from var_export.core.settings import VarSettings
 
 log = logging.getLogger(__name__)
 

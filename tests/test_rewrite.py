@@ -20,15 +20,15 @@ import pytest
 
 from tests.fixtures.foreign import tiny_llama as tl
 from tests.fixtures.foreign.make_fixtures import GRAPHS
-from var_export.errors import (
+from var_export.core.errors import (
     AlreadyAppliedError,
     CalibrationError,
     ConfigError,
     GraphPatternError,
 )
+from var_export.core.settings import VarSettings
 from var_export.rewrite import resolve_settings, rewrite_decoder
 from var_export.safety import check_external_data
-from var_export.settings import VarSettings
 
 SETTINGS = VarSettings(sink_dims=tl.SINK_DIMS, tau=4.0, layers="1:", heads="dynamic")
 ARGS = ["--sink-dims", "5,17", "--tau", "4", "--layers", "1:"]

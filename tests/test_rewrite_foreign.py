@@ -20,11 +20,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from calibration.reference import VarReference
 from tests.fixtures.foreign import tiny_llama as tl
 from tests.fixtures.foreign.make_fixtures import GRAPHS
+from var_export.calibration.reference import VarReference
+from var_export.core.settings import VarSettings
 from var_export.rewrite import rewrite_decoder
-from var_export.settings import VarSettings
 
 TOL = 1e-4
 MIN_VAR_EFFECT = 1e-2  # VAR must change some logit by at least this (100x TOL)

@@ -10,23 +10,23 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from calibration.tiny_llava import (
+from var_export import runtime as rt
+from var_export.calibration.tiny_llava import (
     PLANTED_IMAGE_CENTRIC_HEADS,
     PLANTED_MIXED_HEADS,
     TINY_SINK_DIMS,
     synthetic_images,
     tiny_llava_dir,
 )
-from var_export import runtime as rt
 from var_export.cli import main
-from var_export.errors import BundleError, ConfigError, DataError
+from var_export.core.errors import BundleError, ConfigError, DataError
 
 PROMPT = "What is in the picture?"
 HEADS = sorted(PLANTED_IMAGE_CENTRIC_HEADS + PLANTED_MIXED_HEADS)
 
 
 def _settings():
-    from var_export.settings import VarSettings
+    from var_export.core.settings import VarSettings
 
     return VarSettings(sink_dims=TINY_SINK_DIMS, heads="hybrid", layers="2:")
 
@@ -36,9 +36,9 @@ def tiny(tmp_path_factory):
     """tiny-llava (torch, eager), its processor, and two bundles: VAR (hybrid) and --no-var."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from passes.pipeline import apply_var, save_model
     from var_export.bundle import write_bundle
     from var_export.export import DECODER, export_graphs
+    from var_export.passes.pipeline import apply_var, save_model
 
     src = tiny_llava_dir()
     model = LlavaForConditionalGeneration.from_pretrained(src, attn_implementation="eager").eval()
@@ -90,7 +90,7 @@ def test_generation_equals_hf_greedy_with_var_off(tiny):
 
 
 def test_var_on_equals_the_torch_reference(tiny):
-    from calibration.reference import VarReference
+    from var_export.calibration.reference import VarReference
     from var_export.export import embed_and_merge
 
     runtime = rt.VarRuntime(tiny["var"], var=True)

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from var_export.errors import ModelLoadError, UnsafeInputError
+from var_export.core.errors import ModelLoadError, UnsafeInputError
 from var_export.safety import check_external_data
 
 
@@ -125,8 +125,8 @@ def test_rewrite_refuses_before_anything_loads_the_graph(tmp_path, monkeypatch):
     """The check runs on the raw protobuf; the onnx-ir model is never built for an unsafe graph."""
     import onnx_ir as ir
 
+    from var_export.core.settings import VarSettings
     from var_export.rewrite import rewrite_decoder
-    from var_export.settings import VarSettings
 
     built = []
     real = ir.serde.deserialize_model

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibration import tiny_llava as tl
+from var_export.calibration import tiny_llava as tl
 
 TAU, RHO, SUMM = 20.0, 0.5, 0.2
 
@@ -78,7 +78,7 @@ def test_loads_with_auto_classes(tiny_llava_path, loaded):
 
 
 def test_preset_matches_planted_sink_dims():
-    from configs import load_preset
+    from var_export.configs import load_preset
 
     assert load_preset("tiny-llava")["sink_dims"] == list(tl.TINY_SINK_DIMS)
 

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from var_export.errors import BundleError, ConfigError
+from var_export.core.errors import BundleError, ConfigError
 from var_export.triton import ONNX_TO_TRITON, config_pbtxt, write_triton_repository
 
 D = 64  # LlamaSpec().hidden
@@ -57,9 +57,9 @@ def _vision_and_embed(tmp) -> tuple:
 def bundle(tmp_path_factory):
     from passes_fixtures import LlamaSpec, export_tiny_llama
 
-    from passes.pipeline import apply_var, save_model
     from var_export.bundle import load_bundle, write_bundle
-    from var_export.settings import VarSettings
+    from var_export.core.settings import VarSettings
+    from var_export.passes.pipeline import apply_var, save_model
 
     tmp = tmp_path_factory.mktemp("triton")
     spec = LlamaSpec()

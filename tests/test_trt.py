@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from var_export import trt
-from var_export.errors import BundleError, ConfigError, TensorRTUnavailableError
+from var_export.core.errors import BundleError, ConfigError, TensorRTUnavailableError
 
 # ---------------------------------------------------------------- tiny graphs
 
@@ -197,8 +197,8 @@ def var_decoder(tmp_path_factory) -> Path:
     """A dynamo-exported LLaMA decoder (decoder contract I/O) with VAR baked in (dynamic heads)."""
     from passes_fixtures import LlamaSpec, export_tiny_llama
 
-    from passes.pipeline import apply_var, save_model
-    from var_export.settings import VarSettings
+    from var_export.core.settings import VarSettings
+    from var_export.passes.pipeline import apply_var, save_model
 
     tmp = tmp_path_factory.mktemp("trt")
     spec = LlamaSpec()
@@ -373,7 +373,7 @@ def test_build_engine_code_path_with_a_fake_tensorrt(var_decoder, tmp_path, monk
     assert {"inputs_embeds", "past_sink_mask", "visual_token_mask"} <= set_names
 
     monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT(parse_ok=False))
-    from var_export.errors import VarExportError
+    from var_export.core.errors import VarExportError
 
     with pytest.raises(VarExportError, match="UNSUPPORTED_NODE"):
         trt.build_engine(var_decoder, tmp_path / "f.plan")

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from var_export.errors import ConfigError
+from var_export.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,9 @@ def tiny_llava_case(batch: int = 2, seed: int = 7, decode_steps: int = 8) -> Cas
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from calibration import tiny_llava as tl
-    from calibration.reference import multimodal_embeds
-    from var_export.settings import VarSettings
+    from var_export.calibration import tiny_llava as tl
+    from var_export.calibration.reference import multimodal_embeds
+    from var_export.core.settings import VarSettings
 
     path = tl.tiny_llava_dir()
     proc = AutoProcessor.from_pretrained(path)
@@ -182,7 +182,7 @@ def slice_case(spec: SliceSpec = SliceSpec(), decode_steps: int = 16) -> Case:  
         LlavaForConditionalGeneration,
     )
 
-    from var_export.settings import VarSettings
+    from var_export.core.settings import VarSettings
 
     if max(spec.sink_dims) >= spec.hidden:
         raise ConfigError(f"sink dims {spec.sink_dims} do not fit hidden size {spec.hidden}.")
@@ -250,10 +250,10 @@ def build_graphs(
     """
     import onnx_ir as ir
 
-    from passes.fused_var import apply_fused_var
-    from passes.pipeline import apply_var
     from var_export.export import export_decoder
     from var_export.export_fused import export_decoder_fused
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import apply_var
 
     bad = sorted(set(formulations) - set(FORMULATIONS)) + sorted(set(modes) - set(MODES))
     if bad:
@@ -428,7 +428,7 @@ def torch_per_token(case: Case, steps: int, rounds: int = 1) -> dict[str, dict[s
     ``reference`` = ``calibration.reference.VarReference`` (dynamic mode, as the released code)."""
     import torch
 
-    from calibration.reference import VarReference
+    from var_export.calibration.reference import VarReference
 
     one = _first_sample(case)
     settings = one.settings.replace(heads="dynamic")
@@ -482,7 +482,7 @@ class _ReleasedRunner:
     ``attn_redist`` loop on every VAR layer (``calibration.released_port``). Batch 1."""
 
     def __init__(self, case: Case, settings: Any) -> None:
-        from calibration.reference import split_model
+        from var_export.calibration.reference import split_model
 
         self.case = case
         self.settings = settings
@@ -500,8 +500,8 @@ class _ReleasedRunner:
         import torch
         from transformers.cache_utils import DynamicCache
 
-        from calibration import released_port as rp
-        from calibration.reference import _repeat_kv
+        from var_export.calibration import released_port as rp
+        from var_export.calibration.reference import _repeat_kv
 
         self.prefill = present is None
         cfg = self.decoder.config

@@ -29,17 +29,20 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from var_export.errors import BundleError, UnsafeInputError
+from var_export.core.contract import (
+    CALIBRATION,
+    DECODER,
+    EMBED_TOKENS,
+    GRAPH_FILES,
+    MANIFEST,
+    VISION_ENCODER,
+)
+from var_export.core.errors import BundleError, UnsafeInputError
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-CALIBRATION = "calibration.json"
-VISION_ENCODER = "vision_encoder.onnx"
-EMBED_TOKENS = "embed_tokens.onnx"
-DECODER = "decoder_model_merged.onnx"
-REQUIRED_GRAPHS: tuple[str, ...] = (VISION_ENCODER, EMBED_TOKENS, DECODER)
+REQUIRED_GRAPHS: tuple[str, ...] = GRAPH_FILES
 # Packages whose versions are recorded in the manifest (distribution names).
 TOOL_PACKAGES: tuple[str, ...] = (
     "var-export",

@@ -15,7 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from var_export.errors import VarExportError
+from var_export.core.errors import VarExportError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    from calibration.tiny_llava import synthetic_images
+    from var_export.calibration.tiny_llava import synthetic_images
     from var_export.cli.common import print_build_summary
     from var_export.pipeline import BuildOptions, build_bundle
     from var_export.runtime import VarRuntime

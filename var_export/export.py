@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from var_export.errors import ConfigError, ModelLoadError, VarExportError
+from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
+from var_export.core.errors import ConfigError, ModelLoadError, VarExportError
 
 if TYPE_CHECKING:  # torch is imported lazily: `import var_export.export` stays cheap
     import torch
@@ -40,10 +41,6 @@ if TYPE_CHECKING:  # torch is imported lazily: `import var_export.export` stays 
 
 log = logging.getLogger(__name__)
 
-VISION_ENCODER = "vision_encoder.onnx"
-EMBED_TOKENS = "embed_tokens.onnx"
-DECODER = "decoder_model_merged.onnx"
-GRAPH_FILES: tuple[str, ...] = (VISION_ENCODER, EMBED_TOKENS, DECODER)
 
 DTYPES: tuple[str, ...] = ("fp32", "fp16")
 DEFAULT_OPSET = 18
@@ -684,7 +681,7 @@ def embed_and_merge(
     the positions where ``input_ids == config.image_token_id``."""
     import torch
 
-    from calibration.reference import multimodal_embeds
+    from var_export.calibration.reference import multimodal_embeds
 
     with torch.no_grad():
         return multimodal_embeds(model, input_ids, pixel_values)

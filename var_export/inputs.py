@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from var_export.errors import DataError
+from var_export.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from var_export.errors import BundleError, CalibrationError, ConfigError, DataError
+from var_export.core.errors import BundleError, CalibrationError, ConfigError, DataError
+from var_export.core.settings import VarSettings
 from var_export.inputs import load_image
-from var_export.settings import VarSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,12 @@ def _run_reference(
     """One prefill step with VAR; sinks of every layer and one layer's attention (last row)."""
     import torch
 
-    from calibration.reference import VarObserver, VarReference, multimodal_embeds, sink_flags
+    from var_export.calibration.reference import (
+        VarObserver,
+        VarReference,
+        multimodal_embeds,
+        sink_flags,
+    )
 
     class Observer(VarObserver):
         def __init__(self) -> None:
@@ -118,7 +123,7 @@ def _run_reference(
     with torch.no_grad():
         embeds = multimodal_embeds(model, input_ids, batch["pixel_values"])  # (B, S, D)
         ref.step(embeds, mask, position_ids, None, visual, None)
-    from calibration.reference import eligible_rows
+    from var_export.calibration.reference import eligible_rows
 
     valid = mask != 0
     eligible = eligible_rows(visual & valid, valid, 0)  # (B, S)
@@ -167,7 +172,7 @@ def visual_token_cells(n_visual: int, grid: tuple[int, int]) -> tuple[int, int]:
 def head_score_matrix(
     calibration: dict[str, Any] | None, num_layers: int, num_heads: int
 ) -> np.ndarray:
-    """(L, H) image-centric scores from calibration.json ``layers[i].image_centric_score``; NaN
+    """(L, H) image-centric scores from var_export.calibration.json ``layers[i].image_centric_score``; NaN
     where the file has none (layers outside VAR, or no calibration)."""
     scores = np.full((num_layers, num_heads), np.nan)
     for entry in (calibration or {}).get("layers", []):
@@ -278,7 +283,7 @@ def calibrate_on_sample(
     loaded_model: Any, image: Any, prompt: str, settings: VarSettings, *, head_threshold: float = DEFAULT_HEAD_THRESHOLD
 ) -> dict[str, Any]:
     """Head scores (and heads) from this one (image, prompt): ``calibrate`` on a single sample."""
-    from calibration.calibrate import calibrate
+    from var_export.calibration.calibrate import calibrate
 
     cal = calibrate(
         loaded_model, [(load_image(image), prompt)], settings, head_threshold=head_threshold,
@@ -321,7 +326,7 @@ def inspect_bundle(
     settings = VarSettings.from_dict(bundle.var)
     calibration = None
     if bundle.calibration_path is not None:
-        from calibration.calibrate import load_calibration
+        from var_export.calibration.calibrate import load_calibration
 
         calibration = load_calibration(bundle.calibration_path, fingerprint=fingerprint)
         calibration["inspect_source"] = f"{Path(bundle_dir).name}/calibration.json"
@@ -346,8 +351,8 @@ def inspect_pretrained(
 ) -> InspectResult:
     """``inspect --model M``: settings from the preset and ``overrides`` (the VAR knobs); head
     scores computed on the fly from this (image, prompt) with ``calibrate``."""
+    from var_export.core.settings import resolve_settings
     from var_export.models import load_llava, resolve_model
-    from var_export.settings import resolve_settings
 
     pil = load_image(image)
     spec = resolve_model(model)
@@ -356,7 +361,7 @@ def inspect_pretrained(
     # sink dims: --sink-dims, else the preset, else found in this image by calibrate
     preset = spec.preset if spec.preset and spec.preset.get("sink_dims") else {**(spec.preset or {}), "sink_dims": [0]}
     base = resolve_settings(preset=preset, overrides=overrides, convention=convention)
-    from calibration.calibrate import calibrate
+    from var_export.calibration.calibrate import calibrate
 
     calibration = calibrate(
         loaded, [(pil, prompt)], base, head_threshold=head_threshold,

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from configs import load_preset, preset_names
-from var_export.errors import ModelLoadError, UnsafeInputError
+from var_export.configs import load_preset, preset_names
+from var_export.core.errors import ModelLoadError, UnsafeInputError
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def resolve_model(spec: str | None) -> ModelSpec:
     preset = load_preset(name) if "/" not in name and os.sep not in name else None
     if preset is not None:
         if preset.get("embedded"):
-            from calibration.tiny_llava import tiny_llava_dir
+            from var_export.calibration.tiny_llava import tiny_llava_dir
 
             return ModelSpec(kind="preset", name=name, path=tiny_llava_dir(), preset=preset)
         if not preset.get("hf_id"):

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from var_export.errors import CalibrationError, ConfigError, TensorRTUnavailableError
-from var_export.settings import HeadMode, VarSettings, resolve_settings
+from var_export.core.contract import DECODER
+from var_export.core.errors import CalibrationError, ConfigError, TensorRTUnavailableError
+from var_export.core.settings import HeadMode, VarSettings, resolve_settings
 
 log = logging.getLogger(__name__)
 
-DECODER = "decoder_model_merged.onnx"
 
 
 @dataclasses.dataclass
@@ -67,12 +67,12 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     """Calibrate (when needed), export the three graphs, bake VAR, write the bundle atomically."""
     import onnx_ir as ir
 
-    from calibration.calibrate import calibrate, calibration_samples, load_calibration
-    from passes.fused_var import apply_fused_var
-    from passes.pipeline import apply_var, save_model
     from var_export.bundle import write_bundle
+    from var_export.calibration.calibrate import calibrate, calibration_samples, load_calibration
     from var_export.export import export_graphs
     from var_export.models import load_llava, model_fingerprint, resolve_model, text_config_dims
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import apply_var, save_model
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -44,13 +44,13 @@ from typing import Any, Literal
 import onnx
 import onnx_ir as ir
 
-from calibration import schema
-from calibration.schema import calibration_heads
-from passes.locate import PAST_KEY_RE
-from var_export import settings as settings_module
-from var_export.errors import CalibrationError, ConfigError, ModelLoadError
+from var_export.core import calibration_schema as schema
+from var_export.core import settings as settings_module
+from var_export.core.calibration_schema import calibration_heads
+from var_export.core.errors import CalibrationError, ConfigError, ModelLoadError
+from var_export.core.settings import VarSettings
+from var_export.passes.locate import PAST_KEY_RE
 from var_export.safety import ExternalDataRef, check_external_data
-from var_export.settings import VarSettings
 
 __all__ = [
     "RewriteResult",
@@ -133,7 +133,7 @@ def resolve_settings(
     **knobs: Any,
 ) -> VarSettings:
     """VarSettings from explicit knobs (None = not given) over the calibration's settings
-    (``var_export.settings.resolve_settings``). The head mode defaults to ``hybrid`` with a
+    (``var_export.core.settings.resolve_settings``). The head mode defaults to ``hybrid`` with a
     calibration that lists heads and to ``dynamic`` without one."""
     overrides = {**knobs, "sink_dims": sink_dims}
     if overrides.get("heads") is None:
@@ -329,7 +329,7 @@ def rewrite_decoder(
     ``data``: how external weights reach the output (module docstring); ``auto`` shares them
     when ``out_path`` is in the input's folder and copies them otherwise.
     """
-    from passes.pipeline import apply_var
+    from var_export.passes.pipeline import apply_var
 
     t0 = time.perf_counter()
     in_path = Path(in_path)
@@ -365,7 +365,7 @@ def rewrite_decoder(
     inputs_before = [v.name for v in model.graph.inputs]
     outputs_before = [v.name for v in model.graph.outputs]
     if cal:
-        from passes.locate import locate_layers
+        from var_export.passes.locate import locate_layers
 
         matches = locate_layers(model).matches
         hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None

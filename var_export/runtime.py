@@ -44,7 +44,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from var_export.errors import BundleError, ConfigError, DataError
+from var_export.core.contract import (
+    DECODER,
+    EMBED_TOKENS,
+    PAST_SINK_MASK,
+    PRESENT_SINK_MASK,
+    VISION_ENCODER,
+    VISUAL_MASK,
+)
+from var_export.core.errors import BundleError, ConfigError, DataError
 from var_export.inputs import load_image  # noqa: F401 - part of this module's API
 
 if TYPE_CHECKING:
@@ -53,12 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VISION_ENCODER = "vision_encoder.onnx"
-EMBED_TOKENS = "embed_tokens.onnx"
-DECODER = "decoder_model_merged.onnx"
-VISUAL_MASK = "visual_token_mask"
-PAST_SINK_MASK = "past_sink_mask"
-PRESENT_SINK_MASK = "present_sink_mask"
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 _ORT_DTYPES: dict[str, Any] = {

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import onnx
 
-from var_export.errors import ModelLoadError, UnsafeInputError
+from var_export.core.errors import ModelLoadError, UnsafeInputError
 
 __all__ = ["ExternalDataRef", "check_external_data", "external_tensors"]
 

@@ -26,15 +26,16 @@ from typing import Any
 
 import onnx
 
-from var_export.errors import BundleError, ConfigError
+from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
+from var_export.core.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 
 # bundle graph file -> Triton model name
 MODEL_NAMES: dict[str, str] = {
-    "vision_encoder.onnx": "vision_encoder",
-    "embed_tokens.onnx": "embed_tokens",
-    "decoder_model_merged.onnx": "decoder",
+    VISION_ENCODER: "vision_encoder",
+    EMBED_TOKENS: "embed_tokens",
+    DECODER: "decoder",
 }
 
 ONNX_TO_TRITON: dict[int, str] = {

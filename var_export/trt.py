@@ -32,12 +32,16 @@ from typing import Any
 
 import onnx
 
-from var_export.errors import BundleError, ConfigError, TensorRTUnavailableError, VarExportError
+from var_export.core.contract import DECODER, VAR_PREFIX
+from var_export.core.errors import (
+    BundleError,
+    ConfigError,
+    TensorRTUnavailableError,
+    VarExportError,
+)
 
 log = logging.getLogger(__name__)
 
-DECODER_FILE = "decoder_model_merged.onnx"
-VAR_PREFIX = "var/"
 
 # The newest opset of the parser the op list below was taken from (onnx-tensorrt
 # docs/operators.md, TensorRT 10: "opset 9 to opset 20"). Newer parsers accept more; a newer
@@ -186,10 +190,10 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelPr
         return model, "<in-memory model>"
     path = Path(model)
     if path.is_dir():
-        path = path / DECODER_FILE
+        path = path / DECODER
     if not path.is_file():
         raise BundleError(
-            f"expected an ONNX file (or a bundle directory with {DECODER_FILE}); found nothing "
+            f"expected an ONNX file (or a bundle directory with {DECODER}); found nothing "
             f"at {path}. Check the path; write a bundle with `var-export export`."
         )
     try:
@@ -621,12 +625,12 @@ def resolve_graph(bundle_or_graph: Any) -> Path:
         graph_paths = getattr(bundle_or_graph, "graphs", None) or getattr(
             bundle_or_graph, "paths", None
         )
-        if isinstance(graph_paths, Mapping) and DECODER_FILE in graph_paths:
-            return Path(graph_paths[DECODER_FILE])
-        path = path / DECODER_FILE
+        if isinstance(graph_paths, Mapping) and DECODER in graph_paths:
+            return Path(graph_paths[DECODER])
+        path = path / DECODER
     if not path.is_file():
         raise BundleError(
-            f"expected a bundle directory with {DECODER_FILE} or an .onnx file; found nothing at "
+            f"expected a bundle directory with {DECODER} or an .onnx file; found nothing at "
             f"{path}. Write a bundle with `var-export export` first."
         )
     return path

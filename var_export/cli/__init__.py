@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from var_export.errors import VarExportError
+from var_export.core.errors import VarExportError
 
 # subcommand name -> module in this package. The top-level pipeline
 # (``var-export --model M --out X``) is the module ``pipeline``.

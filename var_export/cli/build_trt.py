@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from var_export import trt
-    from var_export.errors import ConfigError
+    from var_export.core.errors import ConfigError
 
     graph = _graph(args.bundle)
     report = trt.lint_for_tensorrt(graph)

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from var_export.errors import ConfigError
+    from var_export.core.errors import ConfigError
     from var_export.pipeline import build_bundle
 
     if args.out is None:

@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from var_export.errors import ConfigError
+    from var_export.core.errors import ConfigError
     from var_export.inspect import inspect_bundle, inspect_pretrained
 
     knobs = ("sink_dims", "tau", "rho", "summ", "p", "layers", "sink_scope", "heads")

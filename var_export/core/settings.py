@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from var_export.errors import ConfigError
+from var_export.core.errors import ConfigError
 
 HeadMode = Literal["dynamic", "static", "hybrid"]
 SinkScope = Literal["prompt", "all"]

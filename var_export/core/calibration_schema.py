@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from var_export.errors import CalibrationError
+from var_export.core.errors import CalibrationError
 
 SCHEMA_VERSION = 1  # bump on any incompatible change of calibration.json
 REQUIRED_FIELDS = ("model_id", "fingerprint", "settings", "sink_dims", "layers", "heads")
