@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
-from var_export.core.errors import ConfigError, ModelLoadError, VarExportError
+from var_export.core.errors import ConfigError, ExportError, ModelLoadError
 
 if TYPE_CHECKING:  # torch is imported lazily: `import var_export.export` stays cheap
     import torch
@@ -58,10 +58,6 @@ AXIS_TOTAL = "total_sequence"
 # progress(event, done, total): called before ("vision_encoder.onnx", i, 3) and after
 # ("vision_encoder.onnx", i + 1, 3) each graph.
 ProgressFn = Callable[[str, int, int], None]
-
-
-class ExportError(VarExportError):
-    """torch.onnx could not export a graph, or the model is not LLaVA-shaped."""
 
 
 @dataclasses.dataclass

@@ -36,6 +36,7 @@ from var_export.core.contract import DECODER, VAR_PREFIX
 from var_export.core.errors import (
     BundleError,
     ConfigError,
+    TensorRTLintError,
     TensorRTUnavailableError,
     VarExportError,
 )
@@ -140,18 +141,6 @@ class LintReport:
     def raise_if_errors(self) -> None:
         if self.errors:
             raise TensorRTLintError(self)
-
-
-class TensorRTLintError(VarExportError):
-    """The graph would not parse/build in TensorRT; the message lists every error finding."""
-
-    def __init__(self, report: LintReport) -> None:
-        self.report = report
-        lines = "; ".join(f"[{f.code}] {f.message} -> {f.fix}" for f in report.errors)
-        super().__init__(
-            f"expected a graph the TensorRT ONNX parser accepts; {report.source} has "
-            f"{len(report.errors)} blocking problem(s): {lines}"
-        )
 
 
 def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

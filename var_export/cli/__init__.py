@@ -46,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_arguments(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():
-        try:
-            mod = _load(module)
-        except ModuleNotFoundError as exc:  # a subcommand not built yet
-            if exc.name != f"var_export.cli.{module}":
-                raise
-            continue
-        mod.add_parser(sub, name)
+        _load(module).add_parser(sub, name)
     return parser
 
 

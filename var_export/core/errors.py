@@ -7,6 +7,8 @@ and a non-zero exit code; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class VarExportError(Exception):
     """Base class: a user-facing error with an actionable message."""
@@ -50,3 +52,27 @@ class TensorRTUnavailableError(VarExportError):
     """TensorRT or a CUDA GPU is not available on this machine."""
 
     exit_code = 3
+
+
+class ExportError(VarExportError):
+    """torch.onnx could not export a graph, or the model is not LLaVA-shaped."""
+
+
+class TensorRTLintError(VarExportError):
+    """The graph would not parse/build in TensorRT; the message lists every error finding.
+
+    ``report`` is a :class:`var_export.trt.LintReport` (its ``source`` and its ``errors``, each
+    with ``code``, ``message`` and ``fix``).
+    """
+
+    def __init__(self, report: Any) -> None:
+        self.report = report
+        lines = "; ".join(f"[{f.code}] {f.message} -> {f.fix}" for f in report.errors)
+        super().__init__(
+            f"expected a graph the TensorRT ONNX parser accepts; {report.source} has "
+            f"{len(report.errors)} blocking problem(s): {lines}"
+        )
+
+
+class MissingExtraError(VarExportError):
+    """A command needs an optional dependency group (e.g. ``var-export[torch]``) not installed."""
