@@ -15,15 +15,15 @@ $(STAMP): pyproject.toml
 
 ## make run: the main job on the embedded tiny-llava (calibrate, export, rewrite, bundle, generate)
 run: $(STAMP)
-	$(BIN)/python -m var_export.demo --out build/tiny-llava
+	$(BIN)/python -m examples.demo --out build/tiny-llava
 
 ## make test: lint + the test suite (slow benchmarks excluded)
 test: $(STAMP)
-	$(BIN)/ruff check var_export passes calibration configs tests benchmarks
+	$(BIN)/ruff check var_export passes calibration configs tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check var_export passes calibration configs tests benchmarks
+	$(BIN)/ruff check var_export passes calibration configs tests benchmarks examples
 
 ## make bench: the full benchmark (LLaMA-7B-width slice + tiny-llava), minutes
 bench: $(STAMP)

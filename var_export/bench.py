@@ -251,7 +251,6 @@ def build_graphs(
     import onnx_ir as ir
 
     from var_export.export import export_decoder
-    from var_export.export_fused import export_decoder_fused
     from var_export.passes.fused_var import apply_fused_var
     from var_export.passes.pipeline import apply_var
 
@@ -262,7 +261,7 @@ def build_graphs(
     paths = {"unfused": out_dir / "unfused" / "decoder.onnx", "fused": out_dir / "fused" / "decoder.onnx"}
     t0 = time.perf_counter()
     export_decoder(case.model, paths["unfused"], external_data=external_data)
-    export_decoder_fused(case.model, paths["fused"], external_data=external_data)
+    export_decoder(case.model, paths["fused"], external_data=external_data, fused=True)
     log.info("exported both baselines in %.1f s", time.perf_counter() - t0)
     for form in formulations:
         base_name = "unfused" if form == "naive" else "fused"

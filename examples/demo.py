@@ -1,13 +1,15 @@
-"""``make run``: the main job on the embedded tiny-llava, end to end.
+"""``make run`` (``python -m examples.demo``): the main job on the embedded tiny-llava, end to end.
 
 Builds the VAR bundle (calibrate → export → passes → bundle), writes a synthetic
 test image, generates text with ONNX Runtime from the bundle alone with VAR on and
-off, and prints a summary table. Everything is a library call a script can make.
+off, and prints a summary table. Only public library calls: ``build_bundle``,
+``VarRuntime``, ``synthetic_images``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -24,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--prompt", default="What is in the picture?")
     args = parser.parse_args(argv)
-    from var_export.cli.common import setup_logging
-
-    setup_logging(argparse.Namespace(quiet=True, verbose=False))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     try:
         return _run(args, console)
@@ -36,17 +36,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
+    from rich.progress import Progress
+
     from var_export.calibration.tiny_llava import synthetic_images
-    from var_export.cli.common import print_build_summary
     from var_export.pipeline import BuildOptions, build_bundle
     from var_export.runtime import VarRuntime
 
     console.rule("1. calibrate → export → VAR passes → bundle  (tiny-llava)")
-    from var_export.cli.common import progress
-
-    with progress(argparse.Namespace(quiet=False)) as bar:
+    with Progress(console=console) as bar:
         result = build_bundle(BuildOptions(out=args.out, model="tiny-llava", heads="hybrid"), bar)
-    print_build_summary(result)
+    summary = Table(title=f"bundle {result.bundle_dir}", show_header=False)
+    summary.add_row("VAR layers", ", ".join(map(str, result.var_layers)))
+    summary.add_row("calibrated heads", " ".join(f"L{layer}H{head}" for layer, head in result.heads) or "none")
+    summary.add_row("time", "  ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    console.print(summary)
 
     image_path = args.out.parent / f"{args.out.name}-demo.png"
     synthetic_images(1, seed=123)[0].save(image_path)

@@ -1,0 +1,1 @@
+"""Runnable examples of the public var-export API (outside the installed package)."""
