@@ -1,18 +1,17 @@
-"""``var-export bench``: the price of VAR, measured side by side in one interleaved run.
+"""``python -m benchmarks.run`` (``make bench``): the price of VAR, measured side by side in one run.
 
-Graphs (one decoder each, same weights):
+Graphs (one decoder each, same weights), built with public library calls only
+(``var_export.export.export_decoder``, ``var_export.passes.pipeline.apply_var``,
+``var_export.passes.fused_var.apply_fused_var``):
 
 * ``unfused``  no VAR, eager export at opset 18 (MatMul -> Softmax -> MatMul);
 * ``fused``    no VAR, SDPA export at opset 23 (ONNX ``Attention``), the fastest baseline;
-* ``naive-<mode>``      VAR by ``passes.pipeline.apply_var`` on ``unfused`` (Softmax rewritten);
-* ``fused-qk-<mode>``   VAR by ``passes.fused_var`` (class masses + Q/K augmented scores);
-* ``fused-mask-<mode>`` VAR by ``passes.fused_var`` (class masses + per-head additive mask);
+* ``naive-<mode>``      VAR by ``apply_var`` on ``unfused`` (Softmax rewritten);
+* ``fused-qk-<mode>``   VAR by ``apply_fused_var`` (class masses + Q/K augmented scores);
+* ``fused-mask-<mode>`` VAR by ``apply_fused_var`` (class masses + per-head additive mask);
 
-for mode in dynamic / static / hybrid. Timing protocol: the baselines are loaded once with an extra
-session of ``fused`` (the A/A pair: same graph, two sessions); VAR graphs are loaded a few at a time
-next to them. Each round runs every loaded graph (prefill + N decode steps), rotating which goes
-first; prefill times and per-token decode times are pooled per graph over the rounds. A ratio is
-``median(graph) / median(baseline)``, always printed beside the A/A ratio of the same group.
+for mode in dynamic / static / hybrid. The timing protocol (interleaved rounds, A/A pair on
+``fused``) is the library's :mod:`var_export.timing`, the one ``var-export bench`` uses.
 
 Also, per generated token, in PyTorch: the released code's approach (eager attention, Python
 per-head loops: ``calibration.released_port``) vs the vectorised reference
@@ -24,12 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
-import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,12 +33,20 @@ from typing import Any
 import numpy as np
 
 from var_export.core.errors import ConfigError
+from var_export.timing import (
+    GOALS,
+    DecoderFeeds,
+    machine_info,
+    op_type_profile,
+    time_graphs,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
 FORMULATIONS: tuple[str, ...] = ("naive", "fused-qk", "fused-mask")
 MODES: tuple[str, ...] = ("dynamic", "static", "hybrid")
-GOALS = {"prefill": 0.03, "decode": 0.03}  # max overhead vs the fused baseline
+BASELINES: tuple[str, ...] = ("fused", "unfused")  # the first: reference of goals and A/A
 RELEASED_SPEEDUP_GOAL = 10.0  # ORT VAR graph vs the released-code approach, per token
 
 
@@ -52,41 +55,14 @@ RELEASED_SPEEDUP_GOAL = 10.0  # ORT VAR graph vs the released-code approach, per
 
 
 @dataclasses.dataclass
-class Case:
+class Case(DecoderFeeds):
     """A torch model plus the decoder inputs every graph is fed (identical for all)."""
 
-    name: str
-    model: Any  # LlavaForConditionalGeneration (fp32, eval)
-    inputs_embeds: np.ndarray  # (B, S, D) float32 prefill
-    attention_mask: np.ndarray  # (B, S) int64, left padded
-    visual: np.ndarray  # (B, S) bool
-    decode_embeds: list[np.ndarray]  # per decode step (B, 1, D): fixed tokens, not sampled
-    settings: Any  # VarSettings
-    heads: list[tuple[int, int]]  # calibrated heads used by static / hybrid
-    num_layers: int
-    kv_heads: int
-    head_dim: int
+    name: str = ""
+    model: Any = None  # LlavaForConditionalGeneration (fp32, eval)
+    settings: Any = None  # VarSettings
+    heads: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # static / hybrid heads
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def batch(self) -> int:
-        return int(self.inputs_embeds.shape[0])
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.inputs_embeds.shape[1])
-
-    def position_ids(self) -> np.ndarray:
-        mask = self.attention_mask.astype(np.int64)
-        pos = np.cumsum(mask, -1) - 1
-        return np.where(mask == 0, 1, pos).astype(np.int64)  # (B, S), HF left-padding convention
-
-    def valid_rows(self) -> np.ndarray:
-        """(B, S) bool: prefill rows that are not padding (padding rows' logits are not compared)."""
-        return self.attention_mask != 0
-
-    def without_visual(self) -> Case:
-        return dataclasses.replace(self, visual=np.zeros_like(self.visual))
 
     def reference_logits(self, ref: Any, steps: int) -> list[np.ndarray]:
         """Logits of ``ref.step`` (``VarReference``) for prefill and ``steps`` decode steps."""
@@ -145,6 +121,7 @@ def tiny_llava_case(batch: int = 2, seed: int = 7, decode_steps: int = 8) -> Cas
         num_layers=tc.num_hidden_layers,
         kv_heads=tc.num_key_value_heads,
         head_dim=tc.head_dim,
+        var_layer_count=len(range(2, tc.num_hidden_layers)),
         info={"hidden": tc.hidden_size, "heads": tc.num_attention_heads, "layers": tc.num_hidden_layers},
     )
 
@@ -224,6 +201,7 @@ def slice_case(spec: SliceSpec = SliceSpec(), decode_steps: int = 16) -> Case:  
         num_layers=spec.layers,
         kv_heads=spec.heads,
         head_dim=spec.hidden // spec.heads,
+        var_layer_count=spec.layers,
         info={**dataclasses.asdict(spec), "prompt_tokens": s, "sink_tokens": sinks},
     )
 
@@ -278,143 +256,6 @@ def build_graphs(
             ir.save(model, str(path))  # external tensors keep pointing at the base's data file
             paths[f"{form}-{mode}"] = path
     return paths
-
-
-# --------------------------------------------------------------------------------------------
-# Running a decoder
-
-
-PROVIDERS: dict[str, list[Any]] = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    # CUDA with TF32 MatMul off: fp32 accuracy, to tell TF32 rounding from graph errors
-    "cuda-fp32": [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"],
-}
-
-
-def ort_session(
-    model: Any, *, threads: int | None = None, profile_prefix: str | None = None, provider: str = "cpu"
-) -> Any:
-    """An ORT session (CPU, or CUDA with onnxruntime-gpu) from a path or an in-memory onnx-ir model."""
-    import onnxruntime as ort
-
-    if provider not in PROVIDERS:
-        raise ConfigError(f"unknown provider {provider!r}; expected one of {sorted(PROVIDERS)}.")
-    if provider.startswith("cuda") and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ConfigError(
-            "provider cuda: this onnxruntime has no CUDAExecutionProvider "
-            f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a CUDA machine."
-        )
-    providers = PROVIDERS[provider]
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    if isinstance(model, (str, Path)):
-        return ort.InferenceSession(str(model), opts, providers=providers)
-    import onnx_ir as ir
-
-    proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
-
-
-@dataclasses.dataclass
-class DecodeRun:
-    logits: list[np.ndarray]  # prefill (B, S, V), then (B, 1, V) per decode step
-    prefill_s: float
-    decode_s: list[float]  # per decode step (one token per sample)
-
-
-def run_decode(session: Any, case: Case, steps: int, *, var: bool, keep_logits: bool = True) -> DecodeRun:
-    """Prefill + ``steps`` decode steps with fixed next tokens; times ``session.run`` only."""
-    names = {i.name for i in session.get_inputs()}
-    has_var = "visual_token_mask" in names
-    if var and not has_var:
-        raise ConfigError("run_decode(var=True) on a graph without the VAR inputs.")
-    b, s = case.attention_mask.shape
-    lv = 0
-    for i in session.get_inputs():
-        if i.name == "past_sink_mask":
-            lv = int(i.shape[1]) if isinstance(i.shape[1], int) else len(case.settings.var_layers(case.num_layers))
-    out_names = [o.name for o in session.get_outputs()]
-    mask, pos, visual = case.attention_mask, case.position_ids(), case.visual
-    feeds: dict[str, np.ndarray] = {"inputs_embeds": case.inputs_embeds, "attention_mask": mask, "position_ids": pos}
-    for i in range(case.num_layers):
-        for kv in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((b, case.kv_heads, 0, case.head_dim), np.float32)
-    if has_var:
-        feeds["visual_token_mask"] = visual
-        feeds["past_sink_mask"] = np.zeros((b, lv, 0), dtype=bool)
-    logits: list[np.ndarray] = []
-    decode_s: list[float] = []
-    prefill_s = 0.0
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
-        outs = session.run(None, feeds)
-        dt = time.perf_counter() - t0
-        if step == 0:
-            prefill_s = dt
-        else:
-            decode_s.append(dt)
-        res = dict(zip(out_names, outs))
-        if keep_logits:
-            logits.append(res["logits"])
-        if step == steps:
-            break
-        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)
-        visual = np.concatenate([visual, np.zeros((b, 1), bool)], 1)
-        pos = pos[:, -1:] + 1
-        feeds = {"inputs_embeds": case.decode_embeds[step], "attention_mask": mask, "position_ids": pos}
-        for i in range(case.num_layers):
-            for kv in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kv}"] = res[f"present.{i}.{kv}"]
-        if has_var:
-            feeds["visual_token_mask"] = visual
-            feeds["past_sink_mask"] = res["present_sink_mask"]
-    return DecodeRun(logits, prefill_s, decode_s)
-
-
-# --------------------------------------------------------------------------------------------
-# Interleaved timing
-
-
-@dataclasses.dataclass
-class Timings:
-    prefill: list[float] = dataclasses.field(default_factory=list)  # seconds per prefill
-    decode: list[float] = dataclasses.field(default_factory=list)  # seconds per decode token
-
-    def median(self, phase: str) -> float:
-        xs = getattr(self, phase)
-        return statistics.median(xs) if xs else float("nan")
-
-
-def interleaved(
-    sessions: dict[str, Any], case: Case, *, rounds: int, steps: int, warmup: int = 1
-) -> dict[str, Timings]:
-    """Run every session ``rounds`` times; the order alternates (reversed on odd rounds, rotated)."""
-    names = list(sessions)
-    for name in names:  # warm-up: allocators, thread pools, prepacking
-        for _ in range(warmup):
-            run_decode(sessions[name], case, min(steps, 2), var=_is_var(name), keep_logits=False)
-    out = {n: Timings() for n in names}
-    for r in range(rounds):
-        base = names if r % 2 == 0 else names[::-1]  # odd rounds: reversed order
-        k = (r // 2) % len(names)
-        order = base[k:] + base[:k]  # ... and rotated every two rounds
-        for name in order:
-            run = run_decode(sessions[name], case, steps, var=_is_var(name), keep_logits=False)
-            out[name].prefill.append(run.prefill_s)
-            out[name].decode.extend(run.decode_s)
-    return out
-
-
-def _is_var(name: str) -> bool:
-    return name.split("#")[0] not in ("unfused", "fused")
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,38 +397,6 @@ class _Out:
 
 
 # --------------------------------------------------------------------------------------------
-# Profiles
-
-
-def op_type_profile(
-    path: Path, case: Case, steps: int, *, threads: int | None, var: bool, provider: str = "cpu"
-) -> dict[str, dict[str, float]]:
-    """ORT profiler: ms per node type for one prefill and per decode step (after a warm-up run)."""
-    warm = 1  # warm-up: prefill + 1 decode step -> 2 model runs, excluded
-    with tempfile.TemporaryDirectory() as tmp:
-        session = ort_session(path, threads=threads, profile_prefix=str(Path(tmp) / "prof"), provider=provider)
-        run_decode(session, case, warm, var=var, keep_logits=False)
-        run_decode(session, case, steps, var=var, keep_logits=False)
-        with open(session.end_profiling()) as f:
-            data = json.load(f)
-    events = data if isinstance(data, list) else data.get("traceEvents", [])
-    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[warm + 1 :]
-    out: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}
-    for e in events:
-        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-            continue
-        for i, run in enumerate(runs):
-            if run["ts"] <= e["ts"] <= run["ts"] + run["dur"]:
-                phase = "prefill" if i == 0 else "decode"
-                op = e.get("args", {}).get("op_name", "?")
-                out[phase][op] = out[phase].get(op, 0.0) + e["dur"] / 1000.0
-                break
-    if steps:
-        out["decode"] = {k: v / steps for k, v in out["decode"].items()}
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # The whole benchmark
 
 
@@ -604,37 +413,6 @@ class BenchConfig:
     profile: bool = True  # per-node-type profile where a goal is missed
     slice_spec: SliceSpec = SliceSpec()
     provider: str = "cpu"  # ORT execution provider: cpu | cuda (onnxruntime-gpu)
-
-
-def machine_info() -> dict[str, Any]:
-    import onnxruntime as ort
-
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__,
-                            "python": platform.python_version(), "platform": platform.platform()}
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        import shutil
-        import subprocess
-
-        if shutil.which("nvidia-smi"):
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                 capture_output=True, text=True, check=False)
-            info["gpu"] = smi.stdout.strip().splitlines()[0] if smi.stdout.strip() else None
-    try:
-        import psutil
-
-        info["load_avg"] = [round(x, 2) for x in psutil.getloadavg()]
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    return info
 
 
 def make_case(size: str, config: BenchConfig) -> Case:
@@ -661,12 +439,7 @@ def run_bench(config: BenchConfig, out_dir: Path, progress: Callable[[str], None
         paths = build_graphs(case, out_dir / "graphs" / size, config.formulations, config.modes)
         result["cases"][size] = _bench_case(case, paths, config, say)
         del case
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "bench.md").write_text(markdown_table(result))
-    try:
-        plot(result, out_dir / "bench.png")
-    except ImportError:  # matplotlib is optional
-        log.warning("matplotlib not installed: no bench.png")
+    write_report(result, out_dir)
     return result
 
 
@@ -676,130 +449,46 @@ def _config_dict(config: BenchConfig) -> dict[str, Any]:
     return d
 
 
-def _bench_case(case: Case, paths: dict[str, Path], config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
-    threads = config.threads
-    var_names = [n for n in paths if _is_var(n)]
-    size = config.group_size or len(var_names)
-    groups = [var_names[i : i + size] for i in range(0, len(var_names), size)] or [[]]
-    def session(path: Path) -> Any:
-        return ort_session(path, threads=threads, provider=config.provider)
+def is_var(name: str) -> bool:
+    return name.split("#")[0] not in BASELINES
 
-    base = {"unfused": session(paths["unfused"]), "fused": session(paths["fused"]), "fused#aa": session(paths["fused"])}
-    rows: dict[str, Any] = {}
-    groups_out = []
-    for g, names in enumerate(groups):
-        say(f"{case.name}: group {g + 1}/{len(groups)}: {', '.join(names) or 'baselines'}")
-        sessions = dict(base)
-        sessions.update({n: session(paths[n]) for n in names})
-        t = interleaved(sessions, case, rounds=config.rounds, steps=config.decode_steps)
-        med = {n: {ph: t[n].median(ph) for ph in ("prefill", "decode")} for n in sessions}
-        aa = {ph: med["fused#aa"][ph] / med["fused"][ph] for ph in ("prefill", "decode")}
-        groups_out.append({"graphs": list(sessions), "median_s": med, "aa": aa,
-                           "samples": {n: dataclasses.asdict(t[n]) for n in sessions}})
-        for n in ["unfused", *names]:
-            if n in rows and n == "unfused":
-                continue
-            rows[n] = {
-                "median_s": med[n],
-                "vs_fused": {ph: med[n][ph] / med["fused"][ph] for ph in ("prefill", "decode")},
-                "vs_unfused": {ph: med[n][ph] / med["unfused"][ph] for ph in ("prefill", "decode")},
-                "aa": aa,
-                "group": g,
-            }
-        rows.setdefault("fused", {"median_s": med["fused"], "vs_fused": {"prefill": 1.0, "decode": 1.0},
-                                  "vs_unfused": {ph: med["fused"][ph] / med["unfused"][ph] for ph in ("prefill", "decode")},
-                                  "aa": aa, "group": g})
-        for n in names:
-            del sessions[n]
-    del base
+
+def _bench_case(case: Case, paths: dict[str, Path], config: BenchConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    timed = time_graphs(
+        paths, case, baselines=BASELINES, rounds=config.rounds, steps=config.decode_steps,
+        group_size=config.group_size, threads=config.threads, provider=config.provider,
+        say=lambda msg: say(f"{case.name}: {msg}"),
+    )
+    rows = timed["rows"]
     out: dict[str, Any] = {"info": {**case.info, "batch": case.batch, "prompt_tokens": case.prompt_len,
                                     "var_layers": case.settings.var_layers(case.num_layers), "heads": case.heads},
-                           "rows": rows, "groups": groups_out}
+                           **timed}
     if config.torch_compare:
         say(f"{case.name}: PyTorch per token (released-code approach vs reference)")
         tp = torch_per_token(case, min(config.decode_steps, 4))
-        best = min((r for n, r in rows.items() if _is_var(n) and n.endswith("dynamic")), key=lambda r: r["median_s"]["decode"], default=None)
+        best = min((r for n, r in rows.items() if is_var(n) and n.endswith("dynamic")), key=lambda r: r["median_s"]["decode"], default=None)
         if best is not None:
             tp["ort_var_dynamic_best"] = {"prefill_s": best["median_s"]["prefill"], "decode_s": best["median_s"]["decode"]}
             tp["speedup_vs_released"] = {ph: tp["released"][f"{ph}_s"] / best["median_s"][ph] for ph in ("prefill", "decode")}
         out["torch"] = tp
     if config.profile:
-        missed = [n for n, r in rows.items() if _is_var(n) and not n.startswith("naive")
+        missed = [n for n, r in rows.items() if is_var(n) and not n.startswith("naive")
                   and any(r["vs_fused"][ph] - 1 > GOALS[ph] for ph in GOALS)]
         if missed:
             say(f"{case.name}: profiling {', '.join(missed)} (goal missed)")
             out["profiles"] = {
-                n: op_type_profile(paths[n], case, 2, threads=threads, var=_is_var(n), provider=config.provider) for n in ["fused", *missed]
+                n: op_type_profile(paths[n], case, 2, threads=config.threads, var=is_var(n), provider=config.provider)
+                for n in ["fused", *missed]
             }
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Reports
-
-
-def _pct(x: float) -> str:
-    return f"{(x - 1) * 100:+.1f} %"
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    lines = [
-        f"Machine: {m.get('cpu')}, {m.get('cores')} cores{', ' + m['gpu'] if m.get('gpu') else ''}, "
-        f"ONNX Runtime {m.get('onnxruntime')} ({result['config'].get('provider', 'cpu').upper()} EP), "
-        f"load average at start {m.get('load_avg', '?')}.",
-        "",
-    ]
-    for size, c in result["cases"].items():
-        info = c["info"]
-        lines += [
-            f"### {size}: batch {info['batch']}, prompt {info['prompt_tokens']} tokens, VAR layers {info['var_layers']}",
-            "",
-            "| graph | prefill ms | decode ms/token | prefill vs fused | decode vs fused | prefill vs unfused | decode vs unfused | A/A (prefill / decode) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in c["rows"].items():
-            ms = r["median_s"]
-            lines.append(
-                f"| {name} | {ms['prefill'] * 1e3:.1f} | {ms['decode'] * 1e3:.2f} | {_pct(r['vs_fused']['prefill'])} | "
-                f"{_pct(r['vs_fused']['decode'])} | {_pct(r['vs_unfused']['prefill'])} | {_pct(r['vs_unfused']['decode'])} | "
-                f"{_pct(r['aa']['prefill'])} / {_pct(r['aa']['decode'])} |"
-            )
-        tp = c.get("torch")
-        if tp:
-            lines += ["", "| per token (batch 1, dynamic heads) | prefill ms | decode ms/token |", "|---|---:|---:|"]
-            for name in ("released", "reference", "ort_var_dynamic_best"):
-                if name in tp:
-                    lines.append(f"| {name} | {tp[name]['prefill_s'] * 1e3:.1f} | {tp[name]['decode_s'] * 1e3:.2f} |")
-            if "speedup_vs_released" in tp:
-                s = tp["speedup_vs_released"]
-                lines.append(f"\nORT VAR graph vs released-code approach: {s['prefill']:.1f}x prefill, {s['decode']:.1f}x per decode token.")
-        for name, prof in (c.get("profiles") or {}).items():
-            for phase in ("prefill", "decode"):
-                top = sorted(prof[phase].items(), key=lambda kv: -kv[1])[:8]
-                lines.append(f"\nprofile {name} {phase} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = result["cases"]
-    fig, axes = plt.subplots(len(cases), 2, figsize=(12, 3.5 * len(cases)), squeeze=False)
-    for row, (size, c) in enumerate(cases.items()):
-        names = [n for n in c["rows"] if n != "fused"]
-        for col, phase in enumerate(("prefill", "decode")):
-            ax = axes[row][col]
-            vals = [(c["rows"][n]["vs_fused"][phase] - 1) * 100 for n in names]
-            aa = [abs(c["rows"][n]["aa"][phase] - 1) * 100 for n in names]
-            ax.barh(names, vals, xerr=aa, color=["grey" if not _is_var(n) else "tab:blue" for n in names])
-            ax.axvline(GOALS[phase] * 100, color="red", linestyle="--", linewidth=1)
-            ax.axvline(0, color="black", linewidth=0.8)
-            ax.set_title(f"{size}: {phase} vs fused no-VAR (%), error bar = |A/A|")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def config_for(*, full: bool, threads: int | None = None, smoke: bool = False) -> BenchConfig:
+    """full: tiny-llava + LLaMA-7B-width slice; default: tiny-llava + toy slice; smoke: minimal."""
+    if smoke:
+        return BenchConfig(sizes=("slice-tiny",), rounds=1, decode_steps=2, threads=threads,
+                           torch_compare=True, profile=True)
+    if full:
+        return BenchConfig(sizes=("tiny", "slice"), rounds=5, decode_steps=16, threads=threads,
+                           group_size=1, slice_spec=SliceSpec())
+    return BenchConfig(sizes=("tiny", "slice-tiny"), rounds=2, decode_steps=8, threads=threads)

@@ -4,7 +4,7 @@
    formulation x head mode) on tiny-llava, batch 2 left padded, prefill + decode steps, against the
    PyTorch reference (``VarReference``, CPU, fp32) and against the same graph on the CPU EP. Also
    whether every node of each graph is placed on CUDA (CPU fallback disabled in a probe session).
-2. The VAR price table on the CUDA EP (``var_export.bench``), for tiny-llava and the
+2. The VAR price table on the CUDA EP (``benchmarks/bench_var.py``), for tiny-llava and the
    LLaMA-7B-width slice.
 3. TensorRT: whether the ``tensorrt`` module is importable (the engine build needs it).
 
@@ -73,15 +73,16 @@ def cpu_placed_ops(path: Path) -> dict[str, int]:
 
 def cuda_parity(out: Path, steps: int = 4, provider: str = "cuda") -> dict:
 
-    from var_export.bench import _is_var, build_graphs, ort_session, run_decode, tiny_llava_case
+    from benchmarks.bench_var import build_graphs, is_var, tiny_llava_case
     from var_export.calibration.reference import VarReference
+    from var_export.timing import ort_session, run_decode
 
     case = tiny_llava_case(batch=2, seed=7, decode_steps=steps)
     paths = build_graphs(case, out / "graphs-parity")
     valid = case.valid_rows()
     rows = {}
     for name, path in paths.items():
-        var = _is_var(name)
+        var = is_var(name)
         mode = name.rsplit("-", 1)[1] if var else None
         settings = case.settings.replace(heads=mode) if var else None
         heads = case.heads if mode in ("static", "hybrid") else None
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
 
     def bench(size: str) -> dict:
-        from var_export.bench import BenchConfig, markdown_table, run_bench
+        from benchmarks.bench_var import BenchConfig, run_bench
+        from var_export.timing import markdown_table
 
         config = BenchConfig(sizes=(size,), rounds=args.rounds, decode_steps=args.decode_steps,
                              provider="cuda", torch_compare=False, profile=True)

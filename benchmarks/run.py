@@ -13,8 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from benchmarks.bench_var import config_for
-from var_export.bench import markdown_table, run_bench
+from benchmarks.bench_var import config_for, run_bench
+from var_export.timing import markdown_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,20 @@
-"""Shared fixtures: the embedded tiny-llava is built once per machine (cached) and loaded once per session."""
+"""Shared fixtures, built once per test session and used across files:
+
+* ``tiny_llava_path`` / ``tiny_loaded``: the embedded tiny-llava (built once per machine, cached);
+* ``tiny_bundles``: tiny-llava exported once into two bundles, VAR (hybrid, planted heads) and
+  ``--no-var``, with the torch model, its processor and a synthetic image (runtime, bench, ...).
+"""
 
 from __future__ import annotations
 
 import pytest
+
+
+def tiny_settings():
+    from var_export.calibration.tiny_llava import TINY_SINK_DIMS
+    from var_export.core.settings import VarSettings
+
+    return VarSettings(sink_dims=TINY_SINK_DIMS, heads="hybrid", layers="2:")
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +29,41 @@ def tiny_loaded(tiny_llava_path):
     from var_export.models import load_llava, resolve_model
 
     return load_llava(resolve_model("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory, tiny_llava_path):
+    """tiny-llava (torch, eager), its processor, and two bundles: VAR (hybrid) and --no-var."""
+    import onnx_ir as ir
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from var_export.bundle import write_bundle
+    from var_export.calibration import tiny_llava as tl
+    from var_export.core.contract import DECODER
+    from var_export.export import export_graphs
+    from var_export.passes.pipeline import apply_var, save_model
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_path, attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(tiny_llava_path)
+    tmp = tmp_path_factory.mktemp("tiny_bundles")
+    exported = export_graphs(model, tmp / "graphs")
+    settings = tiny_settings()
+    heads = sorted(tl.PLANTED_IMAGE_CENTRIC_HEADS + tl.PLANTED_MIXED_HEADS)
+    var_model, report = apply_var(ir.load(str(exported.decoder)), settings, heads, num_layers=exported.num_layers)
+    (tmp / "var").mkdir()
+    save_model(var_model, tmp / "var" / DECODER)
+    fields = {"model_id": "tiny-llava", "fingerprint": {"test": 1}, "opset": exported.opset}
+    plain = write_bundle(
+        tmp / "plain", graphs=dict(exported.paths), manifest_fields=fields, calibration=None,
+        processor=processor,
+    )
+    var = write_bundle(
+        tmp / "var_bundle", graphs={**exported.paths, DECODER: tmp / "var" / DECODER}, calibration=None,
+        processor=processor,
+        manifest_fields={**fields, "var": settings.to_dict(), "var_layers": report.var_layers,
+                         "head_mode": "hybrid", "heads": [list(h) for h in heads]},
+    )
+    image = tmp / "image.png"
+    tl.synthetic_images(1, seed=7)[0].save(image)
+    return {"model": model, "processor": processor, "plain": plain, "var": var, "image": image, "tmp": tmp,
+            "novar": plain, "hybrid": var}

@@ -1,17 +1,15 @@
-"""var-export bench: a smoke of the whole benchmark at toy sizes (no timing assertions)."""
+"""The benchmark: the harness (benchmarks/bench_var.py) at toy sizes, the library timing core
+(var_export.timing) and the ``var-export bench`` CLI (no timing assertions)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 
 
 def test_smoke_whole_bench(tmp_path):
-    from benchmarks.bench_var import config_for
-    from var_export.bench import graph_names, run_bench
+    from benchmarks.bench_var import config_for, graph_names, run_bench
 
     result = run_bench(config_for(full=False, smoke=True), tmp_path)
     for name in ("bench.json", "bench.md", "bench.png"):
@@ -27,8 +25,8 @@ def test_smoke_whole_bench(tmp_path):
     assert result["machine"]["cores"]
 
 
-def test_interleaving_alternates_who_goes_first():
-    from var_export import bench
+def test_interleaving_alternates_who_goes_first(monkeypatch):
+    from var_export import timing as bench
 
     calls: list[str] = []
 
@@ -36,22 +34,43 @@ def test_interleaving_alternates_who_goes_first():
         def __init__(self, name: str) -> None:
             self.name = name
 
-    def fake_run(session, case, steps, *, var, keep_logits=True):  # noqa: ARG001
+        def get_inputs(self) -> list:
+            return []
+
+    def fake_run(session, feeds, steps, *, var, keep_logits=True):  # noqa: ARG001
         calls.append(session.name)
         return bench.DecodeRun([], 0.1, [0.01] * steps)
 
-    orig = bench.run_decode
-    bench.run_decode = fake_run
-    try:
-        sessions = {n: Fake(n) for n in ("a", "b", "c")}
-        out = bench.interleaved(sessions, None, rounds=4, steps=2, warmup=0)  # type: ignore[arg-type]
-    finally:
-        bench.run_decode = orig
+    monkeypatch.setattr(bench, "run_decode", fake_run)
+    sessions = {n: Fake(n) for n in ("a", "b", "c")}
+    out = bench.interleaved(sessions, None, rounds=4, steps=2, warmup=0)  # type: ignore[arg-type]
     firsts = [calls[i * 3] for i in range(4)]
     assert len(set(firsts)) >= 3
     assert all(len(t.prefill) == 4 and len(t.decode) == 8 for t in out.values())
 
 
-def test_library_does_not_import_cli():
-    code = "import sys, var_export.bench; assert 'var_export.cli' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_cli_bench_times_a_var_bundle_against_its_baseline(tmp_path, tiny_bundles):
+    """``var-export bench VAR --baseline NOVAR``: torch-free timing of two real bundles."""
+    from var_export.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", str(tiny_bundles["hybrid"]), "--baseline", str(tiny_bundles["novar"]),
+                 "--prompt-tokens", "80", "--image-tokens", "64", "--rounds", "1", "--decode-steps", "2",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    rows = result["cases"]["graphs"]["rows"]
+    novar, var = tiny_bundles["novar"].name, tiny_bundles["hybrid"].name
+    assert set(rows) == {novar, var}
+    assert set(rows[var]) >= {"median_s", f"vs_{novar}", "aa"}
+    assert all(np.isfinite(v) and v > 0 for v in rows[var]["median_s"].values())
+    assert (out / "bench.png").stat().st_size > 0 and "A/A" in (out / "bench.md").read_text()
+
+
+def test_cli_bench_refuses_a_graph_that_is_not_there(tmp_path, capsys):
+    from var_export.cli import main
+
+    code = main(["bench", str(tmp_path / "nope"), "--baseline", str(tmp_path / "nope2"), "--out", str(tmp_path / "o")])
+    assert code != 0
+    assert "expected a bundle dir or a decoder .onnx" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

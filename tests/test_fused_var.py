@@ -21,7 +21,7 @@ DECODE_STEPS = 3
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from var_export.bench import tiny_llava_case
+    from benchmarks.bench_var import tiny_llava_case
     from var_export.calibration import tiny_llava as tl
     from var_export.export import export_decoder
 
@@ -64,10 +64,10 @@ def test_apply_var_on_attention_ops_points_at_the_fused_formulation(tiny):
 @pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
 @pytest.mark.parametrize("shift", ["qk", "mask"])
 def test_fused_var_matches_reference_and_naive(tiny, mode, shift):
-    from var_export.bench import ort_session, run_decode
     from var_export.calibration.reference import VarReference
     from var_export.passes.fused_var import apply_fused_var
     from var_export.passes.pipeline import apply_var
+    from var_export.timing import ort_session, run_decode
 
     case, out, heads = tiny
     settings = _settings(mode)
@@ -93,8 +93,8 @@ def test_fused_var_matches_reference_and_naive(tiny, mode, shift):
 
 @pytest.mark.slow
 def test_all_false_visual_mask_is_the_plain_decoder(tiny):
-    from var_export.bench import ort_session, run_decode
     from var_export.passes.fused_var import apply_fused_var
+    from var_export.timing import ort_session, run_decode
 
     case, out, heads = tiny
     fused, _ = apply_fused_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None)

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 import torch
 
@@ -15,8 +14,6 @@ from var_export.calibration.tiny_llava import (
     PLANTED_IMAGE_CENTRIC_HEADS,
     PLANTED_MIXED_HEADS,
     TINY_SINK_DIMS,
-    synthetic_images,
-    tiny_llava_dir,
 )
 from var_export.cli import main
 from var_export.core.errors import BundleError, ConfigError, DataError
@@ -32,38 +29,8 @@ def _settings():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """tiny-llava (torch, eager), its processor, and two bundles: VAR (hybrid) and --no-var."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from var_export.bundle import write_bundle
-    from var_export.export import DECODER, export_graphs
-    from var_export.passes.pipeline import apply_var, save_model
-
-    src = tiny_llava_dir()
-    model = LlavaForConditionalGeneration.from_pretrained(src, attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(src)
-    tmp = tmp_path_factory.mktemp("runtime")
-    exported = export_graphs(model, tmp / "graphs")
-    var_model, report = apply_var(
-        ir.load(str(exported.decoder)), _settings(), HEADS, num_layers=exported.num_layers
-    )
-    (tmp / "var").mkdir()
-    save_model(var_model, tmp / "var" / DECODER)
-    fields = {"model_id": "tiny-llava", "fingerprint": {"test": 1}, "opset": exported.opset}
-    plain = write_bundle(
-        tmp / "plain", graphs=dict(exported.paths), manifest_fields=fields, calibration=None,
-        processor=processor,
-    )
-    var_graphs = {**exported.paths, DECODER: tmp / "var" / DECODER}
-    var = write_bundle(
-        tmp / "var_bundle", graphs=var_graphs, calibration=None, processor=processor,
-        manifest_fields={**fields, "var": _settings().to_dict(), "var_layers": report.var_layers,
-                         "head_mode": "hybrid", "heads": [list(h) for h in HEADS]},
-    )
-    image = tmp / "image.png"
-    synthetic_images(1, seed=7)[0].save(image)
-    return {"model": model, "processor": processor, "plain": plain, "var": var, "image": image, "tmp": tmp}
+def tiny(tiny_bundles):
+    return tiny_bundles
 
 
 def _hf_greedy(tiny, prompt_text: str, max_new_tokens: int) -> list[int]:

@@ -1,4 +1,9 @@
-"""``var-export bench``: the price of VAR vs the unfused and fused baselines (thin CLI)."""
+"""``var-export bench``: the price of VAR on your own graphs, interleaved, with A/A noise (thin CLI).
+
+The timing core is :mod:`var_export.timing` (no torch). The full comparative benchmark (every VAR
+formulation and head mode on tiny-llava and a LLaMA-7B-width slice, plus the PyTorch per-token
+comparison) is a harness outside the package: ``make bench`` (``python -m benchmarks.run``).
+"""
 
 from __future__ import annotations
 
@@ -11,52 +16,41 @@ from var_export.cli import common
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
-        help="time VAR graphs against the no-VAR baselines (unfused and fused), interleaved, with A/A noise",
+        help="time VAR decoders against a no-VAR baseline, interleaved, with A/A noise",
         description=(
-            "Exports the unfused (eager, opset 18) and fused (SDPA, opset 23 Attention) decoders without "
-            "VAR, applies every VAR formulation in every head mode, and times them side by side in one "
-            "interleaved run (A/A noise beside every ratio). Writes bench.json, bench.md, bench.png."
+            "Times decoder graphs (bundle dirs or .onnx files) side by side in one interleaved run: "
+            "prefill + decode steps on the same synthetic batch, a second session of the first "
+            "baseline as the A/A pair, every ratio printed beside the A/A noise of its group. "
+            "Writes bench.json, bench.md, bench.png. Baseline: `var-export export --no-var` "
+            "(or --fused). The full benchmark over every VAR formulation is `make bench`."
         ),
     )
     common.add_global_args(p)
+    p.add_argument("graphs", nargs="+", type=Path, metavar="GRAPH", help="bundle dir or decoder .onnx to time")
+    p.add_argument("--baseline", action="append", type=Path, required=True,
+                   help="no-VAR bundle dir or decoder .onnx (repeatable; the first is the A/A reference)")
     p.add_argument("--out", type=Path, default=Path("build/bench"), help="output folder (default build/bench)")
-    p.add_argument("--size", action="append", choices=("tiny", "slice", "slice-tiny"),
-                   help="tiny: tiny-llava; slice: LLaMA-7B-width 2-layer decoder (GBs, minutes); "
-                   "slice-tiny: the slice at toy width (repeatable; default tiny)")
-    p.add_argument("--formulation", action="append", choices=("naive", "fused-qk", "fused-mask"),
-                   help="VAR formulations to time (repeatable; default all)")
-    p.add_argument("--heads", action="append", choices=("dynamic", "static", "hybrid"),
-                   help="head modes to time (repeatable; default all)")
+    p.add_argument("--prompt-tokens", type=int, default=633, help="prompt length (default 633, LLaVA-1.5)")
+    p.add_argument("--image-tokens", type=int, default=576, help="image tokens in the prompt (default 576)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--decode-steps", type=int, default=8, help="decode tokens per round (default 8)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     p.add_argument("--group-size", type=int, default=0,
-                   help="VAR graphs loaded at once beside the baselines (0 = all; use 1 for the 7B slice)")
+                   help="graphs loaded at once beside the baselines (0 = all; 1 for 7B-size graphs)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                    help="ONNX Runtime execution provider (cuda needs onnxruntime-gpu; default cpu)")
-    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch per-token comparison")
-    p.add_argument("--no-profile", action="store_true", help="skip the ORT per-node-type profiles")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from var_export.bench import FORMULATIONS, MODES, BenchConfig, run_bench
+    from var_export.timing import bench_graphs
 
-    config = BenchConfig(
-        sizes=tuple(args.size or ("tiny",)),
-        formulations=tuple(args.formulation or FORMULATIONS),
-        modes=tuple(args.heads or MODES),
-        rounds=args.rounds,
-        decode_steps=args.decode_steps,
-        threads=args.threads,
-        group_size=args.group_size,
-        torch_compare=not args.no_torch,
-        profile=not args.no_profile,
-        provider=args.provider,
+    result = bench_graphs(
+        args.graphs, args.baseline, args.out,
+        prompt_tokens=args.prompt_tokens, image_tokens=args.image_tokens, rounds=args.rounds,
+        steps=args.decode_steps, threads=args.threads, group_size=args.group_size,
+        provider=args.provider, say=lambda msg: common.console.print(msg, highlight=False),
     )
-    result = run_bench(config, args.out, progress=lambda msg: common.console.print(msg, highlight=False))
-    from var_export.bench import markdown_table
-
-    print(markdown_table(result))
+    print((args.out / "bench.md").read_text())
     common.console.print(f"wrote {args.out}/bench.json, bench.md, bench.png", highlight=False)
-    return 0
+    return 0 if result["cases"] else 1
