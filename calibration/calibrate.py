@@ -18,9 +18,7 @@ import dataclasses
 import datetime as _dt
 import logging
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,10 +81,10 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def _fingerprint(config: Any) -> dict[str, Any]:
-    from var_export.models import model_fingerprint
-
-    return model_fingerprint(config)
+def _fingerprint(loaded_model: Any) -> dict[str, Any] | None:
+    """The model's fingerprint when the loaded model can tell it (``LoadedModel.fingerprint``)."""
+    fingerprint = getattr(loaded_model, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
 
 
 def _prepare(sample: Any, loaded: Any, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,9 +99,13 @@ def _prepare(sample: Any, loaded: Any, model: torch.nn.Module) -> tuple[torch.Te
                 f"a calibration sample must be an (image, prompt) pair or a prepared batch dict, "
                 f"found {type(sample).__name__}."
             ) from None
-        from var_export.inputs import prepare_batch
-
-        batch = prepare_batch(loaded.processor, [image], [prompt])
+        prepare = getattr(loaded, "prepare", None)  # LoadedModel.prepare: processor -> tensors
+        if not callable(prepare):
+            raise DataError(
+                "an (image, prompt) calibration sample needs a loaded model with a processor "
+                "(var_export.models.load_llava); pass prepared batch dicts otherwise."
+            )
+        batch = prepare(image, prompt)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     if batch.get("inputs_embeds") is not None:
@@ -250,7 +252,7 @@ def calibrate(
     return {
         "schema_version": SCHEMA_VERSION,
         "model_id": getattr(spec, "name", None) or getattr(config, "_name_or_path", None) or "unknown",
-        "fingerprint": jsonable(_fingerprint(config)),
+        "fingerprint": jsonable(_fingerprint(loaded_model)),
         "tool_version": _tool_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {
@@ -309,31 +311,3 @@ def _choose_dims(
         "across VAR layers and samples, and no preset defines them. Pass --sink-dims, lower --tau, "
         "or use more / other calibration images."
     )
-
-
-def calibration_samples(data: str | os.PathLike | None, num_synthetic: int = 8) -> list[tuple[Any, str]]:
-    """(image, prompt) pairs: the images of folder ``data`` (+ its optional prompts.txt, one prompt
-    per line, cycled), or without ``data`` ``num_synthetic`` built-in synthetic images. Prompts
-    default to the built-in ones."""
-    from var_export.calibration.tiny_llava import DEFAULT_PROMPTS
-
-    prompts: list[str] = []
-    if data is not None:
-        from var_export.inputs import load_images, load_prompts
-
-        folder = Path(data)
-        if not folder.is_dir():
-            raise DataError(f"--data {folder}: expected a folder of images (+ optional prompts.txt), found none.")
-        images = [img for _, img in load_images(folder)]
-        if not images:
-            raise DataError(f"--data {folder} holds no image; expected .png/.jpg files (+ optional prompts.txt).")
-        if (folder / "prompts.txt").is_file():
-            prompts = list(load_prompts(folder / "prompts.txt"))
-    else:
-        from var_export.calibration.tiny_llava import synthetic_images
-
-        if num_synthetic < 1:
-            raise ConfigError(f"--num-samples must be >= 1, found {num_synthetic}.")
-        images = synthetic_images(num_synthetic, seed=0)
-    prompts = prompts or list(DEFAULT_PROMPTS)
-    return [(img, prompts[i % len(prompts)]) for i, img in enumerate(images)]

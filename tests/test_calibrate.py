@@ -14,13 +14,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from var_export.calibration.calibrate import (
     SCHEMA_VERSION,
     calibrate,
-    calibration_samples,
     load_calibration,
     write_calibration,
 )
 from var_export.cli import main
 from var_export.core.errors import CalibrationError, ConfigError
 from var_export.core.settings import VarSettings
+from var_export.inputs import calibration_samples
 
 HIDDEN = 64
 

@@ -55,8 +55,9 @@ def test_one_command_on_a_local_llava_dir(local_llava, tmp_path):
 
 
 def test_calibration_from_another_model_is_refused(local_llava, tmp_path, tiny_loaded):
-    from var_export.calibration.calibrate import calibrate, calibration_samples, write_calibration
+    from var_export.calibration.calibrate import calibrate, write_calibration
     from var_export.core.settings import VarSettings
+    from var_export.inputs import calibration_samples
 
     cal = calibrate(tiny_loaded, calibration_samples(None, 1), VarSettings(sink_dims=(5, 17)))
     cal_path = write_calibration(cal, tmp_path / "calibration.json")

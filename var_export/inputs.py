@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from var_export.core.errors import DataError
+from var_export.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -182,3 +183,29 @@ def prepare_batch(
         "pixel_values": enc["pixel_values"],
         "visual_token_mask": visual.to(torch.bool),
     }
+
+
+def calibration_samples(data: str | os.PathLike | None, num_synthetic: int = 8) -> list[tuple[Any, str]]:
+    """(image, prompt) pairs: the images of folder ``data`` (+ its optional prompts.txt, one prompt
+    per line, cycled), or without ``data`` ``num_synthetic`` built-in synthetic images. Prompts
+    default to the built-in ones."""
+    from var_export.calibration.tiny_llava import DEFAULT_PROMPTS
+
+    prompts: list[str] = []
+    if data is not None:
+        folder = Path(data)
+        if not folder.is_dir():
+            raise DataError(f"--data {folder}: expected a folder of images (+ optional prompts.txt), found none.")
+        images = [img for _, img in load_images(folder)]
+        if not images:
+            raise DataError(f"--data {folder} holds no image; expected .png/.jpg files (+ optional prompts.txt).")
+        if (folder / "prompts.txt").is_file():
+            prompts = list(load_prompts(folder / "prompts.txt"))
+    else:
+        from var_export.calibration.tiny_llava import synthetic_images
+
+        if num_synthetic < 1:
+            raise ConfigError(f"--num-samples must be >= 1, found {num_synthetic}.")
+        images = synthetic_images(num_synthetic, seed=0)
+    prompts = prompts or list(DEFAULT_PROMPTS)
+    return [(img, prompts[i % len(prompts)]) for i, img in enumerate(images)]

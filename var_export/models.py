@@ -81,6 +81,16 @@ class LoadedModel:
     spec: ModelSpec  # where it came from
     path: Path  # the local directory it was loaded from
 
+    def fingerprint(self) -> dict[str, Any]:
+        """:func:`model_fingerprint` of this model (calibration records it)."""
+        return model_fingerprint(self.config)
+
+    def prepare(self, image: Any, prompt: str) -> dict[str, Any]:
+        """One (image, prompt) pair -> a batch of torch tensors (:func:`var_export.inputs.prepare_batch`)."""
+        from var_export.inputs import prepare_batch
+
+        return prepare_batch(self.processor, [image], [prompt])
+
 
 def _preset_by_hf_id(hf_id: str) -> dict[str, Any] | None:
     for name in preset_names():

@@ -68,8 +68,9 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     import onnx_ir as ir
 
     from var_export.bundle import write_bundle
-    from var_export.calibration.calibrate import calibrate, calibration_samples, load_calibration
+    from var_export.calibration.calibrate import calibrate, load_calibration
     from var_export.export import export_graphs
+    from var_export.inputs import calibration_samples
     from var_export.models import load_llava, model_fingerprint, resolve_model, text_config_dims
     from var_export.passes.fused_var import apply_fused_var
     from var_export.passes.pipeline import apply_var, save_model

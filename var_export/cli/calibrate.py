@@ -36,9 +36,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from var_export.calibration.calibrate import calibrate, calibration_samples, write_calibration
+    from var_export.calibration.calibrate import calibrate, write_calibration
     from var_export.core.errors import ConfigError
     from var_export.core.settings import parse_sink_dims, resolve_settings
+    from var_export.inputs import calibration_samples
     from var_export.models import load_llava, resolve_model
 
     if not 0.0 <= args.head_threshold <= 1.0:
