@@ -38,10 +38,14 @@ def test_real_model_offline_fails_fast_with_a_clear_message(tmp_path):
     assert not any(tmp_path.glob("engine*")), "nothing half-written"
 
 
-def test_knob_out_of_range_is_refused_before_any_work(tmp_path):
+def test_knob_out_of_range_is_refused_before_any_work(tmp_path, capsys):
+    """In-process (argument validation needs no subprocess): exit code, clean message, nothing written."""
+    from var_export.cli import main
+    from var_export.core.errors import ConfigError
+
     for knob in (["--p", "0"], ["--p", "1.5"], ["--rho", "-0.1"], ["--summ", "2"], ["--tau", "0"]):
-        r = _cli("export", "--out", str(tmp_path / "b"), "--heads", "dynamic", *knob)
-        assert r.returncode != 0, knob
-        assert "Traceback" not in r.stderr, r.stderr
-        assert knob[0].lstrip("-") in r.stderr
+        code = main(["export", "--out", str(tmp_path / "b"), "--heads", "dynamic", *knob])
+        err = capsys.readouterr().err
+        assert code == ConfigError.exit_code, (knob, err)
+        assert "Traceback" not in err and knob[0].lstrip("-") in err, err
         assert not (tmp_path / "b").exists()

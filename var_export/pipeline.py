@@ -16,7 +16,7 @@ from typing import Any
 
 from var_export.core.contract import DECODER
 from var_export.core.errors import CalibrationError, ConfigError, TensorRTUnavailableError
-from var_export.core.settings import HeadMode, VarSettings, resolve_settings
+from var_export.core.settings import HeadMode, VarSettings, check_overrides, resolve_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ class BuildOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     triton: bool = False  # also write a Triton model repository beside the bundle
+
+    def __post_init__(self) -> None:
+        check_overrides(self.overrides, self.convention)  # bad knobs fail before any work
 
 
 @dataclasses.dataclass

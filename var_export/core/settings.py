@@ -207,6 +207,21 @@ def parse_sink_dims(spec: str | Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
+def check_overrides(overrides: dict[str, Any], convention: Convention = "code") -> None:
+    """Range-check the knobs the user gave (None = not given) before any work: a model load or
+    an import of torch. Missing knobs take the defaults; sink dims need not be known yet."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"--convention must be one of {CONVENTIONS}, found {convention!r}.")
+    given = {k: v for k, v in overrides.items() if v is not None and k in ("tau", "rho", "summ", "p")}
+    if convention == "paper" and ("p" in given or "rho" in given):
+        paper = from_paper_convention(p=given.get("p", 0.4), rho=given.get("rho", 0.5))
+        given.update({k: paper[k] for k in ("p", "rho") if k in given})
+    defaults = {f.name: f.default for f in dataclasses.fields(VarSettings) if f.name in ("tau", "rho", "summ", "p")}
+    validate_knobs(**{**defaults, **given})
+    if overrides.get("sink_dims") is not None:
+        parse_sink_dims(overrides["sink_dims"])
+
+
 def resolve_settings(
     *,
     preset: dict[str, Any] | None = None,
