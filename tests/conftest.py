@@ -1,6 +1,7 @@
 """Shared fixtures, built once per test session and used across files:
 
 * ``tiny_llava_path`` / ``tiny_loaded``: the embedded tiny-llava (built once per machine, cached);
+* ``parity_results``: max |Δlogits| per parity case, printed in the terminal summary;
 * ``tiny_bundles``: tiny-llava exported once into two bundles, VAR (hybrid, planted heads) and
   ``--no-var``, with the torch model, its processor and a synthetic image (runtime, bench, ...).
 """
@@ -15,6 +16,23 @@ def tiny_settings():
     from var_export.core.settings import VarSettings
 
     return VarSettings(sink_dims=TINY_SINK_DIMS, heads="hybrid", layers="2:")
+
+
+PARITY = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def parity_results(request) -> dict[str, float]:
+    """case -> max |Δlogits| (ORT vs the PyTorch reference), shown after the run."""
+    return request.config.stash.setdefault(PARITY, {})
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    results = config.stash.get(PARITY, {})
+    if results:
+        terminalreporter.section("parity: max |Δlogits| of ONNX Runtime vs the PyTorch reference")
+        for name, value in sorted(results.items()):
+            terminalreporter.write_line(f"{name:55s} {value:.2e}")
 
 
 @pytest.fixture(scope="session")

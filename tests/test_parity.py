@@ -24,7 +24,6 @@ from var_export.passes.pipeline import apply_var, load_model, save_model
 
 TOL = 1e-4
 DECODE_STEPS = 4
-RESULTS: dict[str, float] = {}  # case -> max |Δlogits| (printed at the end with -s)
 
 
 @dataclasses.dataclass
@@ -193,53 +192,46 @@ def exported(tmp_path_factory, request):
 _PLAIN_LOGITS: dict[str, list[torch.Tensor]] = {}
 
 
-def _plain_logits(case: Case, plain, tmp_path) -> list[torch.Tensor]:
+def _plain_logits(case: Case, plain, tmp_path, results: dict[str, float]) -> list[torch.Tensor]:
     if case.name not in _PLAIN_LOGITS:
         diffs, logits = _run_both(case, _session(plain, tmp_path / "plain.onnx"), None, None)
         assert max(diffs) < TOL
-        RESULTS[f"{case.name}/no-var"] = max(diffs)
+        results[f"{case.name}/no-var"] = max(diffs)
         _PLAIN_LOGITS[case.name] = logits
     return _PLAIN_LOGITS[case.name]
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
 @pytest.mark.parametrize("name", ["tiny-llava", *RANDOM_CASES])
-def test_var_graph_equals_reference(exported, tmp_path, name, mode):
+def test_var_graph_equals_reference(exported, tmp_path, name, mode, parity_results):
     case, plain = exported(name)
     settings = dataclasses.replace(case.settings, heads=mode)
     heads = None if mode == "dynamic" else case.heads
     model, report = apply_var(plain, settings, heads)
     sess = _session(model, tmp_path / "var.onnx")
     diffs, var_logits = _run_both(case, sess, settings, heads)
-    RESULTS[f"{name}/{mode}"] = max(diffs)
+    parity_results[f"{name}/{mode}"] = max(diffs)
     assert max(diffs) < TOL, f"{name}/{mode}: per-step max |Δlogits| {diffs}"
     # VAR must visibly change the model: compare with the plain graph run by the reference
-    plain_logits = _plain_logits(case, plain, tmp_path)
+    plain_logits = _plain_logits(case, plain, tmp_path, parity_results)
     effect = max(float((a - b).abs().max()) for a, b in zip(var_logits, plain_logits))
-    RESULTS[f"{name}/{mode} (VAR effect on logits)"] = effect
+    parity_results[f"{name}/{mode} (VAR effect on logits)"] = effect
     assert effect > 100 * TOL, f"{name}/{mode}: VAR changed logits by only {effect:.2e}"
     assert report.var_layers == settings.var_layers(report.num_layers)
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "gqa-h128-l4"])
-def test_plain_graph_equals_hf_and_var_off_graph_is_plain(exported, tmp_path, name):
+def test_plain_graph_equals_hf_and_var_off_graph_is_plain(exported, tmp_path, name, parity_results):
     """No VAR: the exported graph equals the reference with VAR off (itself bit-equal to HF eager);
     a VAR graph fed an all-False visual mask computes the plain decoder."""
     case, plain = exported(name)
-    _plain_logits(case, plain, tmp_path)
+    _plain_logits(case, plain, tmp_path, parity_results)
     settings = dataclasses.replace(case.settings, heads="dynamic")
     model, _ = apply_var(plain, settings, None)
     off = dataclasses.replace(case, visual=torch.zeros_like(case.visual))
     diffs_off, off_logits = _run_both(off, _session(model, tmp_path / "var.onnx"), settings, None)
-    RESULTS[f"{name}/var-graph-visual-off-vs-reference"] = max(diffs_off)
+    parity_results[f"{name}/var-graph-visual-off-vs-reference"] = max(diffs_off)
     assert max(diffs_off) < TOL
     # with no visual token VAR is the identity: bit-equal to the plain reference (same inputs)
     plain_logits = _PLAIN_LOGITS[case.name]
     assert all(torch.equal(a, b) for a, b in zip(off_logits, plain_logits))
-
-
-def test_report(capsys):
-    """Print the measured max |Δlogits| table (visible with pytest -s)."""
-    with capsys.disabled():
-        for k, v in sorted(RESULTS.items()):
-            print(f"parity {k:45s} max|Δlogits| = {v:.2e}")
