@@ -158,21 +158,21 @@ def calibrate(
     """Run the model over ``samples`` and return the calibration dict (DESIGN.md §2).
 
     loaded_model: has ``.model`` (LlavaForConditionalGeneration or *ForCausalLM), ``.processor``,
-    ``.config`` and optionally ``.spec`` (its ``.name`` is the model id). samples: (PIL image,
-    prompt) pairs, or prepared batch dicts (``input_ids`` + ``pixel_values`` or ``inputs_embeds``,
-    ``attention_mask``, ``visual_token_mask``). settings: tau, rho, summ, p, layers, sink_scope;
-    its ``sink_dims`` are not used (the dims come from ``user_sink_dims``, else the data, else
-    ``preset_sink_dims``). progress: a rich ``Progress`` (add_task / advance) or None.
+    ``.config``, optionally ``.spec`` (its ``.name`` is the model id) and, as
+    :class:`var_export.models.LoadedModel` has, ``.prepare(image, prompt)`` (for (image, prompt)
+    samples) and ``.fingerprint()``. samples: (PIL image, prompt) pairs, or prepared batch dicts
+    (``input_ids`` + ``pixel_values`` or ``inputs_embeds``, ``attention_mask``,
+    ``visual_token_mask``). settings: tau, rho, summ, p, layers, sink_scope; its ``sink_dims`` are
+    not used (the dims come from ``user_sink_dims``, else the data, else ``preset_sink_dims``).
+    progress: a rich ``Progress`` (add_task / advance) or None.
     """
     if not 0.0 <= head_threshold <= 1.0:
         raise ConfigError(f"--head-threshold must be in [0, 1], found {head_threshold}.")
-    search = dim_search or DimSearch()
     samples = list(samples)
     if not samples:
         raise DataError("no calibration samples: expected at least one image (+ prompt).")
     model = loaded_model.model
-    decoder, _ = split_model(model)
-    cfg = decoder.config
+    cfg = split_model(model)[0].config
     num_layers, num_heads, hidden = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
     user_dims = parse_sink_dims(user_sink_dims) if user_sink_dims is not None else None
     preset_dims = tuple(int(d) for d in preset_sink_dims) if preset_sink_dims else None
@@ -187,46 +187,80 @@ def calibrate(
     model.eval()
     try:
         prepared = [_prepare(s, loaded_model, model) for s in samples]
-
-        # pass 1: sink dims from the data (VAR off)
-        scan = _DimScan(var_layers, settings.tau)
-        plain = VarReference(model, None, observer=scan)
-        consistent = torch.zeros(hidden, dtype=torch.long)  # samples in which a dim is consistent
-        layer_share = torch.zeros(hidden)  # sum over samples of the fraction of layers hit
-        bar = _Bar(progress, "calibrate: sink dims", len(prepared))
-        for embeds, mask, visual in prepared:
-            scan.hits = {}
-            plain.step(embeds, mask, _positions(mask), None, visual, None)
-            hit_count = torch.stack([scan.hits[layer] for layer in var_layers]).sum(0)  # (D,)
-            frac = hit_count.float() / len(var_layers)
-            layer_share += frac
-            consistent += (frac >= search.layer_fraction).long()
-            bar.advance()
-        n = len(prepared)
-        found = tuple(int(d) for d in torch.nonzero(consistent >= search.sample_fraction * n).flatten())
+        found, evidence = _scan_sink_dims(model, prepared, var_layers, settings.tau, dim_search or DimSearch(), progress)
         dims, source = _choose_dims(found, user_dims, preset_dims, settings.tau)
-        evidence = [
-            {
-                "dim": int(d),
-                "sample_fraction": round(float(consistent[d]) / n, 4),
-                "layer_fraction": round(float(layer_share[d]) / n, 4),
-                "max_normalized": round(float(scan.peak[d]), 3) if scan.peak is not None else None,
-            }
-            for d in torch.nonzero(layer_share > 0).flatten().tolist()
-        ]
-        evidence.sort(key=lambda e: -e["layer_fraction"])
-
-        # pass 2: sink statistics and head scores (dynamic VAR with the chosen dims)
-        run_settings = settings.replace(sink_dims=dims, heads="dynamic")
-        counts = VarCounts(num_heads)
-        ref = VarReference(model, run_settings, observer=counts)
-        bar = _Bar(progress, "calibrate: heads", n)
-        for embeds, mask, visual in prepared:
-            ref.step(embeds, mask, _positions(mask), None, visual, None)
-            bar.advance()
+        counts = _count_heads(model, prepared, settings.replace(sink_dims=dims, heads="dynamic"), num_heads, progress)
     finally:
         model.train(was_training)
+    layers, heads = _layer_statistics(counts, var_layers, len(prepared), num_heads, head_threshold)
+    return {
+        **_header(loaded_model, settings, var_layers, len(prepared)),
+        "sink_dims": [int(d) for d in dims],
+        "sink_dims_source": source,
+        "sink_dims_found": [int(d) for d in found],
+        "preset_sink_dims": list(preset_dims) if preset_dims else None,
+        "sink_dim_evidence": evidence[:16],
+        "head_threshold": head_threshold,
+        "head_scores_observed_with": "dynamic",
+        "layers": layers,
+        "heads": heads,
+    }
 
+
+Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # embeds (B, S, D), mask (B, S), visual (B, S)
+
+
+def _scan_sink_dims(
+    model: torch.nn.Module, prepared: Sequence[Prepared], var_layers: Sequence[int], tau: float,
+    search: DimSearch, progress: Any,
+) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
+    """Pass 1 (VAR off): the dims hit consistently across layers and samples, and the evidence."""
+    scan = _DimScan(var_layers, tau)
+    plain = VarReference(model, None, observer=scan)
+    hidden = split_model(model)[0].config.hidden_size
+    consistent = torch.zeros(hidden, dtype=torch.long)  # samples in which a dim is consistent
+    layer_share = torch.zeros(hidden)  # sum over samples of the fraction of layers hit
+    bar = _Bar(progress, "calibrate: sink dims", len(prepared))
+    for embeds, mask, visual in prepared:
+        scan.hits = {}
+        plain.step(embeds, mask, _positions(mask), None, visual, None)
+        hit_count = torch.stack([scan.hits[layer] for layer in var_layers]).sum(0)  # (D,)
+        frac = hit_count.float() / len(var_layers)
+        layer_share += frac
+        consistent += (frac >= search.layer_fraction).long()
+        bar.advance()
+    n = len(prepared)
+    found = tuple(int(d) for d in torch.nonzero(consistent >= search.sample_fraction * n).flatten())
+    evidence = [
+        {
+            "dim": int(d),
+            "sample_fraction": round(float(consistent[d]) / n, 4),
+            "layer_fraction": round(float(layer_share[d]) / n, 4),
+            "max_normalized": round(float(scan.peak[d]), 3) if scan.peak is not None else None,
+        }
+        for d in torch.nonzero(layer_share > 0).flatten().tolist()
+    ]
+    evidence.sort(key=lambda e: -e["layer_fraction"])
+    return found, evidence
+
+
+def _count_heads(
+    model: torch.nn.Module, prepared: Sequence[Prepared], run_settings: VarSettings, num_heads: int, progress: Any
+) -> VarCounts:
+    """Pass 2: sink statistics and per-row test counts (dynamic VAR with the chosen dims)."""
+    counts = VarCounts(num_heads)
+    ref = VarReference(model, run_settings, observer=counts)
+    bar = _Bar(progress, "calibrate: heads", len(prepared))
+    for embeds, mask, visual in prepared:
+        ref.step(embeds, mask, _positions(mask), None, visual, None)
+        bar.advance()
+    return counts
+
+
+def _layer_statistics(
+    counts: VarCounts, var_layers: Sequence[int], n: int, num_heads: int, head_threshold: float
+) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """Per VAR layer: sink-token statistics and head scores; the heads scoring >= the threshold."""
     layers = []
     heads: list[list[int]] = []
     for layer in var_layers:
@@ -246,9 +280,13 @@ def calibrate(
             }
         )
         heads += [[layer, h] for h, s in enumerate(scores) if s >= head_threshold]
+    return layers, heads
 
+
+def _header(loaded_model: Any, settings: VarSettings, var_layers: list[int], n: int) -> dict[str, Any]:
+    """Schema version, model id, fingerprint, tool version, date, settings, sample count."""
     spec = getattr(loaded_model, "spec", None)
-    config = getattr(loaded_model, "config", None) or model.config
+    config = getattr(loaded_model, "config", None) or loaded_model.model.config
     return {
         "schema_version": SCHEMA_VERSION,
         "model_id": getattr(spec, "name", None) or getattr(config, "_name_or_path", None) or "unknown",
@@ -267,15 +305,6 @@ def calibrate(
             "sink_scope": settings.sink_scope,
         },
         "num_samples": n,
-        "sink_dims": [int(d) for d in dims],
-        "sink_dims_source": source,
-        "sink_dims_found": [int(d) for d in found],
-        "preset_sink_dims": list(preset_dims) if preset_dims else None,
-        "sink_dim_evidence": evidence[:16],
-        "head_threshold": head_threshold,
-        "head_scores_observed_with": "dynamic",
-        "layers": layers,
-        "heads": heads,
     }
 
 

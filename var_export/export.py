@@ -184,6 +184,8 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 # The wrapped modules that are exported
 
 
+# long: the three torch.nn.Module wrappers are defined in one function, so that importing this
+# module does not import torch; each class is short.
 def _make_modules() -> tuple[type, type, type]:
     """The export wrappers; defined lazily so that importing this module does not import torch."""
     import torch
@@ -543,52 +545,18 @@ def export_decoder(
     sequence, past_sequence, total_sequence (= past_sequence + sequence). Returns
     (external data files, seconds).
     """
-    import torch
-    from torch.export import Dim
-
     opset = resolve_opset(opset, fused=fused)
     _, _, Decoder = _make_modules()
     tdtype = _torch_dtype(dtype)
     with _in_dtype(model, dtype) as m, _attention(m, "sdpa" if fused else "eager"):
         parts = _parts(m)
         module = Decoder(parts).eval()
-        tc = parts.text_config
-        num_layers = int(tc.num_hidden_layers)
-        hidden = int(tc.hidden_size)
-        kv_heads = int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
-        head_dim = int(getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads)
-        # Example shapes: all distinct and > 1 so that torch.export specialises nothing.
-        batch, seq, past = 2, 3, 4
-        inputs_embeds = torch.randn(batch, seq, hidden, dtype=tdtype)
-        attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
-        position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq)
-        past_kv = tuple(
-            torch.randn(batch, kv_heads, past, head_dim, dtype=tdtype)
-            for _ in range(2 * num_layers)
-        )
-        b, s, p = Dim(AXIS_BATCH), Dim(AXIS_SEQUENCE), Dim(AXIS_PAST)
-        dynamic_shapes = (
-            {0: b, 1: s},
-            {0: b, 1: Dim.AUTO},  # T = P + S, derived by torch.export
-            {0: b, 1: s},
-            tuple({0: b, 2: p} for _ in range(2 * num_layers)),
-        )
+        num_layers = int(parts.text_config.num_hidden_layers)
+        example, dynamic_shapes = _decoder_example(parts.text_config, tdtype)
         in_names, out_names = decoder_io_names(num_layers)
-
-        def fix_axes(model_ir: Any) -> dict[str, str]:
-            renames: dict[str, str] = {}
-            mask_t = _sym(model_ir.graph.inputs[1], 1)
-            if mask_t is not None:
-                renames[mask_t] = AXIS_TOTAL
-            if num_layers:
-                present_t = _sym(model_ir.graph.outputs[1], 2)
-                if present_t is not None:
-                    renames[present_t] = AXIS_TOTAL
-            return renames
-
         return _export(
             module,
-            (inputs_embeds, attention_mask, position_ids.clone(), past_kv),
+            example,
             Path(path),
             name=DECODER,
             input_names=in_names,
@@ -596,8 +564,55 @@ def export_decoder(
             dynamic_shapes=dynamic_shapes,
             opset=opset,
             external_data=_resolve_external(external_data, module, tdtype),
-            fix_axes=fix_axes,
+            fix_axes=_total_axis_fixer(num_layers),
         )
+
+
+def _decoder_example(tc: Any, tdtype: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Example decoder inputs and their dynamic shapes for torch.export.
+
+    Shapes are all distinct and > 1 so that torch.export specialises nothing.
+    """
+    import torch
+    from torch.export import Dim
+
+    num_layers = int(tc.num_hidden_layers)
+    hidden = int(tc.hidden_size)
+    kv_heads = int(getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads)
+    head_dim = int(getattr(tc, "head_dim", None) or hidden // tc.num_attention_heads)
+    batch, seq, past = 2, 3, 4
+    inputs_embeds = torch.randn(batch, seq, hidden, dtype=tdtype)  # (B, S, D)
+    attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)  # (B, P + S)
+    position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq)  # (B, S)
+    past_kv = tuple(
+        torch.randn(batch, kv_heads, past, head_dim, dtype=tdtype)  # (B, KV, P, hd)
+        for _ in range(2 * num_layers)
+    )
+    b, s, p = Dim(AXIS_BATCH), Dim(AXIS_SEQUENCE), Dim(AXIS_PAST)
+    dynamic_shapes = (
+        {0: b, 1: s},
+        {0: b, 1: Dim.AUTO},  # T = P + S, derived by torch.export
+        {0: b, 1: s},
+        tuple({0: b, 2: p} for _ in range(2 * num_layers)),
+    )
+    return (inputs_embeds, attention_mask, position_ids.clone(), past_kv), dynamic_shapes
+
+
+def _total_axis_fixer(num_layers: int) -> Callable[[Any], dict[str, str]]:
+    """Names the derived T axis of ``attention_mask`` and ``present.*`` ``total_sequence``."""
+
+    def fix_axes(model_ir: Any) -> dict[str, str]:
+        renames: dict[str, str] = {}
+        mask_t = _sym(model_ir.graph.inputs[1], 1)
+        if mask_t is not None:
+            renames[mask_t] = AXIS_TOTAL
+        if num_layers:
+            present_t = _sym(model_ir.graph.outputs[1], 2)
+            if present_t is not None:
+                renames[present_t] = AXIS_TOTAL
+        return renames
+
+    return fix_axes
 
 
 def export_graphs(

@@ -454,34 +454,12 @@ class VarRuntime:
         t0 = time.perf_counter()
         batch = self.prepare(image, prompt)
         prompt_len = int(batch["input_ids"].shape[1])
-        if self.max_positions is not None and prompt_len + max_new_tokens > self.max_positions:
-            capped = self.max_positions - prompt_len
-            log.warning(
-                "max_new_tokens %d does not fit after a %d-token prompt (limit %d positions): "
-                "generating at most %d",
-                max_new_tokens,
-                prompt_len,
-                self.max_positions,
-                capped,
-            )
-            max_new_tokens = capped
+        max_new_tokens = self._cap_new_tokens(prompt_len, max_new_tokens)
         t_pre = time.perf_counter() - t0
         embeds, t_vision = self.prompt_embeds(batch)
         visual = batch["input_ids"] == self.image_token_id if self.var else None
 
-        generated: list[int] = []
-        emitted = [""]
-
-        def on_token(ids: np.ndarray) -> None:
-            generated.append(int(ids[0]))
-            if stream is not None:
-                text = self._decode(generated)
-                if text.startswith(emitted[0]):
-                    piece = text[len(emitted[0]) :]
-                    if piece:
-                        stream(piece)
-                        emitted[0] = text
-
+        streamer = _Streamer(self._decode, stream)
         result = greedy_decode_numpy(
             self.decoder,
             self._embed,
@@ -491,11 +469,10 @@ class VarRuntime:
             visual_token_mask=visual,
             eos_token_id=self.eos_token_id if stop_on_eos else None,
             pad_token_id=self.pad_token_id,
-            on_token=on_token,
+            on_token=streamer.on_token,
         )
-        text = self._decode(generated)
-        if stream is not None and text != emitted[0] and text.startswith(emitted[0]):
-            stream(text[len(emitted[0]) :])
+        generated = streamer.generated
+        text = streamer.finish()
         total = time.perf_counter() - t0
         n = len(generated)
         timings = {
@@ -511,5 +488,46 @@ class VarRuntime:
             text=text, token_ids=generated, timings=timings, prompt_tokens=prompt_len, var=self.var
         )
 
+    def _cap_new_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
+        """``max_new_tokens``, capped to what still fits in the model's positions (logged)."""
+        if self.max_positions is not None and prompt_len + max_new_tokens > self.max_positions:
+            capped = self.max_positions - prompt_len
+            log.warning(
+                "max_new_tokens %d does not fit after a %d-token prompt (limit %d positions): "
+                "generating at most %d",
+                max_new_tokens,
+                prompt_len,
+                self.max_positions,
+                capped,
+            )
+            return capped
+        return max_new_tokens
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class _Streamer:
+    """Collects greedy tokens; hands ``stream`` each new piece of text (pieces concatenate to the
+    final text: a piece is sent only once the decoded text extends what was sent)."""
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stream: Callable[[str], None] | None) -> None:
+        self.decode = decode
+        self.stream = stream
+        self.generated: list[int] = []
+        self.emitted = ""
+
+    def on_token(self, ids: np.ndarray) -> None:
+        self.generated.append(int(ids[0]))
+        if self.stream is not None:
+            text = self.decode(self.generated)
+            if text.startswith(self.emitted) and len(text) > len(self.emitted):
+                self.stream(text[len(self.emitted) :])
+                self.emitted = text
+
+    def finish(self) -> str:
+        """The whole text; the last piece is streamed if it was not yet."""
+        text = self.decode(self.generated)
+        if self.stream is not None and text != self.emitted and text.startswith(self.emitted):
+            self.stream(text[len(self.emitted) :])
+        return text
