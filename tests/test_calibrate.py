@@ -34,8 +34,11 @@ def planted_llama():
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
     model = LlamaForCausalLM(cfg).eval()
     model.set_attn_implementation("eager")
+    from var_export.models import model_fingerprint
+
     return types.SimpleNamespace(model=model, processor=None, config=cfg,
-                                 spec=types.SimpleNamespace(name="planted-llama"))
+                                 spec=types.SimpleNamespace(name="planted-llama"),
+                                 fingerprint=lambda: model_fingerprint(cfg))
 
 
 def planted_samples(n: int, dims=(5, 17), s: int = 14):

@@ -16,6 +16,7 @@ from typing import Any
 
 from var_export.core.contract import DECODER
 from var_export.core.errors import CalibrationError, ConfigError, TensorRTUnavailableError
+from var_export.core.extras import require_extra
 from var_export.core.settings import HeadMode, VarSettings, check_overrides, resolve_settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def _needs_calibration(opts: BuildOptions, preset: dict[str, Any] | None) -> boo
 
 def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     """Calibrate (when needed), export the three graphs, bake VAR, write the bundle atomically."""
+    require_extra("torch", "exporting a model (`var-export export`, `var-export --model M --out X`)")
     import onnx_ir as ir
 
     from var_export.bundle import write_bundle

@@ -333,10 +333,13 @@ class VarRuntime:
         return self.sessions[DECODER]
 
     def _load_processor(self) -> Any:
-        from transformers import AutoProcessor
+        from var_export.core.errors import VarExportError
+        from var_export.processor import load_processor  # torch-free for LLaVA-1.5 bundles
 
         try:
-            return AutoProcessor.from_pretrained(str(self.bundle.path))
+            return load_processor(self.bundle.path)
+        except VarExportError:
+            raise
         except Exception as exc:  # transformers raises OSError / ValueError / KeyError
             raise BundleError(
                 f"expected the model's processor files (tokenizer, processor_config.json) in "

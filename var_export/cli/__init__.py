@@ -12,7 +12,8 @@ import importlib
 import logging
 import sys
 
-from var_export.core.errors import VarExportError
+from var_export.core.errors import MissingExtraError, VarExportError
+from var_export.core.extras import EXTRAS
 
 # subcommand name -> module in this package. The top-level pipeline
 # (``var-export --model M --out X``) is the module ``pipeline``.
@@ -62,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return pipeline.run(args, parser)
         return int(_load(SUBCOMMANDS[args.command]).run(args) or 0)
+    except ModuleNotFoundError as exc:  # an optional dependency a code path needed (no extra check)
+        root = (exc.name or "").split(".")[0]
+        extra = next((e for e, mods in EXTRAS.items() if root in mods), None)
+        if extra is None:
+            raise
+        error = MissingExtraError(f"this command needs {root} (pip install 'var-export[{extra}]'); it is not installed.")
+        common.print_error(error)
+        return error.exit_code
     except VarExportError as exc:
         common.print_error(exc)
         return exc.exit_code

@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from var_export.core.extras import require_extra
+
+    require_extra("torch", "`var-export calibrate`")
     from var_export.calibration.calibrate import calibrate, write_calibration
     from var_export.core.errors import ConfigError
     from var_export.core.settings import parse_sink_dims, resolve_settings

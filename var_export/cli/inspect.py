@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from var_export.core.errors import ConfigError
+    from var_export.core.extras import require_extra
+
+    require_extra("torch", "`var-export inspect`")
     from var_export.inspect import inspect_bundle, inspect_pretrained
 
     knobs = ("sink_dims", "tau", "rho", "summ", "p", "layers", "sink_scope", "heads")
