@@ -266,3 +266,27 @@ def test_many_layers_draw_one_union_panel(tmp_path):
     plot_head_scores(tmp_path / "h.png", summary)
     for name in ("s.png", "c.png", "h.png"):
         check_png(tmp_path / name)
+
+
+def test_sink_outline_boxes_the_sink_patches_themselves():
+    """When sinks are most of the image, the outline still marks the sinks (one box per sink
+    patch, inside it), not the boundary of the non-sink holes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from var_export.inspect import _outline
+
+    mask = np.ones((8, 8), dtype=bool)
+    mask[2:5, 1:4] = False  # a 3x3 hole of non-sink patches
+    fig, ax = plt.subplots()
+    _outline(ax, mask, "red")
+    (boxes,) = ax.collections
+    paths = boxes.get_paths()
+    assert len(paths) == int(mask.sum())
+    for path in paths:
+        (x0, y0), (x1, y1) = path.vertices.min(0), path.vertices.max(0)
+        r, c = int(y0), int(x0)
+        assert mask[r, c] and x1 <= c + 1 and y1 <= r + 1, (r, c)  # inside one sink cell
+    plt.close(fig)

@@ -492,25 +492,16 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def _outline(ax: Any, mask: np.ndarray, colour: str, width: float = 2.0) -> None:
-    """Draw the boundary of the True cells of a (rows, cols) mask, in grid units (cell = 1x1)."""
-    from matplotlib.collections import LineCollection
+def _outline(ax: Any, mask: np.ndarray, colour: str, width: float = 2.0, inset: float = 0.1) -> None:
+    """Outline every True cell of a (rows, cols) mask with its own square, inset from the grid
+    lines (grid units, cell = 1x1). Each marked patch is boxed by itself, so a mask that covers
+    most of the image never reads as its complement (as the boundary of the region would)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
 
-    rows, cols = mask.shape
-    padded = np.pad(mask, 1)
-    segs = []
-    for r, c in zip(*np.nonzero(mask)):
-        pr, pc = r + 1, c + 1
-        if not padded[pr - 1, pc]:
-            segs.append([(c, r), (c + 1, r)])
-        if not padded[pr + 1, pc]:
-            segs.append([(c, r + 1), (c + 1, r + 1)])
-        if not padded[pr, pc - 1]:
-            segs.append([(c, r), (c, r + 1)])
-        if not padded[pr, pc + 1]:
-            segs.append([(c + 1, r), (c + 1, r + 1)])
-    if segs:
-        ax.add_collection(LineCollection(segs, colors=colour, linewidths=width, capstyle="round"))
+    boxes = [Rectangle((c + inset, r + inset), 1 - 2 * inset, 1 - 2 * inset) for r, c in zip(*np.nonzero(mask))]
+    if boxes:
+        ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor=colour, linewidth=width))
 
 
 def _grid_axes(ax: Any, grid: tuple[int, int]) -> None:
@@ -569,7 +560,7 @@ def plot_sinks(path: Path, summary: dict[str, Any], image: np.ndarray) -> None:
             ax.imshow(image, extent=extent, interpolation="nearest")
             ax.imshow(_tint(m, SINK_COLOUR, 0.22), extent=extent, interpolation="nearest")
             _faint_grid(ax, grid)
-            _outline(ax, m, SINK_COLOUR, 2.2)
+            _outline(ax, m, SINK_COLOUR, min(2.2, 36 / max(grid)))
             _grid_axes(ax, grid)
             ax.set_title(f"layer {e['layer']}: {int(m.sum())}/{n_cells} patches are sinks", fontsize=10)
         for ax in axes[n_panels:]:
@@ -584,7 +575,7 @@ def plot_sinks(path: Path, summary: dict[str, Any], image: np.ndarray) -> None:
             alpha=0.55, interpolation="nearest",
         )
         _faint_grid(ax, grid)
-        _outline(ax, count > 0, SINK_COLOUR, 2.0)
+        _outline(ax, count > 0, SINK_COLOUR, min(2.0, 36 / max(grid)))
         _grid_axes(ax, grid)
         fig.colorbar(shown, ax=ax, shrink=0.8, label=f"VAR layers (of {len(layers)}) where the patch is a sink")
         ax.set_title(f"{int((count > 0).sum())}/{n_cells} patches are sinks in at least one of "
