@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
 
 from benchmarks.bench_var import config_for, run_bench
-from var_export.timing import markdown_table
+from var_export.timing import markdown_table, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch per-token comparison")
+    p.add_argument("--from-json", type=Path, metavar="BENCH_JSON",
+                   help="measure nothing: rewrite bench.md and bench.png from a bench.json into --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.from_json:
+        write_report(json.loads(args.from_json.read_text()), args.out)
+        print(f"wrote {args.out}/bench.json, bench.md, bench.png from {args.from_json}")
+        return 0
     config = dataclasses.replace(
         config_for(full=args.full, threads=args.threads), provider=args.provider,
         torch_compare=not args.no_torch,

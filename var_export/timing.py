@@ -521,7 +521,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for col, phase in enumerate(PHASES):
             _plot_phase(axes[row][col], c, ref, phase, f"{size}: {phase}")
     fig.suptitle(f"Price of VAR vs the {ref} no-VAR baseline — {machine_line(result)}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -534,7 +534,7 @@ def _plot_phase(ax: Any, case: dict[str, Any], ref: str, phase: str, title: str)
     y = list(range(len(names)))[::-1]
     vals = [(rows[n][f"vs_{ref}"][phase] - 1) * 100 for n in names]
     aa = [abs(rows[n]["aa"][phase] - 1) * 100 for n in names]
-    baselines = set(case.get("baselines", []))
+    baselines = set(case.get("baselines", ["fused", "unfused"]))
     colors = ["grey" if n in baselines else "tab:blue" for n in names]
     bars = ax.barh(y, vals, xerr=aa, color=colors, capsize=2)
     for bar, n in zip(bars, names):
