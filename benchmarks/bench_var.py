@@ -341,7 +341,6 @@ class _ReleasedRunner:
         from transformers.cache_utils import DynamicCache
 
         from var_export.calibration import released_port as rp
-        from var_export.calibration.reference import _repeat_kv
 
         self.prefill = present is None
         cfg = self.decoder.config
@@ -357,7 +356,8 @@ class _ReleasedRunner:
 
         def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):  # type: ignore[no-untyped-def]
             n_rep = query.shape[1] // key.shape[1]
-            k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+            k = key.repeat_interleave(n_rep, dim=1)  # (B, KV, T, hd) -> (B, H, T, hd)
+            v = value.repeat_interleave(n_rep, dim=1)
             w = torch.matmul(query, k.transpose(2, 3)) * scaling
             if attention_mask is not None:
                 w = w + attention_mask
