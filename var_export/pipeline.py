@@ -40,7 +40,7 @@ class BuildOptions:
     fused: bool = False  # SDPA export (ONNX Attention op) + the fused VAR formulation (passes.fused_var)
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    triton: bool = False  # also write a Triton model repository beside the bundle
+    triton: bool = False  # also write OUT-triton, the var_llava Triton repository (var_export.triton)
 
 
 @dataclasses.dataclass
