@@ -36,6 +36,7 @@ def tiny_var_bundle(tmp_path_factory, tiny_llava_path):
     from var_export.core.contract import DECODER
     from var_export.core.settings import VarSettings
     from var_export.export import export_graphs
+    from var_export.hf_layout import hf_config_files
     from var_export.passes.pipeline import apply_var, save_model
 
     heads = sorted(PLANTED_IMAGE_CENTRIC_HEADS + PLANTED_MIXED_HEADS)
@@ -49,7 +50,7 @@ def tiny_var_bundle(tmp_path_factory, tiny_llava_path):
     save_model(var_model, tmp / "var" / DECODER)
     bundle = write_bundle(
         tmp / "bundle", graphs={**exported.paths, DECODER: tmp / "var" / DECODER}, processor=processor,
-        calibration=None,
+        calibration=None, extra_files=hf_config_files(model.config, tmp / "hf"),
         manifest_fields={"model_id": "tiny-llava", "fingerprint": {"test": 1}, "opset": exported.opset,
                          "var": settings.to_dict(), "var_layers": report.var_layers, "head_mode": "hybrid",
                          "heads": [list(h) for h in heads]},

@@ -24,7 +24,13 @@ import numpy as np
 import pytest
 
 from var_export.core.errors import BundleError, ConfigError
-from var_export.triton import MODEL_NAME, config_text, model_config, parse_config, write_triton_repository
+from var_export.triton import (
+    MODEL_NAME,
+    config_text,
+    model_config,
+    parse_config,
+    write_triton_repository,
+)
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is in the dev extra")
 pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) is in the dev extra")
