@@ -300,3 +300,18 @@ def test_shutdown_leaves_no_process(server):
         assert time.monotonic() < deadline, [p for p in server["tree"] if psutil.pid_exists(p)]
         time.sleep(0.2)
     assert not server["workdir"].exists()  # the temporary repository is gone
+
+
+@pytest.mark.slow
+def test_pipeline_writes_triton_repository_and_transformers_js_layout(tmp_path):
+    """`var-export --model tiny-llava --out X --format triton --layout transformers.js` (a full build)."""
+    from var_export.cli import main
+
+    out = tmp_path / "tiny"
+    assert main(["-q", "--model", "tiny-llava", "--heads", "dynamic", "--out", str(out),
+                 "--format", "triton", "--layout", "transformers.js"]) == 0
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+    repo = tmp_path / "tiny-triton"
+    assert parse_config((repo / MODEL_NAME / "config.pbtxt").read_text()).name == MODEL_NAME
+    assert (repo / MODEL_NAME / "1" / "bundle" / "manifest.json").is_file()
+    assert (tmp_path / "tiny-transformers.js" / "onnx" / "decoder_model_merged.onnx").is_file()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 from typing import IO, Any
@@ -99,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle")
     p.add_argument("--max-batch", type=int, default=16)
     args = p.parse_args(argv)
+    # The protocol owns the original stdout; anything a library prints (Python or C) goes to stderr.
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="var_llava worker: %(levelname)s %(message)s")
-    return serve(args.bundle, args.max_batch, sys.stdin, _Out(sys.stdout))
+    return serve(args.bundle, args.max_batch, sys.stdin, _Out(protocol))
 
 
 if __name__ == "__main__":

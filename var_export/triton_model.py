@@ -126,7 +126,11 @@ class TritonPythonModel:
     def _read(self) -> None:
         """Worker messages -> responses; when the worker dies, every open request gets an error."""
         for line in self.worker.stdout:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:  # not the protocol (the worker sends prints to stderr; be safe)
+                pb_utils.Logger.log_warn(f"var_llava: worker said {line.strip()[:200]!r}")
+                continue
             with self.lock:
                 sender = self.senders.get(msg.get("id"))
                 if sender is None:
