@@ -123,7 +123,7 @@ def server(tiny_var_bundle):
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
     try:
-        line = lines.get(timeout=120)
+        line = lines.get(timeout=240)  # startup_timeout of TritonServer is 180 s
         assert "var_llava ready" in line, line
         children = psutil.Process(proc.pid).children(recursive=True)
         tree = [proc.pid, *(p.pid for p in children)]
@@ -250,6 +250,18 @@ def test_grpc_stream_equals_run_var_on_and_off(server, reference, b64):
         assert s["final"] and s["error"] is None, (rid, s)
         assert s["text"] == reference(p, i, True if v is None else v, 32 if n is None else n), rid
         assert s["text"] and s["pieces"] > 1  # streamed, piece by piece
+
+
+def test_server_streams_what_cli_run_prints(server, b64, tiny_var_bundle, capsys):
+    from var_export.cli import main
+
+    for var in (True, False):
+        args = ["-q", "run", str(tiny_var_bundle["bundle"]), "--image", str(tiny_var_bundle["images"][0]),
+                "--prompt", PROMPTS[0], "--max-new-tokens", "10", *([] if var else ["--no-var"])]
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        streamed = _grpc_stream(server["grpc"], [("x", (PROMPTS[0], b64[0], 10, var))])["x"]["text"]
+        assert printed == streamed + "\n"
 
 
 def test_http_generate_stream_equals_run(server, reference, b64):
