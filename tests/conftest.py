@@ -59,6 +59,7 @@ def tiny_bundles(tmp_path_factory, tiny_llava_path):
     from var_export.calibration import tiny_llava as tl
     from var_export.core.contract import DECODER
     from var_export.export import export_graphs
+    from var_export.hf_layout import hf_config_files
     from var_export.passes.pipeline import apply_var, save_model
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_path, attn_implementation="eager").eval()
@@ -71,17 +72,27 @@ def tiny_bundles(tmp_path_factory, tiny_llava_path):
     (tmp / "var").mkdir()
     save_model(var_model, tmp / "var" / DECODER)
     fields = {"model_id": "tiny-llava", "fingerprint": {"test": 1}, "opset": exported.opset}
+    hf_files = hf_config_files(model.config, tmp / "hf")  # config.json, generation_config.json
     plain = write_bundle(
         tmp / "plain", graphs=dict(exported.paths), manifest_fields=fields, calibration=None,
-        processor=processor,
+        processor=processor, extra_files=hf_files,
     )
     var = write_bundle(
         tmp / "var_bundle", graphs={**exported.paths, DECODER: tmp / "var" / DECODER}, calibration=None,
-        processor=processor,
+        processor=processor, extra_files=hf_files,
         manifest_fields={**fields, "var": settings.to_dict(), "var_layers": report.var_layers,
                          "head_mode": "hybrid", "heads": [list(h) for h in heads]},
     )
-    image = tmp / "image.png"
-    tl.synthetic_images(1, seed=7)[0].save(image)
-    return {"model": model, "processor": processor, "plain": plain, "var": var, "image": image, "tmp": tmp,
-            "novar": plain, "hybrid": var}
+    images = []
+    for i, im in enumerate(tl.synthetic_images(3, seed=7)):
+        images.append(tmp / ("image.png" if i == 0 else f"image{i}.png"))
+        im.save(images[-1])
+    return {"model": model, "processor": processor, "plain": plain, "var": var, "image": images[0],
+            "images": images, "tmp": tmp, "novar": plain, "hybrid": var}
+
+
+@pytest.fixture(scope="session")
+def tiny_var_bundle(tiny_bundles):
+    """The tiny-llava VAR bundle (hybrid, the planted heads, layers 2:) and three images: what the
+    serving tests generate from (the same export as ``tiny_bundles``)."""
+    return {"bundle": tiny_bundles["var"], "images": tiny_bundles["images"]}

@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, str] = {
     "run": "run",
     "inspect": "inspect",
     "bench": "bench",
+    "triton": "triton",
+    "serve": "serve",
 }
 
 log = logging.getLogger("var_export")

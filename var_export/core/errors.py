@@ -76,3 +76,11 @@ class TensorRTLintError(VarExportError):
 
 class MissingExtraError(VarExportError):
     """A command needs an optional dependency group (e.g. ``var-export[torch]``) not installed."""
+
+
+class ServeError(VarExportError):
+    """The Triton server cannot be found, started or reached (var-export serve / triton)."""
+
+
+class RequestCancelled(VarExportError):
+    """A served request's client went away (disconnect, cancellation) or the server stopped."""
