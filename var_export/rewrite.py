@@ -47,13 +47,15 @@ import onnx_ir as ir
 from var_export.core import calibration_schema as schema
 from var_export.core import settings as settings_module
 from var_export.core.calibration_schema import calibration_heads
-from var_export.core.errors import CalibrationError, ConfigError, ModelLoadError
+from var_export.core.errors import CalibrationError, ConfigError, GraphPatternError, ModelLoadError
 from var_export.core.settings import VarSettings
 from var_export.passes.locate import PAST_KEY_RE
+from var_export.passes.unfuse_contrib import CONTRIB_DOMAIN
 from var_export.safety import ExternalDataRef, check_external_data
 
 __all__ = [
     "RewriteResult",
+    "graph_form",
     "load_calibration",
     "resolve_settings",
     "rewrite_decoder",
@@ -76,6 +78,7 @@ class RewriteResult:
     added_inputs: list[str]
     added_outputs: list[str]
     seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)  # graph form, formulation, unfusing
 
     def describe(self) -> str:
         """A human-readable plan: per decoder layer what is (would be) changed."""
@@ -92,6 +95,15 @@ class RewriteResult:
                 lines.append(f"  layer {layer}: untouched (not a VAR layer)")
                 continue
             found = lr.found
+            if "attention" in found:  # the fused formulation (ONNX Attention graphs)
+                lines.append(
+                    f"  layer {layer}: {verb}: sink detection"
+                    + (", class masses + score shift (" + str(found.get("formulation")) + ")"
+                       if lr.redistribution else ", no redistribution (no calibrated head in this layer)")
+                    + f"\n      Attention {found.get('attention')!r}; residual {found.get('residual')!r}; "
+                    f"heads {found.get('num_heads')}"
+                )
+                continue
             what = ["sink detection"]
             if lr.redistribution:
                 heads = "all heads (per-row test)" if lr.heads is None else f"heads {lr.heads}"
@@ -108,6 +120,7 @@ class RewriteResult:
             )
         for why in r.ignored:
             lines.append(f"  ignored Softmax {why}")
+        lines.extend(self.notes)
         lines.append(f"new inputs: {self.added_inputs}; new outputs: {self.added_outputs}; "
                      f"nodes added: {r.nodes_added}")
         if self.data_files:
@@ -308,6 +321,126 @@ def _write(
 
 
 # ---------------------------------------------------------------------------------------------
+# Graph forms: which formulation a foreign graph gets
+
+
+def graph_form(model: ir.Model) -> str:
+    """``"onnx-attention"`` (ONNX ``Attention`` op, opset 23), ``"contrib"`` (ONNX Runtime
+    contrib ops: GroupQueryAttention / MultiHeadAttention / SkipSimplifiedLayerNormalization) or
+    ``"standard"`` (MatMul -> Softmax -> MatMul with plain residual Adds)."""
+    ops = {(n.domain or "", n.op_type) for n in model.graph}
+    if ("", "Attention") in ops or ("ai.onnx", "Attention") in ops:
+        return "onnx-attention"
+    if any(d == CONTRIB_DOMAIN and op in _CONTRIB_NORMALISED for d, op in ops):
+        return "contrib"
+    return "standard"
+
+
+_CONTRIB_NORMALISED = {"GroupQueryAttention", "MultiHeadAttention", "SkipSimplifiedLayerNormalization"}
+
+
+def _onnx_checkable(model: ir.Model) -> bool:
+    """onnx.checker knows every op (no ONNX Runtime-only op such as the default-domain
+    SimplifiedLayerNormalization, nor contrib ops)."""
+    return all((n.domain or "") in ("", "ai.onnx") and n.op_type not in _ORT_ONLY_DEFAULT_DOMAIN
+               for n in model.graph)
+
+
+_ORT_ONLY_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization", "LayerNormalization"}  # < opset 17 for the latter
+
+
+def _apply(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
+           num_layers: int | None, cal: dict[str, Any] | None) -> tuple[Any, list[str]]:
+    """Route the graph to its formulation (in place); returns the VarReport and notes."""
+    from var_export.passes.pipeline import apply_var
+
+    form = graph_form(model)
+    notes = [f"graph form: {form}"]
+    if form == "onnx-attention":
+        notes.append("formulation: fused-qk (passes.fused_var; each Attention op stays one op)")
+        return _apply_fused(model, settings, heads, num_layers, cal), notes
+    before = model.graph.num_nodes()
+    replaced = []
+    if form == "contrib":
+        from var_export.passes.unfuse_contrib import normalize_contrib
+
+        n = num_layers if num_layers is not None else len(contrib_layers(model)) or None
+        if n is None:
+            raise ModelLoadError("no past_key_values.{i}.key inputs: cannot tell the decoder's layers.")
+        replaced = normalize_contrib(model, settings.var_layers(n))
+    if cal:
+        from var_export.passes.locate import locate_layers
+
+        matches = locate_layers(model).matches
+        hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
+                       and isinstance(m.residual.shape[-1], int)), None)
+        _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
+    checkable = _onnx_checkable(model)
+    _, report = apply_var(model, settings, heads, num_layers=num_layers, inplace=True, check=checkable)
+    if replaced:
+        from var_export.passes.unfuse_contrib import restore
+
+        changed = {lr.layer for lr in report.layers if lr.redistribution}
+        kept = [r for r in replaced if r.layer not in changed]
+        restore(model, kept)
+        notes.append(
+            "contrib ops: unfused on layers "
+            f"{sorted({r.layer for r in replaced} & changed)}, fused ops kept on "
+            f"{sorted({r.layer for r in kept})} (VAR changes nothing there)"
+        )
+        model.metadata_props["var_export.formulation"] = "naive-unfused-contrib"
+    report.nodes_added = model.graph.num_nodes() - before
+    if not checkable:
+        notes.append("onnx.checker skipped: the graph has ONNX Runtime-only ops (loads in ONNX Runtime only)")
+    return report, notes
+
+
+def _check_loads_in_ort(model: ir.Model) -> None:
+    """Graphs onnx.checker cannot check (ORT-only ops): an ONNX Runtime session must accept them
+    (only for self-contained graphs: a session would read external weights)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                             providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure is the same refusal
+        raise GraphPatternError(
+            f"the rewritten graph does not load in ONNX Runtime ({type(exc).__name__}: {exc}); "
+            "nothing was written. Please report this graph form."
+        ) from exc
+
+
+def contrib_layers(model: ir.Model) -> dict[int, Any]:
+    from var_export.passes.unfuse_contrib import contrib_attention_layers
+
+    return contrib_attention_layers(model)
+
+
+def _apply_fused(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
+                 num_layers: int | None, cal: dict[str, Any] | None) -> Any:
+    """ONNX ``Attention`` graphs: the fused formulation (attention stays one op)."""
+    from var_export.passes.fused_var import apply_fused_var, locate_fused_layers
+    from var_export.passes.pipeline import LayerReport, VarReport
+
+    if cal:
+        matches = locate_fused_layers(model)
+        hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
+                       and isinstance(m.residual.shape[-1], int)), None)
+        _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
+    log.info("ONNX Attention ops: the fused formulation (passes.fused_var, shift qk)")
+    _, fr = apply_fused_var(model, settings, heads, num_layers=num_layers, inplace=True)
+    by_layer = {int(d["layer"]): d for d in fr.layers}  # type: ignore[call-overload]
+    layers = [
+        LayerReport(layer=la, found={**by_layer[la], "formulation": f"fused-{fr.shift}"}, sink_detection=True,
+                    redistribution=la in fr.changed_layers,
+                    heads=None if settings.heads == "dynamic" else sorted(h for l2, h in heads or [] if l2 == la))
+        for la in fr.var_layers
+    ]
+    return VarReport(var_layers=fr.var_layers, num_layers=fr.num_layers, head_mode=fr.head_mode,
+                     layers=layers, ignored=[], nodes_added=fr.nodes_added)
+
+
+# ---------------------------------------------------------------------------------------------
 # The entry point
 
 
@@ -329,8 +462,6 @@ def rewrite_decoder(
     ``data``: how external weights reach the output (module docstring); ``auto`` shares them
     when ``out_path`` is in the input's folder and copies them otherwise.
     """
-    from var_export.passes.pipeline import apply_var
-
     t0 = time.perf_counter()
     in_path = Path(in_path)
     if not in_path.is_file():
@@ -364,15 +495,7 @@ def rewrite_decoder(
     num_layers = graph_num_layers(model)
     inputs_before = [v.name for v in model.graph.inputs]
     outputs_before = [v.name for v in model.graph.outputs]
-    if cal:
-        from var_export.passes.locate import locate_layers
-
-        matches = locate_layers(model).matches
-        hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
-                       and isinstance(m.residual.shape[-1], int)), None)
-        _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
-
-    model, report = apply_var(model, settings, head_list, num_layers=num_layers, inplace=True)
+    report, notes = _apply(model, settings, head_list, num_layers, cal)
     added_in = [v.name for v in model.graph.inputs if v.name not in inputs_before]
     added_out = [v.name for v in model.graph.outputs if v.name not in outputs_before]
 
@@ -391,6 +514,8 @@ def rewrite_decoder(
                 f"by relative location); {out.parent} is another folder. Use data='copy'."
             )
     data_files = [r.path for r in refs]
+    if not refs and not _onnx_checkable(model):
+        _check_loads_in_ort(model)
     if not dry_run:
         assert out is not None
         data_files = _write(model, in_path, out, refs, mode)
@@ -398,5 +523,5 @@ def rewrite_decoder(
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,
         data_mode=mode, data_files=data_files, added_inputs=added_in,
-        added_outputs=added_out, seconds=time.perf_counter() - t0,
+        added_outputs=added_out, seconds=time.perf_counter() - t0, notes=notes,
     )
