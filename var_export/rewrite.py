@@ -17,12 +17,20 @@
    * ``data="share"`` (default when ``out_path`` is in the input's folder): the new graph
      references the input's external data file(s) by the same relative location — no byte of
      weights is read or written. The output is valid as long as the input's data file stays.
-   * ``data="copy"`` (default for another folder): each data file is copied beside the output
-     as ``<out name>.data`` (several files: ``<out name>.data.d/<location>``) with a
-     sparse-aware, copy-offloading copy (``SEEK_DATA``/``copy_file_range``), then the graph
-     is relinked to the copies. Hard links and symlinks are not used: onnx-ir refuses data
-     files with several hard links, and a symlink out of the folder is what
-     :mod:`var_export.safety` refuses.
+   * ``data="copy"`` (default for another folder): each data file is cloned beside the output
+     as ``<out name>.data`` (several files: ``<out name>.data.d/<location>``): a reflink
+     (``FICLONE``: copy-on-write, instant, no byte copied) where the filesystem has them
+     (btrfs, XFS with reflink, bcachefs, ...), else a sparse-aware, copy-offloading copy
+     (``SEEK_DATA``/``copy_file_range``) reporting its progress to ``progress(done, total)``.
+     The graph is then relinked to the copies.
+   * ``data="link"``: a hard link (same inode, instant) where source and output share a
+     filesystem, else the copy above. Opt-in because onnx (``onnx.load``, ``onnx.checker``)
+     and onnx-ir refuse an external data file with several hard links (their hard-link attack
+     guard) — and that guard then refuses the *input* model too, whose data file now has two
+     links, until one of them is removed. ONNX Runtime loads both. The file is never written
+     through the link (no chmod either: it would change the input's mode).
+
+   Symlinks are never used: a symlink out of the folder is what :mod:`var_export.safety` refuses.
 
    Graphs without external data are written self-contained.
 
@@ -37,7 +45,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +71,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DataMode = Literal["auto", "share", "copy"]
+DataMode = Literal["auto", "share", "copy", "link"]
+Progress = Callable[[int, int], None]  # (bytes done, bytes total) of the weights being copied
+
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): reflink the whole file
 
 @dataclasses.dataclass
 class RewriteResult:
@@ -73,12 +84,13 @@ class RewriteResult:
     out_path: Path | None  # None for a dry run
     dry_run: bool
     report: Any  # passes.pipeline.VarReport: per-layer plan, ignored Softmax nodes
-    data_mode: str  # "inline" (no external data) | "share" | "copy"
+    data_mode: str  # "inline" (no external data) | "share" | "copy" | "link" (what was asked)
     data_files: list[Path]  # external data files the output reads (would read)
     added_inputs: list[str]
     added_outputs: list[str]
     seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)  # graph form, formulation, unfusing
+    data_how: list[str] = dataclasses.field(default_factory=list)  # per data file: share|link|reflink|copy
 
     def describe(self) -> str:
         """A human-readable plan: per decoder layer what is (would be) changed."""
@@ -124,7 +136,8 @@ class RewriteResult:
         lines.append(f"new inputs: {self.added_inputs}; new outputs: {self.added_outputs}; "
                      f"nodes added: {r.nodes_added}")
         if self.data_files:
-            lines.append(f"weights ({self.data_mode}): {[str(p) for p in self.data_files]}")
+            how = f" by {'/'.join(sorted(set(self.data_how)))}" if self.data_how else ""
+            lines.append(f"weights ({self.data_mode}{how}): {[str(p) for p in self.data_files]}")
         return "\n".join(lines)
 
 
@@ -209,9 +222,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _copy_sparse(src: Path, dst: Path) -> None:
+def _copy_sparse(src: Path, dst: Path, progress: Progress | None = None) -> None:
     """Copy ``src`` to ``dst`` keeping holes (SEEK_DATA/SEEK_HOLE) and letting the kernel
-    copy the data extents (``copy_file_range``: reflink or in-kernel copy where supported)."""
+    copy the data extents (``copy_file_range``: reflink or in-kernel copy where supported);
+    ``progress(done, total)`` after each chunk of at most 256 MB."""
     size = src.stat().st_size
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fd_in, fd_out = fin.fileno(), fout.fileno()
@@ -226,7 +240,7 @@ def _copy_sparse(src: Path, dst: Path) -> None:
             off = start
             while off < end:
                 try:
-                    n = os.copy_file_range(fd_in, fd_out, end - off, off, off)
+                    n = os.copy_file_range(fd_in, fd_out, min(end - off, 1 << 28), off, off)
                 except OSError:
                     os.lseek(fd_in, off, os.SEEK_SET)
                     os.lseek(fd_out, off, os.SEEK_SET)
@@ -234,8 +248,53 @@ def _copy_sparse(src: Path, dst: Path) -> None:
                 if n <= 0:
                     break
                 off += n
+                if progress is not None:
+                    progress(off, size)
             pos = end
         os.fsync(fd_out)
+    if progress is not None:
+        progress(size, size)
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """Clone ``src`` into the (empty) file ``dst`` with ``FICLONE``; False where unsupported."""
+    import fcntl
+
+    try:
+        with open(src, "rb") as fin, open(dst, "r+b") as fout:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        return True
+    except OSError as exc:
+        log.debug("no reflink %s -> %s (%s)", src, dst, exc)
+        return False
+
+
+def _stage_data(ref: ExternalDataRef, final: Path, link: bool, progress: Progress | None) -> tuple[Path, str]:
+    """A temporary file beside ``final`` with ``ref``'s bytes: (its path, how: link/reflink/copy)."""
+    if link and ref.path.stat().st_dev == final.parent.stat().st_dev:
+        tmp = final.parent / f".{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        try:
+            os.link(ref.path, tmp)
+            return tmp, "link"
+        except OSError as exc:  # EPERM (protected_hardlinks), EMLINK, filesystems without links
+            log.warning("cannot hard-link %s (%s); copying it", ref.path, exc)
+    elif link:
+        log.warning("%s is on another filesystem than %s: copying it", ref.path, final.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        if _reflink(ref.path, tmp):
+            how = "reflink"
+        else:
+            log.info("copying weights %s -> %s (%.1f MB apparent)", ref.path, final, ref.size / 1e6)
+            _copy_sparse(ref.path, tmp, progress)
+            how = "copy"
+        os.chmod(tmp, stat.S_IMODE(ref.path.stat().st_mode))  # our own new inode only
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, how
 
 
 def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
@@ -272,35 +331,35 @@ def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
 
 
 def _write(
-    model: ir.Model, in_path: Path, out_path: Path, refs: list[ExternalDataRef], mode: str
-) -> list[Path]:
-    """Save atomically; returns the data files the output references."""
+    model: ir.Model, in_path: Path, out_path: Path, refs: list[ExternalDataRef], mode: str,
+    progress: Progress | None = None,
+) -> tuple[list[Path], list[str]]:
+    """Save atomically; returns the data files the output references and how each got there."""
     out_dir = out_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []  # (temporary, final) data files
     data_files: list[Path] = []
+    how: list[str] = []
     try:
-        if refs and mode == "copy":
+        if refs and mode in ("copy", "link"):
             mapping: dict[str, tuple[str, Path]] = {}
             for ref in refs:
                 location = (f"{out_path.name}.data" if len(refs) == 1
                             else f"{out_path.name}.data.d/{os.path.normpath(ref.location)}")
                 final = out_dir / location
-                if any(_same_file(final, r.path) for r in refs if final.exists()):
+                if any(os.path.realpath(final) == os.path.realpath(r.path) for r in refs):
                     raise ConfigError(f"the copy of {ref.location!r} would overwrite the input's "
                                       f"data file {final}; choose another --out name.")
                 final.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-                os.close(fd)
-                staged.append((Path(tmp), final))
-                log.info("copying weights %s -> %s (%.1f MB apparent)", ref.path, final, ref.size / 1e6)
-                _copy_sparse(ref.path, Path(tmp))
-                os.chmod(tmp, stat.S_IMODE(ref.path.stat().st_mode))
+                tmp, done = _stage_data(ref, final, mode == "link", progress)
+                staged.append((tmp, final))
+                how.append(done)
                 mapping[os.path.normpath(os.path.abspath(ref.path))] = (location, out_dir)
                 data_files.append(final)
             _relink(model, mapping)
         elif refs:  # share: same folder, same relative locations
             data_files = [ref.path for ref in refs]
+            how = ["share"] * len(refs)
         fd, tmp_model = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_dir)
         os.close(fd)
         staged_model = Path(tmp_model)
@@ -317,7 +376,7 @@ def _write(
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    return data_files
+    return data_files, how
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +512,7 @@ def rewrite_decoder(
     calibration: str | os.PathLike[str] | dict[str, Any] | None = None,
     dry_run: bool = False,
     data: DataMode = "auto",
+    progress: Progress | None = None,
 ) -> RewriteResult:
     """Bake VAR into the decoder graph ``in_path`` and write it to ``out_path``.
 
@@ -460,7 +520,8 @@ def rewrite_decoder(
     ``heads``. ``calibration``: a ``calibration.json`` path or its parsed dict (heads and a
     fingerprint check against the graph). ``dry_run``: plan only, nothing written.
     ``data``: how external weights reach the output (module docstring); ``auto`` shares them
-    when ``out_path`` is in the input's folder and copies them otherwise.
+    when ``out_path`` is in the input's folder and copies (reflinks where possible) them
+    otherwise; ``link`` hard-links them. ``progress(done, total)``: bytes of a weight copy.
     """
     t0 = time.perf_counter()
     in_path = Path(in_path)
@@ -514,14 +575,15 @@ def rewrite_decoder(
                 f"by relative location); {out.parent} is another folder. Use data='copy'."
             )
     data_files = [r.path for r in refs]
+    data_how: list[str] = []
     if not refs and not _onnx_checkable(model):
         _check_loads_in_ort(model)
     if not dry_run:
         assert out is not None
-        data_files = _write(model, in_path, out, refs, mode)
+        data_files, data_how = _write(model, in_path, out, refs, mode, progress)
         log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,
         data_mode=mode, data_files=data_files, added_inputs=added_in,
-        added_outputs=added_out, seconds=time.perf_counter() - t0, notes=notes,
+        added_outputs=added_out, seconds=time.perf_counter() - t0, notes=notes, data_how=data_how,
     )
