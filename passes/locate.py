@@ -424,6 +424,9 @@ def _fused_attention_error(model: ir.Model, fused: list[ir.Node]) -> GraphPatter
         else "\nExpected an unfused attention (MatMul -> Softmax -> MatMul). Re-export without "
         "fused attention (eager attention, opset < 23, no ORT attention fusion), e.g. "
         "`var-export export` of this project."
+        + ("\ncom.microsoft::GroupQueryAttention is unfused on the VAR layers by `var-export rewrite` "
+           "(var_export.passes.unfuse_contrib.normalize_contrib); check --layers."
+           if any(n.op_type == "GroupQueryAttention" for n in fused) else "")
     )
     return GraphPatternError(
         "fused attention ops hide the attention probabilities that VAR rewrites:\n"
