@@ -19,6 +19,7 @@ Prefill + 4 decode steps each; |Δlogits| < 1e-4 and VAR moves the logits by > 1
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
@@ -52,23 +53,25 @@ def _ops(path) -> list[tuple[str, str]]:
     return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
+SLOW = pytest.mark.slow  # covered form by form by a fast case; the second head mode / batch
 CASES = [
     # (graph, head mode, heads, batch, expected form)
-    ("sdpa23", "dynamic", None, "b2-left-padded", "onnx-attention"),
-    ("sdpa23", "hybrid", [(1, 0), (1, 3), (2, 1), (2, 2)], "b2-left-padded", "onnx-attention"),
-    ("ortopt", "dynamic", None, "b2-left-padded", "contrib"),
-    ("ortopt", "static", [(1, 1), (2, 0), (2, 3)], "b2-left-padded", "contrib"),
-    ("genai", "dynamic", None, "b1", "contrib"),
-    ("genai", "dynamic", None, "b2-unpadded", "contrib"),
-    ("genai", "hybrid", [(2, 1), (2, 2)], "b1", "contrib"),
+    pytest.param("sdpa23", "dynamic", None, "b2-left-padded", "onnx-attention"),
+    pytest.param("sdpa23", "hybrid", [(1, 0), (1, 3), (2, 1), (2, 2)], "b2-left-padded", "onnx-attention",
+                 marks=SLOW),
+    pytest.param("ortopt", "dynamic", None, "b2-left-padded", "contrib"),
+    pytest.param("ortopt", "static", [(1, 1), (2, 0), (2, 3)], "b2-left-padded", "contrib", marks=SLOW),
+    pytest.param("genai", "dynamic", None, "b1", "contrib"),
+    pytest.param("genai", "dynamic", None, "b2-unpadded", "contrib", marks=SLOW),
+    pytest.param("genai", "hybrid", [(2, 1), (2, 2)], "b1", "contrib"),
 ]
 
 
 @pytest.mark.parametrize(("graph", "mode", "heads", "batch", "form"), CASES,
-                         ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
+                         ids=[f"{c.values[0]}-{c.values[1]}-{c.values[3]}" for c in CASES])
 def test_parity_with_reference(models, tmp_path, graph, mode, heads, batch, form):
     src = GRAPHS[graph]
-    assert graph_form(__import__("onnx_ir").load(str(src))) == form
+    assert graph_form(ir.load(str(src))) == form
     out = tmp_path / f"{graph}_var.onnx"
     s = settings(heads=mode)
     result = rewrite_decoder(src, out, s, heads=heads)
