@@ -99,3 +99,20 @@ def test_a_failed_write_removes_the_link(tmp_path, dense_source, monkeypatch):
     with pytest.raises(OSError):
         rewrite_decoder(src, out, SETTINGS, data="link")
     assert list(out.parent.iterdir()) == [] and os.stat(data).st_nlink == 1
+
+
+def test_cli_rewrite_links_a_genai_graph_and_prints_the_plan(tmp_path, capsys):
+    """The CLI end to end on the genai form with external weights: --data link, the printed plan
+    names the form, the unfused layers and how the weights got there."""
+    from var_export.cli import main
+
+    src = with_external_data(GRAPHS["genai"], tmp_path / "genai")
+    out = tmp_path / "other" / "var.onnx"
+    assert main(["rewrite", str(src), "--out", str(out), "--data", "link", "--sink-dims", "5,17",
+                 "--tau", "4", "--layers", "1:", "--heads", "dynamic"]) == 0
+    printed = capsys.readouterr().out
+    assert "graph form: contrib" in printed and "unfused on layers [1, 2]" in printed
+    assert "weights (link by link)" in printed
+    assert os.stat(out.parent / "var.onnx.data").st_ino == os.stat(src.parent / "model.onnx.data").st_ino
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert {"visual_token_mask", "past_sink_mask"} <= {i.name for i in sess.get_inputs()}
