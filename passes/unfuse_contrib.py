@@ -194,6 +194,17 @@ def _positions(b: Builder, seqlens_k: ir.Value, past_key: ir.Value, q: ir.Value)
     return start, i, total
 
 
+def _gqa_mask(b: Builder, present_k: ir.Value, start: ir.Value, qi: ir.Value, total: ir.Value) -> ir.Value:
+    """GQA's own mask (B, 1, S, T): key j < total_b and j <= start_b + i."""
+    t = b.op("Squeeze", [b.op("Shape", [present_k], "t_len", {"start": 2, "end": 3})], "t_len_scalar")
+    j = b.op("Range", [b.const("j_zero", np.int64(0)), t, b.const("j_one", np.int64(1))], "key_index")  # (T,)
+    last = b.op("Add", [start, qi], "last_key")  # (B, S)
+    last = b.op("Unsqueeze", [last, b.const("last_axes", [1, 3], np.int64)], "last_key_b1s1")  # (B, 1, S, 1)
+    causal = b.op("LessOrEqual", [j, last], "causal")  # (B, 1, S, T)
+    total = b.op("Unsqueeze", [total, b.const("tot_axes", [1, 2, 3], np.int64)], "total_b111")  # (B, 1, 1, 1)
+    return b.op("And", [causal, b.op("Less", [j, total], "in_length")], "allowed")
+
+
 def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> Replaced:
     """Replace one ``GroupQueryAttention`` by standard ops (module docstring)."""
     heads, kv_heads, scale, do_rotary = _check_gqa(node)
@@ -232,14 +243,7 @@ def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> 
     v_all = _repeat_kv(b, present_v, heads, kv_heads, hd, "value_heads")
     kt = b.op("Transpose", [k_all], "key_t", {"perm": [0, 1, 3, 2]})  # (B, H, hd, T)
     scores = b.op("Mul", [b.op("MatMul", [q, kt], "qk"), b.const("scale", np.float32(scale))], "scores")  # (B, H, S, T)
-    # GQA's mask: key j < total_b and j <= start_b + i
-    j = b.op("Range", [b.const("j_zero", np.int64(0)),
-                       b.op("Squeeze", [b.op("Shape", [present_k], "t_len", {"start": 2, "end": 3})], "t_len_scalar"),
-                       b.const("j_one", np.int64(1))], "key_index")  # (T,)
-    last = b.op("Unsqueeze", [b.op("Add", [pos_start, qi], "last_key"), b.const("last_axes", [1, 3], np.int64)], "last_key_b1s1")  # (B, 1, S, 1)
-    causal = b.op("LessOrEqual", [j, last], "causal")  # (B, 1, S, T)
-    in_len = b.op("Less", [j, b.op("Unsqueeze", [total, b.const("tot_axes", [1, 2, 3], np.int64)], "total_b111")], "in_length")
-    allowed = b.op("And", [causal, in_len], "allowed")
+    allowed = _gqa_mask(b, present_k, pos_start, qi, total)  # (B, 1, S, T)
     lowest = b.const("lowest", np.float32(np.finfo(np.float32).min))
     probs = b.op("Softmax", [b.op("Where", [allowed, scores, lowest], "masked_scores")], "probs", {"axis": -1})
     probs.shape = ir.Shape([None, heads, None, None])
