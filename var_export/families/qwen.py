@@ -136,7 +136,9 @@ class QwenVLFamily(ModelFamily):
     def load_processor(self, path: Path, *, trust_remote_code: bool = False) -> Any:
         """Image processor (PIL backend) + tokenizer + chat template; no video processor."""
         from transformers import AutoTokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
 
         try:
             import torchvision  # noqa: F401
@@ -354,7 +356,6 @@ def _make_vision_graph() -> type:
 def _attention(attn: Any, x: Any, cos: Any, sin: Any, mask: Any) -> Any:
     """HF vision attention (qkv, rotary, eager softmax, proj) with a block-diagonal mask."""
     import torch
-
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
     n = x.shape[0]
