@@ -165,6 +165,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             "dtype": opts.dtype,
             "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
             **_token_facts(loaded.config),
+            **_family_facts(loaded.config),
         }
         t = time.perf_counter()
         bundle_dir = write_bundle(
@@ -199,6 +200,14 @@ def _token_facts(config: Any) -> dict[str, Any]:
         "image_token_id": getattr(config, "image_token_id", None),
         "eos_token_id": getattr(text, "eos_token_id", None),
     }
+
+
+def _family_facts(config: Any) -> dict[str, Any]:
+    """The model family (the runtime's key to its hooks) and the facts its numpy hooks need."""
+    from var_export.families import family_of
+
+    family = family_of(config)
+    return {"family": family.name, **family.manifest_fields(config)}
 
 
 def _export_progress(progress: Any):

@@ -320,6 +320,9 @@ class VarRuntime:
         if var and not self.has_var:
             log.info("bundle %s has no VAR (exported with --no-var): running the plain decoder", self.bundle.path)
         self.var = bool(var and self.has_var)
+        from var_export.families import family_for_model_type
+
+        self.family = family_for_model_type(manifest.get("family") or "llava")
         self.processor = self._load_processor()
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer = tokenizer
@@ -333,10 +336,8 @@ class VarRuntime:
         return self.sessions[DECODER]
 
     def _load_processor(self) -> Any:
-        from transformers import AutoProcessor
-
         try:
-            return AutoProcessor.from_pretrained(str(self.bundle.path))
+            return self.family.load_processor(self.bundle.path)
         except Exception as exc:  # transformers raises OSError / ValueError / KeyError
             raise BundleError(
                 f"expected the model's processor files (tokenizer, processor_config.json) in "
@@ -402,11 +403,10 @@ class VarRuntime:
                 f"model allows at most {self.max_positions} positions, prompt and answer together. "
                 "Shorten the prompt."
             )
-        return {
-            "input_ids": ids,
-            "attention_mask": np.asarray(batch["attention_mask"], dtype=np.int64),
-            "pixel_values": np.asarray(batch["pixel_values"]),
-        }
+        out = {key: np.asarray(value) for key, value in batch.items()}  # + image_sizes, ... (family)
+        out["input_ids"] = ids
+        out["attention_mask"] = np.asarray(batch["attention_mask"], dtype=np.int64)
+        return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions[EMBED_TOKENS].run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
@@ -416,9 +416,12 @@ class VarRuntime:
         from var_export.export import merge_image_features
 
         vision = self.sessions[VISION_ENCODER]
-        pv_type = _ORT_DTYPES.get(vision.get_inputs()[0].type, np.float32)
+        types = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in vision.get_inputs()}
+        feeds = {k: np.asarray(v).astype(types.get(k, np.float32)) for k, v in self.family.vision_feeds(batch).items()}
+        names = [o.name for o in vision.get_outputs()]
         t0 = time.perf_counter()
-        features = vision.run(["image_features"], {"pixel_values": batch["pixel_values"].astype(pv_type)})[0]
+        outputs = dict(zip(names, vision.run(names, feeds)))
+        features = self.family.merge_vision_outputs(outputs, batch, self.bundle.manifest)  # (N_img, D)
         t_vision = time.perf_counter() - t0
         embeds = self._embed(batch["input_ids"])
         try:
