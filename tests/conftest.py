@@ -17,3 +17,19 @@ def tiny_loaded(tiny_llava_path):
     from var_export.models import load_llava, resolve_model
 
     return load_llava(resolve_model("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def anyres(tmp_path_factory):
+    """variant -> AnyresModel for tiny-llava-next / tiny-llava-onevision: loaded once, the three
+    plain graphs exported once, a hybrid VAR bundle written once (lazily, per variant)."""
+    from tests.anyres_fixtures import AnyresModel
+
+    cache: dict[str, AnyresModel] = {}
+
+    def get(variant: str) -> AnyresModel:
+        if variant not in cache:
+            cache[variant] = AnyresModel(variant, tmp_path_factory.mktemp(variant))
+        return cache[variant]
+
+    return get

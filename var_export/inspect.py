@@ -71,6 +71,7 @@ class _Capture:
     eligible: np.ndarray  # (T,) bool rows VAR may change
     attn_before: np.ndarray | None  # (H, T) the probed layer's last-row attention before VAR
     attn_after: np.ndarray | None  # (H, T) ... after VAR
+    tiled: bool = False  # any-resolution tiles: the grid shows the base tile (first visual tokens)
 
 
 def _run_reference(
@@ -121,7 +122,10 @@ def _run_reference(
     visual = batch["visual_token_mask"].to(torch.bool)
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, S)
     with torch.no_grad():
-        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"])  # (B, S, D)
+        from var_export.families import family_of
+
+        extra = {k: batch[k] for k in family_of(model).processor_keys if k in batch}  # image_sizes, ...
+        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"], **extra)  # (B, S, D)
         ref.step(embeds, mask, position_ids, None, visual, None)
     from var_export.calibration.reference import eligible_rows
 
@@ -134,6 +138,7 @@ def _run_reference(
         eligible=eligible[0].cpu().numpy(),
         attn_before=None if ref.before is None else ref.before.cpu().numpy(),
         attn_after=None if ref.after is None else ref.after.cpu().numpy(),
+        tiled=batch["pixel_values"].dim() == 5,  # (B, tiles, 3, H, W)
     )
 
 
@@ -156,9 +161,16 @@ def patch_grid(config: Any) -> tuple[int, int]:
     return side, side
 
 
-def visual_token_cells(n_visual: int, grid: tuple[int, int]) -> tuple[int, int]:
-    """(offset, count): which visual tokens map onto the grid (offset 1 = a leading CLS feature)."""
+def visual_token_cells(n_visual: int, grid: tuple[int, int], *, tiled: bool = False) -> tuple[int, int]:
+    """(offset, count): which visual tokens map onto the grid (offset 1 = a leading CLS feature).
+
+    ``tiled`` (any-resolution models, LLaVA-NeXT / OneVision): the image's tokens start with the
+    base tile (the whole image at the tower's resolution), then the high-resolution tiles and
+    newlines; the grid shows the base tile.
+    """
     cells = grid[0] * grid[1]
+    if tiled and n_visual > cells:
+        return 0, cells
     if n_visual == cells:
         return 0, cells
     if n_visual == cells + 1:
@@ -382,6 +394,8 @@ def _prepare(processor: Any, image: Any, prompt: str) -> dict[str, Any]:
 def _model_view(pixel_values: Any, processor: Any) -> np.ndarray:
     """The image as the vision tower sees it: (H, W, 3) in [0, 1], un-normalised pixel_values."""
     pv = np.asarray(pixel_values[0].detach().float().cpu().numpy(), dtype=np.float64)  # (3, H, W)
+    if pv.ndim == 4:  # any-resolution tiles (tiles, 3, H, W): the base tile is the whole image
+        pv = pv[0]
     ip = getattr(processor, "image_processor", None)
     mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float64)
     std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float64)
@@ -392,7 +406,7 @@ def _model_view(pixel_values: Any, processor: Any) -> np.ndarray:
 def _grid_of(values: np.ndarray, cap: _Capture, grid: tuple[int, int]) -> np.ndarray:
     """(T,) per-position values -> (rows, cols) over the image patch grid."""
     vis_pos = np.flatnonzero(cap.visual)
-    offset, count = visual_token_cells(len(vis_pos), grid)
+    offset, count = visual_token_cells(len(vis_pos), grid, tiled=cap.tiled)
     return values[vis_pos[offset : offset + count]].reshape(grid)
 
 
