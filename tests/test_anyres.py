@@ -69,28 +69,6 @@ def test_onevision_downsamples_large_grids():
     assert np.abs(packing.bilinear(x.numpy(), 4, 5) - want).max() < 1e-6
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_vision_graph_matches_hf_features(anyres, variant):
-    from var_export.runtime import make_session
-
-    m = anyres(variant)
-    fam = family_of(m.model)
-    sizes = [(64, 64), (80, 48), (48, 80), (40, 32)]  # square, wide, tall, small
-    images = ta.synthetic_images(len(sizes), seed=3, sizes=sizes)
-    batch = m.batch(images, ["what is it?"] * len(sizes))
-    with torch.no_grad():
-        ref = fam.image_features(m.model, batch).numpy()
-    sess = make_session(m.vision_encoder)
-    assert [o.name for o in sess.get_outputs()] == list(fam.vision_outputs)
-    nb = _numpy(batch)
-    outputs = dict(zip(fam.vision_outputs, sess.run(list(fam.vision_outputs), fam.vision_feeds(nb))))
-    got = fam.merge_vision_outputs(outputs, nb, fam.manifest_fields(m.model.config))
-    assert got.shape == ref.shape
-    err = float(np.abs(got - ref).max())
-    RESULTS[f"{variant}/vision-vs-hf"] = err
-    assert err < TOL
-
-
 @pytest.fixture(scope="module")
 def plain_logits():
     return {}
@@ -168,6 +146,29 @@ def test_runtime_prompt_logits_and_run(anyres, variant, tmp_path, capsys):
     code = main(["-q", "run", str(m.bundle), "--image", str(path), "--prompt", prompt, "--max-new-tokens", "5"])
     assert code == 0
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vision_graph_matches_hf_features(anyres, variant):
+    """Runs after the decoder tests: reuses their export when there is one."""
+    from var_export.runtime import make_session
+
+    m = anyres(variant)
+    fam = family_of(m.model)
+    sizes = [(64, 64), (80, 48), (48, 80), (40, 32)]  # square, wide, tall, small
+    images = ta.synthetic_images(len(sizes), seed=3, sizes=sizes)
+    batch = m.batch(images, ["what is it?"] * len(sizes))
+    with torch.no_grad():
+        ref = fam.image_features(m.model, batch).numpy()
+    sess = make_session(m.vision_encoder)
+    assert [o.name for o in sess.get_outputs()] == list(fam.vision_outputs)
+    nb = _numpy(batch)
+    outputs = dict(zip(fam.vision_outputs, sess.run(list(fam.vision_outputs), fam.vision_feeds(nb))))
+    got = fam.merge_vision_outputs(outputs, nb, fam.manifest_fields(m.model.config))
+    assert got.shape == ref.shape
+    err = float(np.abs(got - ref).max())
+    RESULTS[f"{variant}/vision-vs-hf"] = err
+    assert err < TOL
 
 
 def test_inspect_draws_the_base_tile(anyres, tmp_path):
