@@ -20,16 +20,16 @@ def tiny_loaded(tiny_llava_path):
 
 
 @pytest.fixture(scope="session")
-def anyres(tmp_path_factory):
-    """variant -> AnyresModel for tiny-llava-next / tiny-llava-onevision: loaded once, the three
+def tiled(tmp_path_factory):
+    """variant -> TiledModel for tiny-llava-next, tiny-llava-onevision, tiny-internvl: loaded once, the three
     plain graphs exported once, a hybrid VAR bundle written once (lazily, per variant)."""
-    from tests.anyres_fixtures import AnyresModel
+    from tests.tiled_fixtures import TiledModel
 
-    cache: dict[str, AnyresModel] = {}
+    cache: dict[str, TiledModel] = {}
 
-    def get(variant: str) -> AnyresModel:
+    def get(variant: str) -> TiledModel:
         if variant not in cache:
-            cache[variant] = AnyresModel(variant, tmp_path_factory.mktemp(variant))
+            cache[variant] = TiledModel(variant, tmp_path_factory.mktemp(variant))
         return cache[variant]
 
     return get

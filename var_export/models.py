@@ -83,10 +83,12 @@ class LoadedModel:
 
 def _embedded_dir(name: str) -> Path:
     """The cached HF directory of an embedded (built-in-code) preset, built on first use."""
-    from var_export.calibration import tiny_anyres
+    from var_export.calibration import tiny_anyres, tiny_internvl
 
     if name in tiny_anyres.VARIANTS:
         return tiny_anyres.tiny_dir(name)
+    if name == tiny_internvl.NAME:
+        return tiny_internvl.tiny_internvl_dir()
     from var_export.calibration.tiny_llava import tiny_llava_dir
 
     return tiny_llava_dir()

@@ -1,4 +1,5 @@
-"""Shared state of the any-resolution (LLaVA-NeXT / OneVision) tests: one export per variant."""
+"""Shared state of the tiled-image family tests (LLaVA-NeXT, LLaVA-OneVision, InternVL): one
+load, one export and one VAR bundle per tiny variant, shared by the whole session."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from var_export.calibration import tiny_llava as tl
 HEADS = sorted(tl.PLANTED_IMAGE_CENTRIC_HEADS + tl.PLANTED_MIXED_HEADS)
 # two images of different sizes / aspect ratios -> different token counts -> left padding
 IMAGE_SIZES = ((64, 64), (80, 48))
+INTERNVL_IMAGE_SIZES = ((128, 128), (160, 64))  # 4 + thumbnail tiles, 2 + thumbnail tiles
 PROMPTS = ["Describe the red object in the image in detail please.", "What is it?"]
 
 
-class AnyresModel:
+class TiledModel:
     """A tiny any-resolution variant: loaded model, plain graphs, and (lazily) a VAR bundle."""
 
     def __init__(self, variant: str, tmp: Path) -> None:
@@ -47,8 +49,17 @@ class AnyresModel:
     def batch(self, images: Any = None, prompts: list[str] | None = None) -> dict[str, Any]:
         from var_export.inputs import prepare_batch
 
-        images = images if images is not None else ta.synthetic_images(len(IMAGE_SIZES), seed=7, sizes=IMAGE_SIZES)
+        sizes = INTERNVL_IMAGE_SIZES if self.variant == "tiny-internvl" else IMAGE_SIZES
+        images = images if images is not None else ta.synthetic_images(len(sizes), seed=7, sizes=sizes)
         return prepare_batch(self.processor, images, prompts or PROMPTS)
+
+    def embeds(self, batch: dict[str, Any]) -> Any:
+        """inputs_embeds (B, S, D) as the HF model builds them (the family's extra vision inputs)."""
+        from var_export.export import embed_and_merge
+        from var_export.families import family_of
+
+        extra = {k: batch[k] for k in family_of(self.model).processor_keys if k in batch}
+        return embed_and_merge(self.model, batch["input_ids"], batch["pixel_values"], **extra)
 
     def settings(self, mode: str = "hybrid") -> Any:
         from var_export.core.settings import VarSettings

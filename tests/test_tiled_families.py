@@ -1,6 +1,8 @@
-"""LLaVA-NeXT and LLaVA-OneVision (any-resolution tiles + image newlines), on their tiny variants.
+"""LLaVA-NeXT, LLaVA-OneVision (any-resolution tiles + image newlines) and InternVL (dynamic
+tiles + pixel shuffle), on their tiny variants.
 
-* every token ``<image>`` expands into (base tile, grid tiles, newlines) is visual;
+* every token ``<image>`` expands into (base tile, grid tiles, newlines) is visual; for InternVL
+  the ``<IMG_CONTEXT>`` tokens are, ``<img>`` / ``</img>`` are not;
 * the vision graph (per-tile features + image_newline) with the runtime's numpy packing equals HF
   ``get_image_features`` for several image sizes and aspect ratios (OneVision: both with and
   without its ``anyres_max`` bilinear downsampling);
@@ -17,27 +19,40 @@ import numpy as np
 import pytest
 import torch
 
-from tests.anyres_fixtures import HEADS
 from tests.test_parity import TOL, Case, _run_both, _session
+from tests.tiled_fixtures import HEADS
 from var_export.calibration import tiny_anyres as ta
+from var_export.calibration import tiny_internvl
 from var_export.calibration import tiny_llava as tl
 from var_export.families import anyres as packing
 from var_export.families import family_of
 
-VARIANTS = list(ta.VARIANTS)
+ANYRES = list(ta.VARIANTS)
+VARIANTS = [*ANYRES, tiny_internvl.NAME]
 # The decoder export dominates the cost (~20-60 s per model on 2 shared cores): the default run
-# exports LLaVA-NeXT's decoder (Mistral); OneVision's (Qwen2, q/k/v biases) runs with -m slow.
-DECODER_VARIANTS = ["tiny-llava-next", pytest.param("tiny-llava-onevision", marks=pytest.mark.slow)]
+# exports LLaVA-NeXT's decoder (Mistral); OneVision's and InternVL's (Qwen2, q/k/v biases) run
+# with -m slow.
+DECODER_VARIANTS = [
+    "tiny-llava-next",
+    pytest.param("tiny-llava-onevision", marks=pytest.mark.slow),
+    pytest.param(tiny_internvl.NAME, marks=pytest.mark.slow),
+]
 RESULTS: dict[str, float] = {}
+RUN_SIZES = {"tiny-llava-next": (80, 48), "tiny-llava-onevision": (80, 48), "tiny-internvl": (160, 96)}
+VISION_SIZES = {  # square, wide, tall, small
+    "tiny-llava-next": [(64, 64), (80, 48), (48, 80), (40, 32)],
+    "tiny-llava-onevision": [(64, 64), (80, 48), (48, 80), (40, 32)],
+    "tiny-internvl": [(128, 128), (160, 64), (64, 144), (48, 40)],
+}
 
 
 def _numpy(batch: dict) -> dict:
     return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_visual_tokens_are_tiles_and_newlines(anyres, variant):
-    m = anyres(variant)
+@pytest.mark.parametrize("variant", ANYRES)
+def test_visual_tokens_are_tiles_and_newlines(tiled, variant):
+    m = tiled(variant)
     batch = m.batch()
     fam = family_of(m.model)
     with torch.no_grad():
@@ -52,6 +67,22 @@ def test_visual_tokens_are_tiles_and_newlines(anyres, variant):
     assert bool((ids[visual] == m.model.config.image_token_id).all())
     assert visual.sum(1).tolist()[0] != visual.sum(1).tolist()[1]  # different sizes, different counts
     assert (batch["attention_mask"][1] == 0).any() or (batch["attention_mask"][0] == 0).any()
+
+
+def test_internvl_visual_tokens_are_the_image_context(tiled):
+    m = tiled(tiny_internvl.NAME)
+    batch = m.batch()
+    tok = m.processor.tokenizer
+    ids, visual = batch["input_ids"], batch["visual_token_mask"]
+    context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert bool((ids[visual] == context).all()) and int(visual.sum()) == int((ids == context).sum())
+    n_tiles = batch["pixel_values"].shape[0]
+    assert int(visual.sum()) == n_tiles * tiny_internvl.TOKENS_PER_TILE
+    for marker in ("<img>", "</img>"):  # one pair per image, never visual
+        pos = ids == tok.convert_tokens_to_ids(marker)
+        assert pos.sum(1).tolist() == [1, 1] and not bool((pos & visual).any())
+    counts = visual.sum(1).tolist()
+    assert counts[0] != counts[1]  # different sizes, different numbers of tiles
 
 
 def test_onevision_downsamples_large_grids():
@@ -76,13 +107,12 @@ def plain_logits():
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
 @pytest.mark.parametrize("variant", DECODER_VARIANTS)
-def test_var_decoder_equals_reference(anyres, plain_logits, tmp_path, variant, mode):
-    from var_export.export import embed_and_merge
+def test_var_decoder_equals_reference(tiled, plain_logits, tmp_path, variant, mode):
     from var_export.passes.pipeline import apply_var, load_model
 
-    m = anyres(variant)
+    m = tiled(variant)
     batch = m.batch()
-    embeds = embed_and_merge(m.model, batch["input_ids"], batch["pixel_values"], image_sizes=batch["image_sizes"])
+    embeds = m.embeds(batch)
     settings = m.settings(mode)
     case = Case(variant, m.model, embeds, batch["attention_mask"], batch["visual_token_mask"], settings, HEADS)
     plain = load_model(m.exported.decoder)
@@ -101,10 +131,10 @@ def test_var_decoder_equals_reference(anyres, plain_logits, tmp_path, variant, m
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_calibration_finds_planted_sinks_and_heads(anyres, variant):
+def test_calibration_finds_planted_sinks_and_heads(tiled, variant):
     from var_export.calibration.calibrate import calibrate
 
-    m = anyres(variant)
+    m = tiled(variant)
     images = ta.synthetic_images(4, seed=0)
     samples = [(img, tl.DEFAULT_PROMPTS[i]) for i, img in enumerate(images)]
     cal = calibrate(m.loaded, samples, m.settings().replace(sink_dims=(0,)))
@@ -117,23 +147,23 @@ def test_calibration_finds_planted_sinks_and_heads(anyres, variant):
 
 
 @pytest.mark.parametrize("variant", DECODER_VARIANTS)
-def test_runtime_prompt_logits_and_run(anyres, variant, tmp_path, capsys):
+def test_runtime_prompt_logits_and_run(tiled, variant, tmp_path, capsys):
     """The bundle's own path (processor -> vision graph -> numpy packing -> decoder) equals the
     reference; `var-export run` generates."""
     from var_export.calibration.reference import VarReference
     from var_export.cli import main
-    from var_export.export import embed_and_merge
     from var_export.runtime import VarRuntime
 
-    m = anyres(variant)
+    m = tiled(variant)
     manifest = json.loads((m.bundle / "manifest.json").read_text())
-    assert manifest["family"] == family_of(m.model).name and "anyres" in manifest
-    image = ta.synthetic_images(2, seed=11, sizes=[(80, 48)])[1]
+    assert manifest["family"] == family_of(m.model).name
+    assert ("anyres" in manifest) == (variant in ANYRES)  # the packing facts of NeXT / OneVision
+    image = ta.synthetic_images(2, seed=11, sizes=[RUN_SIZES[variant]])[1]
     prompt = "What color is the square on the left?"
     rt = VarRuntime(m.bundle)
     got = rt.prompt_logits(image, prompt)  # (S, V)
     batch = m.batch([image], [prompt])
-    embeds = embed_and_merge(m.model, batch["input_ids"], batch["pixel_values"], image_sizes=batch["image_sizes"])
+    embeds = m.embeds(batch)
     mask = batch["attention_mask"]
     out = VarReference(m.model, m.settings(), HEADS).step(
         embeds, mask, (mask.cumsum(-1) - 1), None, batch["visual_token_mask"], None
@@ -149,13 +179,13 @@ def test_runtime_prompt_logits_and_run(anyres, variant, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_vision_graph_matches_hf_features(anyres, variant):
+def test_vision_graph_matches_hf_features(tiled, variant):
     """Runs after the decoder tests: reuses their export when there is one."""
     from var_export.runtime import make_session
 
-    m = anyres(variant)
+    m = tiled(variant)
     fam = family_of(m.model)
-    sizes = [(64, 64), (80, 48), (48, 80), (40, 32)]  # square, wide, tall, small
+    sizes = VISION_SIZES[variant]
     images = ta.synthetic_images(len(sizes), seed=3, sizes=sizes)
     batch = m.batch(images, ["what is it?"] * len(sizes))
     with torch.no_grad():
@@ -171,17 +201,22 @@ def test_vision_graph_matches_hf_features(anyres, variant):
     assert err < TOL
 
 
-def test_inspect_draws_the_base_tile(anyres, tmp_path):
-    from var_export.inspect import inspect_bundle
+def test_inspect_draws_the_whole_image_tile(tiled, tmp_path):
+    """NeXT: from the bundle, the base tile (first); InternVL: from the model, the thumbnail (last)."""
+    from var_export.inspect import inspect_bundle, inspect_pretrained
 
-    m = anyres("tiny-llava-next")
+    m = tiled("tiny-llava-next")
     image = ta.synthetic_images(1, seed=2, sizes=[(64, 64)])[0]
-    result = inspect_bundle(m.bundle, image, "What is in the image?", tmp_path / "inspect")
-    summary = result.summary
-    assert summary["grid"] == [ta.TILE_GRID, ta.TILE_GRID]
-    sinks = [entry for entry in summary["layers"] if entry["layer"] >= tl.FIRST_SINK_LAYER]
-    assert sinks and all(entry["visual_sinks"] > 0 for entry in sinks)
-    assert any(p.suffix == ".png" for p in result.files)
+    result = inspect_bundle(m.bundle, image, "What is in the image?", tmp_path / "next")
+    assert result.summary["grid"] == [ta.TILE_GRID, ta.TILE_GRID]
+    image = ta.synthetic_images(1, seed=2, sizes=[(128, 96)])[0]
+    internvl = inspect_pretrained(tiny_internvl.NAME, image, "What is in the image?", tmp_path / "internvl")
+    side = tiny_internvl.PATCH_GRID // 2
+    assert internvl.summary["grid"] == [side, side]
+    for res in (result, internvl):
+        sinks = [e for e in res.summary["layers"] if e["layer"] >= tl.FIRST_SINK_LAYER]
+        assert sinks and all(e["visual_sinks"] > 0 and e["sink_patches"] for e in sinks)
+        assert any(p.suffix == ".png" for p in res.files)
 
 
 def test_report(capsys):
