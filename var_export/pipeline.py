@@ -100,9 +100,9 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             t = time.perf_counter()
             # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
             # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
-            base = resolve_settings(
-                preset=spec.preset or {"sink_dims": [0]}, overrides=overrides, convention=opts.convention
-            )
+            # (a preset may leave sink_dims null: unpublished for the model, calibration finds them)
+            preset = spec.preset if (spec.preset or {}).get("sink_dims") else {**(spec.preset or {}), "sink_dims": [0]}
+            base = resolve_settings(preset=preset, overrides=overrides, convention=opts.convention)
             cal = calibrate(
                 loaded,
                 calibration_samples(opts.data),
