@@ -128,7 +128,9 @@ def prepare_batch(
     """Tokenize and preprocess one image per prompt, padded to a batch.
 
     Returns torch tensors: ``input_ids`` (B, S) int64, ``attention_mask`` (B, S) int64,
-    ``pixel_values`` (B, 3, H, W) float, ``visual_token_mask`` (B, S) bool (image-token positions).
+    ``pixel_values`` (B, 3, H, W) float, ``visual_token_mask`` (B, S) bool (image-token positions),
+    plus any other processor output (Qwen-VL: ``pixel_values`` is [N_patches, C*T*P*P] and
+    ``image_grid_thw`` [n_images, 3], ``mm_token_type_ids`` [B, S] come along).
     ``max_prompt_tokens`` (default: the tokenizer's ``model_max_length`` when it is finite) bounds
     every prompt's length after the image placeholder is expanded.
     """
@@ -176,9 +178,12 @@ def prepare_batch(
             f"prompt {worst} is {int(lengths[worst])} tokens long (image tokens included); the model "
             f"takes at most {limit}. Shorten the prompt."
         )
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "pixel_values": enc["pixel_values"],
         "visual_token_mask": visual.to(torch.bool),
     }
+    # what else the family's processor returns (Qwen-VL: image_grid_thw, mm_token_type_ids)
+    out.update({k: v for k, v in enc.items() if k not in out})
+    return out

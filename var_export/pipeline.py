@@ -70,6 +70,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     from var_export.bundle import write_bundle
     from var_export.calibration.calibrate import calibrate, calibration_samples, load_calibration
     from var_export.export import export_graphs
+    from var_export.families import family_of
     from var_export.models import load_llava, model_fingerprint, resolve_model, text_config_dims
     from var_export.passes.fused_var import apply_fused_var
     from var_export.passes.pipeline import apply_var, save_model
@@ -100,9 +101,9 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             t = time.perf_counter()
             # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
             # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
-            base = resolve_settings(
-                preset=spec.preset or {"sink_dims": [0]}, overrides=overrides, convention=opts.convention
-            )
+            preset = dict(spec.preset or {})
+            preset["sink_dims"] = preset.get("sink_dims") or [0]  # unpublished dims (Qwen-VL presets)
+            base = resolve_settings(preset=preset, overrides=overrides, convention=opts.convention)
             cal = calibrate(
                 loaded,
                 calibration_samples(opts.data),
@@ -164,6 +165,8 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             "opset": exported.opset,
             "dtype": opts.dtype,
             "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
+            "family": family_of(loaded.model).name,
+            "mrope": family_of(loaded.model).mrope,
             **_token_facts(loaded.config),
         }
         t = time.perf_counter()

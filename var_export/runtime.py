@@ -209,6 +209,8 @@ def greedy_decode_numpy(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     on_token: Callable[[np.ndarray], None] | None = None,
+    position_ids: np.ndarray | None = None,
+    next_positions: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> DecodeResult:
     """Greedy decoding with the KV and sink-mask caches (batch, left padding).
 
@@ -216,6 +218,9 @@ def greedy_decode_numpy(
     ``visual_token_mask`` (B, S) bool for the prompt (None: all False, i.e. VAR off). Generated
     tokens are never visual. Stops after ``max_new_tokens`` or when every row has produced
     ``eos_token_id``. ``on_token(ids (B,))`` is called after each new token.
+    ``position_ids``: the prompt's (default :func:`prefill_position_ids`; M-RoPE models pass
+    [3, B, S]); ``next_positions(mask (B, T))``: the newest token's positions (default: the
+    previous + 1; Qwen-VL: ``cumsum(mask) - 1 + rope_deltas``, see var_export.families.qwen).
     """
     b = inputs_embeds.shape[0]
     mask = np.asarray(attention_mask, dtype=np.int64)
@@ -224,7 +229,8 @@ def greedy_decode_numpy(
         if visual_token_mask is None
         else np.asarray(visual_token_mask, dtype=np.bool_) & (mask != 0)
     )
-    position_ids = prefill_position_ids(mask)
+    if position_ids is None:
+        position_ids = prefill_position_ids(mask)
     past = empty_past(decoder, b)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
     t0 = time.perf_counter()
@@ -245,7 +251,7 @@ def greedy_decode_numpy(
             break
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
         visual = np.concatenate([visual, np.zeros((b, 1), np.bool_)], axis=1)
-        position_ids = position_ids[:, -1:] + 1
+        position_ids = next_positions(mask) if next_positions is not None else position_ids[..., -1:] + 1
         logits, past = decode_step_numpy(decoder, embed(nxt[:, None]), mask, position_ids, past, visual)
         steps += 1
     out = np.stack(tokens, axis=1) if tokens else np.zeros((b, 0), np.int64)
@@ -320,6 +326,9 @@ class VarRuntime:
         if var and not self.has_var:
             log.info("bundle %s has no VAR (exported with --no-var): running the plain decoder", self.bundle.path)
         self.var = bool(var and self.has_var)
+        from var_export.families import family_for_model_type
+
+        self.family = family_for_model_type(manifest.get("family") or "llava")
         self.processor = self._load_processor()
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer = tokenizer
@@ -333,10 +342,8 @@ class VarRuntime:
         return self.sessions[DECODER]
 
     def _load_processor(self) -> Any:
-        from transformers import AutoProcessor
-
         try:
-            return AutoProcessor.from_pretrained(str(self.bundle.path))
+            return self.family.load_processor(self.bundle.path)
         except Exception as exc:  # transformers raises OSError / ValueError / KeyError
             raise BundleError(
                 f"expected the model's processor files (tokenizer, processor_config.json) in "
@@ -402,11 +409,13 @@ class VarRuntime:
                 f"model allows at most {self.max_positions} positions, prompt and answer together. "
                 "Shorten the prompt."
             )
-        return {
+        out = {
             "input_ids": ids,
             "attention_mask": np.asarray(batch["attention_mask"], dtype=np.int64),
             "pixel_values": np.asarray(batch["pixel_values"]),
         }
+        out.update({k: np.asarray(v) for k, v in batch.items() if k not in out})  # image_grid_thw, ...
+        return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions[EMBED_TOKENS].run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
@@ -416,9 +425,10 @@ class VarRuntime:
         from var_export.export import merge_image_features
 
         vision = self.sessions[VISION_ENCODER]
-        pv_type = _ORT_DTYPES.get(vision.get_inputs()[0].type, np.float32)
+        types = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in vision.get_inputs()}
+        feeds = {k: v.astype(types.get(k, v.dtype)) for k, v in self.family.vision_feeds(batch).items()}
         t0 = time.perf_counter()
-        features = vision.run(["image_features"], {"pixel_values": batch["pixel_values"].astype(pv_type)})[0]
+        features = vision.run(["image_features"], feeds)[0]
         t_vision = time.perf_counter() - t0
         embeds = self._embed(batch["input_ids"])
         try:
@@ -433,9 +443,8 @@ class VarRuntime:
         embeds, _ = self.prompt_embeds(batch)
         mask = batch["attention_mask"]
         visual = (batch["input_ids"] == self.image_token_id) if self.var else None
-        logits, _ = decode_step_numpy(
-            self.decoder, embeds, mask, prefill_position_ids(mask), empty_past(self.decoder, 1), visual
-        )
+        positions, _ = self.family.prefill_positions(batch)
+        logits, _ = decode_step_numpy(self.decoder, embeds, mask, positions, empty_past(self.decoder, 1), visual)
         return logits[0]
 
     def generate(
@@ -468,6 +477,7 @@ class VarRuntime:
         t_pre = time.perf_counter() - t0
         embeds, t_vision = self.prompt_embeds(batch)
         visual = batch["input_ids"] == self.image_token_id if self.var else None
+        positions, decode_state = self.family.prefill_positions(batch)  # Qwen-VL: rope_deltas
 
         generated: list[int] = []
         emitted = [""]
@@ -492,6 +502,8 @@ class VarRuntime:
             eos_token_id=self.eos_token_id if stop_on_eos else None,
             pad_token_id=self.pad_token_id,
             on_token=on_token,
+            position_ids=positions,
+            next_positions=lambda m: self.family.decode_positions(m, decode_state),
         )
         text = self._decode(generated)
         if stream is not None and text != emitted[0] and text.startswith(emitted[0]):
