@@ -323,3 +323,74 @@ def test_runtime_matches_reference_and_generates(tiny_qwen_loaded, qwen_bundle, 
     assert rc in (0, None)
     manifest = json.loads((qwen_bundle / "manifest.json").read_text())
     assert manifest["family"] == "qwen2_5_vl" and manifest["io"][VISION_ENCODER]["inputs"] == ["pixel_values", "image_grid_thw"]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, presets, inspect
+
+
+def test_local_dir_and_hub_ids(tiny_qwen_loaded, tmp_path, monkeypatch):
+    """A save_pretrained directory (model + processor) loads; a hub id in the HF cache loads
+    offline; a hub id that is not cached fails in seconds with what to do."""
+    from var_export.core.errors import ModelLoadError
+    from var_export.models import load_llava, resolve_model
+
+    d = tmp_path / "qwen-local"
+    tiny_qwen_loaded.model.save_pretrained(d)
+    tiny_qwen_loaded.processor.save_pretrained(d)
+    local = load_llava(str(d))
+    assert type(local.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert local.processor.image_token == tq.IMAGE_TOKEN
+    assert not hasattr(local.processor, "video_processor") or local.processor.video_processor is None
+    b1 = prepare_batch(local.processor, tq.synthetic_images(1), PROMPTS[:1])
+    b2 = prepare_batch(tiny_qwen_loaded.processor, tq.synthetic_images(1), PROMPTS[:1])
+    assert torch.equal(b1["input_ids"], b2["input_ids"]) and torch.equal(b1["pixel_values"], b2["pixel_values"])
+
+    spec = resolve_model("qwen2.5-vl")
+    assert spec.kind == "hub" and spec.hf_id == "Qwen/Qwen2.5-VL-7B-Instruct" and spec.sink_dims is None
+    assert resolve_model("Qwen/Qwen2-VL-7B-Instruct").preset["family"] == "qwen2_vl"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="Qwen/Qwen2.5-VL-7B-Instruct.*hf download"):
+        load_llava("qwen2.5-vl")
+
+
+def test_inspect_draws_qwen(tiny_qwen_loaded, tmp_path):
+    from var_export.inspect import inspect_model
+
+    image = tq.synthetic_images(1, seed=3, sizes=((48, 80),))[0]
+    cal_settings = SETTINGS
+    from var_export.calibration.calibrate import calibrate
+
+    cal = calibrate(tiny_qwen_loaded, [(image, PROMPTS[0])], cal_settings)
+    result = inspect_model(tiny_qwen_loaded, image, PROMPTS[0], cal_settings, cal, tmp_path / "inspect")
+    summary = json.loads((tmp_path / "inspect" / "summary.json").read_text())
+    assert summary["grid"] == [3, 5]  # 48x80 pixels, 16-pixel image tokens
+    assert result is not None
+
+
+@pytest.mark.slow
+def test_qwen2_vl_end_to_end(tmp_path):
+    """Qwen2-VL (no window attention): vision graph for two grids and the dynamic VAR decoder."""
+    from var_export.export import export_graphs
+    from var_export.models import load_llava
+
+    loaded = load_llava("tiny-qwen2-vl")
+    graphs = export_graphs(loaded.model, tmp_path / "graphs")
+    sess = ort.InferenceSession(str(graphs.paths[VISION_ENCODER]), providers=["CPUExecutionProvider"])
+    for sizes in (((64, 64), (48, 80)), ((32, 96), (80, 48))):
+        b = _batch(loaded, sizes, seed=2)
+        got = sess.run(None, {"pixel_values": b["pixel_values"].numpy(), "image_grid_thw": b["image_grid_thw"].numpy()})[0]
+        want = family_of(loaded.model).image_features(loaded.model, b).numpy()
+        assert float(np.abs(got - want).max()) < TOL
+    model_ir = load_model(graphs.paths[DECODER])
+    model_ir, _ = apply_var(model_ir, SETTINGS, None, num_layers=tq.NUM_LAYERS)
+    save_model(model_ir, tmp_path / "var.onnx")
+    dec = ort.InferenceSession(str(tmp_path / "var.onnx"), providers=["CPUExecutionProvider"])
+    b = _batch(loaded, ((64, 64), (48, 80)))
+    embeds = multimodal_embeds(loaded.model, b["input_ids"], b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    pos, _ = prompt_positions(loaded.model, b)
+    want = VarReference(loaded.model, SETTINGS).step(embeds, b["attention_mask"], pos, None, b["visual_token_mask"])
+    got, _ = decode_step_numpy(dec, embeds.numpy(), b["attention_mask"].numpy(), pos.numpy(), empty_past(dec, 2),
+                               b["visual_token_mask"].numpy())
+    assert float(np.abs(got - want.logits.numpy()).max()) < TOL
