@@ -113,12 +113,14 @@ def _prepare(
     if batch.get("inputs_embeds") is not None:
         embeds = batch["inputs_embeds"].to(device, dtype)
     else:
+        from var_export.families import family_of
+
         ids = batch["input_ids"].to(device)
         pixels = batch.get("pixel_values")
         pixels = None if pixels is None else pixels.to(device, dtype)
-        extras = {k: batch[k] for k in ("image_grid_thw",) if batch.get(k) is not None}
+        extra = {k: batch[k].to(device) for k in family_of(model).processor_keys if batch.get(k) is not None}
         with torch.no_grad():
-            embeds = multimodal_embeds(model, ids, pixels, **extras)
+            embeds = multimodal_embeds(model, ids, pixels, **extra)
     b, s = embeds.shape[:2]
     mask = batch.get("attention_mask")
     mask = torch.ones(b, s, dtype=torch.long) if mask is None else mask

@@ -293,16 +293,15 @@ def multimodal_embeds(
     model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, **vision_inputs: torch.Tensor
 ) -> torch.Tensor:
     """``inputs_embeds`` (B, S, D) as the HF model builds them: token embeddings with the projected
-    image features scattered (row-major) into the image-token positions. ``vision_inputs``: what
-    the family's vision tower needs besides pixel_values (Qwen-VL: ``image_grid_thw``)."""
+    image features scattered (row-major) into the image-token positions. ``vision_inputs``: the
+    family's extra processor outputs (``image_sizes`` for LLaVA-NeXT, ...)."""
     from var_export.families import family_of
 
     decoder, _ = split_model(model)
     embeds = decoder.get_input_embeddings()(input_ids)  # (B, S, D)
     if pixel_values is None:
         return embeds
-    family = family_of(model)
-    features = family.image_features(model, {"pixel_values": pixel_values, **vision_inputs})
+    features = family_of(model).image_features(model, {"pixel_values": pixel_values, **vision_inputs})
     features = features.to(embeds.device, embeds.dtype)  # (N_img_tokens, D)
     image_mask = (input_ids == model.config.image_token_id)[..., None]  # (B, S, 1)
     if int(image_mask.sum()) != features.shape[0]:

@@ -33,3 +33,19 @@ def tiny_qwen_graphs(tiny_qwen_loaded, tmp_path_factory):
     from var_export.export import export_graphs
 
     return export_graphs(tiny_qwen_loaded.model, tmp_path_factory.mktemp("tiny-qwen") / "graphs")
+
+
+@pytest.fixture(scope="session")
+def tiled(tmp_path_factory):
+    """variant -> TiledModel for tiny-llava-next, tiny-llava-onevision, tiny-internvl: loaded once, the three
+    plain graphs exported once, a hybrid VAR bundle written once (lazily, per variant)."""
+    from tests.tiled_fixtures import TiledModel
+
+    cache: dict[str, TiledModel] = {}
+
+    def get(variant: str) -> TiledModel:
+        if variant not in cache:
+            cache[variant] = TiledModel(variant, tmp_path_factory.mktemp(variant))
+        return cache[variant]
+
+    return get

@@ -34,7 +34,6 @@ import numpy as np
 
 from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
 from var_export.core.errors import ConfigError, VarExportError
-from var_export.families.base import DecoderParts
 
 if TYPE_CHECKING:  # torch is imported lazily: `import var_export.export` stays cheap
     import torch
@@ -123,22 +122,23 @@ VISION_IO = GraphIO(inputs=["pixel_values"], outputs=["image_features"])
 EMBED_IO = GraphIO(inputs=["input_ids"], outputs=["inputs_embeds"])
 
 
-def _vision_io(model: Any) -> GraphIO:
-    """vision_encoder.onnx IO names of the model's family (LLaVA: VISION_IO)."""
-    from var_export.families import family_of
-
-    return GraphIO(inputs=list(family_of(model).vision_inputs), outputs=list(VISION_IO.outputs))
-
-
 # ---------------------------------------------------------------------------------------------
 # Model access: the parts of a LLaVA-family model the graphs need
 
 
-def _parts(model: Any) -> DecoderParts:
-    """Language model, lm_head, embeddings and configs, by the model's family (var_export.families)."""
+def _parts(model: Any) -> Any:
+    """The family's :class:`~var_export.families.base.DecoderParts` of ``model``."""
     from var_export.families import family_of
 
     return family_of(model).parts(model)
+
+
+def vision_io(model: Any) -> GraphIO:
+    """Input / output names of ``vision_encoder.onnx`` for ``model``'s family."""
+    from var_export.families import family_of
+
+    fam = family_of(model)
+    return GraphIO(inputs=list(fam.vision_inputs), outputs=list(fam.vision_outputs))
 
 
 def num_decoder_layers(model: Any) -> int:
@@ -163,7 +163,7 @@ def _make_modules() -> tuple[type, type]:
     from transformers import DynamicCache
 
     class EmbedTokens(nn.Module):
-        def __init__(self, parts: DecoderParts) -> None:
+        def __init__(self, parts: Any) -> None:
             super().__init__()
             self.embed_tokens = parts.embed_tokens
 
@@ -173,7 +173,7 @@ def _make_modules() -> tuple[type, type]:
     class Decoder(nn.Module):
         """Language model + lm_head over a flat KV cache (transformers 5 DynamicCache inside)."""
 
-        def __init__(self, parts: DecoderParts) -> None:
+        def __init__(self, parts: Any) -> None:
             super().__init__()
             self.language_model = parts.language_model
             self.lm_head = parts.lm_head
@@ -578,7 +578,7 @@ def export_graphs(
     num_layers = num_decoder_layers(model)
     with _in_dtype(model, dtype) as m:  # convert once, not once per graph
         jobs: list[tuple[str, Callable[..., tuple[list[Path], float]], GraphIO]] = [
-            (VISION_ENCODER, export_vision_encoder, _vision_io(m)),
+            (VISION_ENCODER, export_vision_encoder, vision_io(model)),
             (EMBED_TOKENS, export_embed_tokens, EMBED_IO),
             (DECODER, functools.partial(export_decoder, fused=fused), GraphIO(*decoder_io_names(num_layers))),
         ]
@@ -617,17 +617,17 @@ def export_graphs(
 
 
 def embed_and_merge(
-    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, **vision_inputs: torch.Tensor
 ) -> torch.Tensor:
-    """``inputs_embeds`` (B, S, D) exactly as HF ``LlavaForConditionalGeneration`` builds it:
-    token embeddings with the image features scattered (row-major, ``masked_scatter``) into
-    the positions where ``input_ids == config.image_token_id``."""
+    """``inputs_embeds`` (B, S, D) exactly as the HF model builds it: token embeddings with the
+    image features scattered (row-major, ``masked_scatter``) into the positions where
+    ``input_ids == config.image_token_id``. ``vision_inputs``: e.g. ``image_sizes`` (LLaVA-NeXT)."""
     import torch
 
     from var_export.calibration.reference import multimodal_embeds
 
     with torch.no_grad():
-        return multimodal_embeds(model, input_ids, pixel_values)
+        return multimodal_embeds(model, input_ids, pixel_values, **vision_inputs)
 
 
 def merge_image_features(

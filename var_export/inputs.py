@@ -184,6 +184,6 @@ def prepare_batch(
         "pixel_values": enc["pixel_values"],
         "visual_token_mask": visual.to(torch.bool),
     }
-    # what else the family's processor returns (Qwen-VL: image_grid_thw, mm_token_type_ids)
-    out.update({k: v for k, v in enc.items() if k not in out})
+    for key, value in enc.items():  # the family's extra outputs (image_sizes, image_grid_thw, ...)
+        out.setdefault(key, value)
     return out

@@ -71,6 +71,7 @@ class _Capture:
     eligible: np.ndarray  # (T,) bool rows VAR may change
     attn_before: np.ndarray | None  # (H, T) the probed layer's last-row attention before VAR
     attn_after: np.ndarray | None  # (H, T) ... after VAR
+    whole_tile: str | None = None  # tiled images: which tile is the whole image, "first" | "last"
 
 
 def _run_reference(
@@ -121,9 +122,11 @@ def _run_reference(
     mask = batch["attention_mask"].long()
     visual = batch["visual_token_mask"].to(torch.bool)
     position_ids, _ = prompt_positions(model, batch)  # (B, S), or (3, B, S) for M-RoPE
-    extras = {k: batch[k] for k in ("image_grid_thw",) if batch.get(k) is not None}
     with torch.no_grad():
-        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"], **extras)  # (B, S, D)
+        from var_export.families import family_of
+
+        extra = {k: batch[k] for k in family_of(model).processor_keys if k in batch}  # image_sizes, ...
+        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"], **extra)  # (B, S, D)
         ref.step(embeds, mask, position_ids, None, visual, None)
     from var_export.calibration.reference import eligible_rows
 
@@ -136,7 +139,16 @@ def _run_reference(
         eligible=eligible[0].cpu().numpy(),
         attn_before=None if ref.before is None else ref.before.cpu().numpy(),
         attn_after=None if ref.after is None else ref.after.cpu().numpy(),
+        whole_tile=_whole_tile(batch["pixel_values"]),
     )
+
+
+def _whole_tile(pixel_values: Any) -> str | None:
+    """Which tile shows the whole image: LLaVA-NeXT / OneVision (B, tiles, 3, H, W) put the base
+    tile first; InternVL (tiles, 3, H, W) with several tiles puts the thumbnail last."""
+    if pixel_values.dim() == 5:
+        return "first"
+    return "last" if pixel_values.shape[0] > 1 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,13 +171,25 @@ def patch_grid(config: Any, batch: Any = None) -> tuple[int, int]:
             f"expected a vision_config with image_size and patch_size in the model config, found "
             f"{type(vision).__name__ if vision is not None else 'none'}; inspect supports LLaVA-style models."
         )
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     side = int(size) // int(patch)
+    ratio = getattr(config, "downsample_ratio", None)  # InternVL: pixel shuffle pools ratio^-2 patches
+    if ratio:
+        side = int(side * float(ratio))
     return side, side
 
 
-def visual_token_cells(n_visual: int, grid: tuple[int, int]) -> tuple[int, int]:
-    """(offset, count): which visual tokens map onto the grid (offset 1 = a leading CLS feature)."""
+def visual_token_cells(n_visual: int, grid: tuple[int, int], *, whole_tile: str | None = None) -> tuple[int, int]:
+    """(offset, count): which visual tokens map onto the grid (offset 1 = a leading CLS feature).
+
+    ``whole_tile`` (tiled images): the grid shows the tile that holds the whole image, the
+    ``"first"`` one (LLaVA-NeXT / OneVision: base tile, then the high-resolution tiles and
+    newlines) or the ``"last"`` one (InternVL: crops, then the thumbnail).
+    """
     cells = grid[0] * grid[1]
+    if whole_tile is not None and n_visual > cells:
+        return (0 if whole_tile == "first" else n_visual - cells), cells
     if n_visual == cells:
         return 0, cells
     if n_visual == cells + 1:
@@ -387,7 +411,11 @@ def _prepare(processor: Any, image: Any, prompt: str) -> dict[str, Any]:
 
 def _model_view(pixel_values: Any, processor: Any) -> np.ndarray:
     """The image as the vision tower sees it: (H, W, 3) in [0, 1], un-normalised pixel_values."""
-    pv = np.asarray(pixel_values[0].detach().float().cpu().numpy(), dtype=np.float64)  # (3, H, W)
+    whole = _whole_tile(pixel_values)
+    pv = pixel_values[-1] if whole == "last" else pixel_values[0]  # InternVL: the thumbnail tile
+    pv = np.asarray(pv.detach().float().cpu().numpy(), dtype=np.float64)  # (3, H, W) or (tiles, 3, H, W)
+    if pv.ndim == 4:  # LLaVA-NeXT / OneVision: the base tile is the whole image
+        pv = pv[0]
     ip = getattr(processor, "image_processor", None)
     mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float64)
     std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float64)
@@ -398,7 +426,7 @@ def _model_view(pixel_values: Any, processor: Any) -> np.ndarray:
 def _grid_of(values: np.ndarray, cap: _Capture, grid: tuple[int, int]) -> np.ndarray:
     """(T,) per-position values -> (rows, cols) over the image patch grid."""
     vis_pos = np.flatnonzero(cap.visual)
-    offset, count = visual_token_cells(len(vis_pos), grid)
+    offset, count = visual_token_cells(len(vis_pos), grid, whole_tile=cap.whole_tile)
     return values[vis_pos[offset : offset + count]].reshape(grid)
 
 

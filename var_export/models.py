@@ -81,9 +81,15 @@ class LoadedModel:
     path: Path  # the local directory it was loaded from
 
 
-def _embedded_dir(preset: dict[str, Any]) -> Path:
-    """The directory of an embedded (built-in-code) preset, built on first use."""
-    family = preset.get("family", "llava")
+def _embedded_dir(name: str) -> Path:
+    """The cached HF directory of an embedded (built-in-code) preset, built on first use."""
+    from var_export.calibration import tiny_anyres, tiny_internvl
+
+    if name in tiny_anyres.VARIANTS:
+        return tiny_anyres.tiny_dir(name)
+    if name == tiny_internvl.NAME:
+        return tiny_internvl.tiny_internvl_dir()
+    family = (load_preset(name) or {}).get("family")
     if family in ("qwen2_5_vl", "qwen2_vl"):
         from var_export.calibration.tiny_qwen import tiny_qwen_dir
 
@@ -110,7 +116,7 @@ def resolve_model(spec: str | None) -> ModelSpec:
     preset = load_preset(name) if "/" not in name and os.sep not in name else None
     if preset is not None:
         if preset.get("embedded"):
-            return ModelSpec(kind="preset", name=name, path=_embedded_dir(preset), preset=preset)
+            return ModelSpec(kind="preset", name=name, path=_embedded_dir(name), preset=preset)
         if not preset.get("hf_id"):
             raise ModelLoadError(
                 f"preset {name!r} has neither 'embedded': true nor an 'hf_id'; fix configs/{name}.json."
@@ -219,15 +225,14 @@ def _check_architecture(cfg: dict[str, Any], path: Path, trust_remote_code: bool
     from var_export.families import supported_model_types
 
     model_type = cfg.get("model_type")
-    supported = supported_model_types()
-    if model_type in supported:
+    if model_type in supported_model_types():
         return
     hint = ""
     if cfg.get("auto_map") and not trust_remote_code:
         hint = " The model ships its own code (auto_map); it is not run unless --trust-remote-code."
     raise ModelLoadError(
-        f"{path} is not a supported model: expected config model_type in {supported} "
-        f"(LLaVA, Qwen2-VL, Qwen2.5-VL, ...), found model_type={model_type!r}, "
+        f"{path} is not a supported model: expected config model_type in {supported_model_types()}, "
+        f"found model_type={model_type!r}, "
         f"architectures={cfg.get('architectures')}.{hint}"
     )
 
@@ -306,6 +311,8 @@ def load_llava(
         )
     try:
         processor = family.load_processor(path, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"could not load the processor (tokenizer + image processor) from {path}: "

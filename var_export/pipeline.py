@@ -70,7 +70,6 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     from var_export.bundle import write_bundle
     from var_export.calibration.calibrate import calibrate, calibration_samples, load_calibration
     from var_export.export import export_graphs
-    from var_export.families import family_of
     from var_export.models import load_llava, model_fingerprint, resolve_model, text_config_dims
     from var_export.passes.fused_var import apply_fused_var
     from var_export.passes.pipeline import apply_var, save_model
@@ -165,9 +164,8 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             "opset": exported.opset,
             "dtype": opts.dtype,
             "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
-            "family": family_of(loaded.model).name,
-            "mrope": family_of(loaded.model).mrope,
             **_token_facts(loaded.config),
+            **_family_facts(loaded.config),
         }
         t = time.perf_counter()
         bundle_dir = write_bundle(
@@ -202,6 +200,14 @@ def _token_facts(config: Any) -> dict[str, Any]:
         "image_token_id": getattr(config, "image_token_id", None),
         "eos_token_id": getattr(text, "eos_token_id", None),
     }
+
+
+def _family_facts(config: Any) -> dict[str, Any]:
+    """The model family (the runtime's key to its hooks) and the facts its numpy hooks need."""
+    from var_export.families import family_of
+
+    family = family_of(config)
+    return {"family": family.name, **family.manifest_fields(config)}
 
 
 def _export_progress(progress: Any):

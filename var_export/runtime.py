@@ -409,12 +409,9 @@ class VarRuntime:
                 f"model allows at most {self.max_positions} positions, prompt and answer together. "
                 "Shorten the prompt."
             )
-        out = {
-            "input_ids": ids,
-            "attention_mask": np.asarray(batch["attention_mask"], dtype=np.int64),
-            "pixel_values": np.asarray(batch["pixel_values"]),
-        }
-        out.update({k: np.asarray(v) for k, v in batch.items() if k not in out})  # image_grid_thw, ...
+        out = {key: np.asarray(value) for key, value in batch.items()}  # + image_sizes, ... (family)
+        out["input_ids"] = ids
+        out["attention_mask"] = np.asarray(batch["attention_mask"], dtype=np.int64)
         return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -426,9 +423,11 @@ class VarRuntime:
 
         vision = self.sessions[VISION_ENCODER]
         types = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in vision.get_inputs()}
-        feeds = {k: v.astype(types.get(k, v.dtype)) for k, v in self.family.vision_feeds(batch).items()}
+        feeds = {k: np.asarray(v).astype(types.get(k, np.float32)) for k, v in self.family.vision_feeds(batch).items()}
+        names = [o.name for o in vision.get_outputs()]
         t0 = time.perf_counter()
-        features = vision.run(["image_features"], feeds)[0]
+        outputs = dict(zip(names, vision.run(names, feeds)))
+        features = self.family.merge_vision_outputs(outputs, batch, self.bundle.manifest)  # (N_img, D)
         t_vision = time.perf_counter() - t0
         embeds = self._embed(batch["input_ids"])
         try:

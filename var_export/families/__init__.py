@@ -14,11 +14,16 @@ from var_export.families.base import (
     register,
     supported_model_types,
 )
+from var_export.families.internvl import INTERNVL
 from var_export.families.llava import LLAVA
+from var_export.families.llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from var_export.families.qwen import QWEN2_5_VL, QWEN2_VL
 
 __all__ = [
+    "INTERNVL",
     "LLAVA",
+    "LLAVA_NEXT",
+    "LLAVA_ONEVISION",
     "QWEN2_5_VL",
     "QWEN2_VL",
     "DecoderParts",

@@ -61,6 +61,7 @@ class ModelFamily:
     mrope: ClassVar[bool] = False  # position_ids [3, B, S] (True) or [B, S] (False)
     vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)  # vision_encoder.onnx inputs
     processor_keys: ClassVar[tuple[str, ...]] = ()  # extra processor outputs to keep in a batch
+    vision_outputs: ClassVar[tuple[str, ...]] = ("image_features",)  # vision_encoder.onnx outputs
 
     # -- loading (models.py) -----------------------------------------------------------------
     def model_class(self) -> type:
@@ -96,6 +97,18 @@ class ModelFamily:
         """Position ids of the newest token given the whole mask [B, T] (prompt + generated)."""
         mask = np.asarray(attention_mask, dtype=np.int64)
         return (np.cumsum(mask, axis=-1)[:, -1:] - 1).astype(np.int64)  # (B, 1)
+
+    def merge_vision_outputs(
+        self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, Any], manifest: Mapping[str, Any]
+    ) -> np.ndarray:
+        """The vision graph's outputs -> feature rows [N_image_tokens, D] in placeholder order
+        (what the runtime scatters into inputs_embeds)."""
+        feats = np.asarray(outputs["image_features"])
+        return feats.reshape(-1, feats.shape[-1])
+
+    def manifest_fields(self, config: Any) -> dict[str, Any]:
+        """Facts from the HF config that the torch-free runtime needs (written to manifest.json)."""
+        return {}
 
     # -- torch -------------------------------------------------------------------------------
     def parts(self, model: Any) -> DecoderParts:
