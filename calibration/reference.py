@@ -312,6 +312,18 @@ def multimodal_embeds(
     return embeds.masked_scatter(image_mask.expand_as(embeds), features)
 
 
+def prompt_positions(model: nn.Module, batch: dict) -> tuple[torch.Tensor, object]:
+    """position_ids of a prompt batch by the model family's rule ([B, S], or [3, B, S] for M-RoPE)
+    and the state later decode steps need (Qwen-VL: rope_deltas [B, 1]; None otherwise)."""
+    from var_export.families import family_of
+
+    family = family_of(model)
+    keys = ("input_ids", "attention_mask", *family.processor_keys)
+    arrays = {k: batch[k].detach().cpu().numpy() for k in keys if batch.get(k) is not None}
+    pos, state = family.prefill_positions(arrays)
+    return torch.from_numpy(pos), state
+
+
 class VarReference:
     """VAR over an HF model, one decoder step at a time (the ONNX decoder contract).
 
@@ -496,15 +508,20 @@ class VarReference:
         visual_token_mask: torch.Tensor,
         max_new_tokens: int,
         embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        rope_deltas: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy decoding through :meth:`step`. Returns the new token ids (B, max_new_tokens).
 
         embed_fn maps token ids (B, 1) to embeddings (B, 1, D); default: the decoder's embeddings.
-        Position ids follow HF's left-padding convention (cumsum of the mask - 1).
+        position_ids None: HF's left-padding convention (cumsum of the mask - 1). M-RoPE models pass
+        the prompt's [3, B, S] positions and ``rope_deltas`` [B, 1] (:func:`prompt_positions`);
+        decode steps then sit at ``cumsum(mask) - 1 + rope_deltas``, as HF generate does.
         """
         embed = embed_fn or self.decoder.get_input_embeddings()
         mask = attention_mask.long()
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T)
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T)
         visual = visual_token_mask.to(torch.bool)
         out = self.step(inputs_embeds, mask, position_ids, None, visual, None)
         tokens: list[torch.Tensor] = []
@@ -516,7 +533,10 @@ class VarReference:
             b = mask.shape[0]
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=-1)
             visual = torch.cat([visual, visual.new_zeros(b, 1)], dim=-1)
-            position_ids = position_ids[:, -1:] + 1
+            if rope_deltas is not None:  # (3, B, 1)
+                position_ids = (mask.cumsum(-1)[:, -1:] - 1 + rope_deltas.view(b, 1))[None].expand(3, b, 1)
+            else:
+                position_ids = position_ids[..., -1:] + 1
             out = self.step(
                 embed(next_token[:, None]), mask, position_ids, out.present, visual,
                 out.present_sink_mask,

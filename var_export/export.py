@@ -157,7 +157,7 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 # The wrapped modules that are exported
 
 
-def _make_modules() -> tuple[type, type, type]:
+def _make_modules() -> tuple[type, type]:
     """The export wrappers; defined lazily so that importing this module does not import torch."""
     from torch import nn
     from transformers import DynamicCache
@@ -184,7 +184,7 @@ def _make_modules() -> tuple[type, type, type]:
             self,
             inputs_embeds: torch.Tensor,  # (B, S, D)
             attention_mask: torch.Tensor,  # (B, T) int64, T = P + S
-            position_ids: torch.Tensor,  # (B, S) int64
+            position_ids: torch.Tensor,  # (B, S) int64, or (3, B, S) for M-RoPE (Qwen-VL)
             past_key_values: tuple[torch.Tensor, ...],  # 2L x (B, KV, P, hd): k0, v0, k1, ...
         ) -> tuple[torch.Tensor, ...]:
             layers = [
@@ -204,7 +204,7 @@ def _make_modules() -> tuple[type, type, type]:
                 present += [layer.keys, layer.values]  # (B, KV, T, hd) each
             return (logits, *present)
 
-    return None, EmbedTokens, Decoder
+    return EmbedTokens, Decoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,11 +406,10 @@ def export_vision_encoder(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
 ) -> tuple[list[Path], float]:
-    """Export ``vision_encoder.onnx``: pixel_values [B,3,H,W] -> image_features [B,N,D].
-
-    H and W are exported static (the vision tower's position embeddings fix them); B is dynamic.
-    Returns (external data files, seconds). Names, example inputs and dynamic axes come from the
-    model's family (:meth:`~var_export.families.base.ModelFamily.vision_export`).
+    """Export ``vision_encoder.onnx`` as the model's family defines it (var_export.families):
+    LLaVA pixel_values [B,3,H,W] -> image_features [B,N,D] (H, W static, B dynamic); Qwen-VL
+    pixel_values [N_patches, C*T*P*P] + image_grid_thw [n_images, 3] -> image_features [N/4, D].
+    Returns (external data files, seconds).
     """
     from var_export.families import family_of
 
@@ -441,7 +440,7 @@ def export_embed_tokens(
     import torch
     from torch.export import Dim
 
-    _, EmbedTokens, _ = _make_modules()
+    EmbedTokens, _ = _make_modules()
     with _in_dtype(model, dtype) as m:
         parts = _parts(m)
         module = EmbedTokens(parts).eval()
@@ -492,7 +491,7 @@ def export_decoder(
     from torch.export import Dim
 
     opset = resolve_opset(opset, fused=fused)
-    _, _, Decoder = _make_modules()
+    _, Decoder = _make_modules()
     tdtype = _torch_dtype(dtype)
     with _in_dtype(model, dtype) as m, _attention(m, "sdpa" if fused else "eager"):
         parts = _parts(m)
@@ -506,7 +505,10 @@ def export_decoder(
         batch, seq, past = 2, 3, 4
         inputs_embeds = torch.randn(batch, seq, hidden, dtype=tdtype)
         attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)
-        position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq)
+        from var_export.families import family_of
+
+        family = family_of(m)
+        position_ids = family.example_position_ids(batch, seq, past)  # (B, S) or (3, B, S)
         past_kv = tuple(
             torch.randn(batch, kv_heads, past, head_dim, dtype=tdtype)
             for _ in range(2 * num_layers)
@@ -515,7 +517,7 @@ def export_decoder(
         dynamic_shapes = (
             {0: b, 1: s},
             {0: b, 1: Dim.AUTO},  # T = P + S, derived by torch.export
-            {0: b, 1: s},
+            {1: b, 2: s} if family.mrope else {0: b, 1: s},
             tuple({0: b, 2: p} for _ in range(2 * num_layers)),
         )
         in_names, out_names = decoder_io_names(num_layers)

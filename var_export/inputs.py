@@ -128,9 +128,9 @@ def prepare_batch(
     """Tokenize and preprocess one image per prompt, padded to a batch.
 
     Returns torch tensors: ``input_ids`` (B, S) int64, ``attention_mask`` (B, S) int64,
-    ``pixel_values`` (B, 3, H, W) float (any-resolution models: (B, tiles, 3, H, W)),
-    ``visual_token_mask`` (B, S) bool (image-token positions), and any other processor output
-    (``image_sizes`` for LLaVA-NeXT / OneVision, ...).
+    ``pixel_values`` (B, 3, H, W) float, ``visual_token_mask`` (B, S) bool (image-token positions),
+    plus any other processor output (Qwen-VL: ``pixel_values`` is [N_patches, C*T*P*P] and
+    ``image_grid_thw`` [n_images, 3], ``mm_token_type_ids`` [B, S] come along).
     ``max_prompt_tokens`` (default: the tokenizer's ``model_max_length`` when it is finite) bounds
     every prompt's length after the image placeholder is expanded.
     """

@@ -88,6 +88,7 @@ def _run_reference(
         VarObserver,
         VarReference,
         multimodal_embeds,
+        prompt_positions,
         sink_flags,
     )
 
@@ -120,7 +121,7 @@ def _run_reference(
     input_ids = batch["input_ids"]
     mask = batch["attention_mask"].long()
     visual = batch["visual_token_mask"].to(torch.bool)
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, S)
+    position_ids, _ = prompt_positions(model, batch)  # (B, S), or (3, B, S) for M-RoPE
     with torch.no_grad():
         from var_export.families import family_of
 
@@ -155,9 +156,14 @@ def _whole_tile(pixel_values: Any) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def patch_grid(config: Any) -> tuple[int, int]:
-    """(rows, cols) of the vision tower's patch grid: image_size / patch_size per side."""
+def patch_grid(config: Any, batch: Any = None) -> tuple[int, int]:
+    """(rows, cols) of the image-token grid: image_size / patch_size per side, or for dynamic
+    resolution (Qwen-VL, ``image_grid_thw`` in ``batch``) the image's (h, w) / spatial_merge_size."""
     vision = getattr(config, "vision_config", None)
+    if batch is not None and batch.get("image_grid_thw") is not None:
+        _, h, w = (int(x) for x in batch["image_grid_thw"][0])
+        merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+        return h // merge, w // merge
     size = getattr(vision, "image_size", None)
     patch = getattr(vision, "patch_size", None)
     if not size or not patch:
@@ -277,8 +283,6 @@ def inspect_model(
     num_layers, num_heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
     settings.check_model(num_layers, int(text_cfg.hidden_size))
     var_layers = settings.var_layers(num_layers)
-    grid = patch_grid(config)
-
     scores = head_score_matrix(calibration, num_layers, num_heads)
     selected = calibration_heads(calibration)
     if settings.heads != "dynamic" and calibration is None:
@@ -289,6 +293,7 @@ def inspect_model(
     layer, head = choose_head(scores, selected, var_layers, layer, head)
 
     batch = _prepare(processor, pil, prompt)
+    grid = patch_grid(config, batch)
     cap = _run_reference(
         model, batch, settings, selected if settings.heads != "dynamic" else None, layer
     )

@@ -89,6 +89,11 @@ def _embedded_dir(name: str) -> Path:
         return tiny_anyres.tiny_dir(name)
     if name == tiny_internvl.NAME:
         return tiny_internvl.tiny_internvl_dir()
+    family = (load_preset(name) or {}).get("family")
+    if family in ("qwen2_5_vl", "qwen2_vl"):
+        from var_export.calibration.tiny_qwen import tiny_qwen_dir
+
+        return tiny_qwen_dir(family)
     from var_export.calibration.tiny_llava import tiny_llava_dir
 
     return tiny_llava_dir()
@@ -311,7 +316,7 @@ def load_llava(
     except Exception as exc:
         raise ModelLoadError(
             f"could not load the processor (tokenizer + image processor) from {path}: "
-            f"{type(exc).__name__}: {exc}. Expected the files written by LlavaProcessor.save_pretrained."
+            f"{type(exc).__name__}: {exc}. Expected the files written by the processor's save_pretrained."
         ) from exc
     model.eval()
     logger.info("loaded %s from %s (%s, %s attention)", spec.model_id, path, dtype, attn_implementation)

@@ -101,7 +101,8 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
             # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
             # (a preset may leave sink_dims null: unpublished for the model, calibration finds them)
-            preset = spec.preset if (spec.preset or {}).get("sink_dims") else {**(spec.preset or {}), "sink_dims": [0]}
+            preset = dict(spec.preset or {})
+            preset["sink_dims"] = preset.get("sink_dims") or [0]
             base = resolve_settings(preset=preset, overrides=overrides, convention=opts.convention)
             cal = calibrate(
                 loaded,

@@ -209,6 +209,8 @@ def greedy_decode_numpy(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     on_token: Callable[[np.ndarray], None] | None = None,
+    position_ids: np.ndarray | None = None,
+    next_positions: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> DecodeResult:
     """Greedy decoding with the KV and sink-mask caches (batch, left padding).
 
@@ -216,6 +218,9 @@ def greedy_decode_numpy(
     ``visual_token_mask`` (B, S) bool for the prompt (None: all False, i.e. VAR off). Generated
     tokens are never visual. Stops after ``max_new_tokens`` or when every row has produced
     ``eos_token_id``. ``on_token(ids (B,))`` is called after each new token.
+    ``position_ids``: the prompt's (default :func:`prefill_position_ids`; M-RoPE models pass
+    [3, B, S]); ``next_positions(mask (B, T))``: the newest token's positions (default: the
+    previous + 1; Qwen-VL: ``cumsum(mask) - 1 + rope_deltas``, see var_export.families.qwen).
     """
     b = inputs_embeds.shape[0]
     mask = np.asarray(attention_mask, dtype=np.int64)
@@ -224,7 +229,8 @@ def greedy_decode_numpy(
         if visual_token_mask is None
         else np.asarray(visual_token_mask, dtype=np.bool_) & (mask != 0)
     )
-    position_ids = prefill_position_ids(mask)
+    if position_ids is None:
+        position_ids = prefill_position_ids(mask)
     past = empty_past(decoder, b)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
     t0 = time.perf_counter()
@@ -245,7 +251,7 @@ def greedy_decode_numpy(
             break
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
         visual = np.concatenate([visual, np.zeros((b, 1), np.bool_)], axis=1)
-        position_ids = position_ids[:, -1:] + 1
+        position_ids = next_positions(mask) if next_positions is not None else position_ids[..., -1:] + 1
         logits, past = decode_step_numpy(decoder, embed(nxt[:, None]), mask, position_ids, past, visual)
         steps += 1
     out = np.stack(tokens, axis=1) if tokens else np.zeros((b, 0), np.int64)
@@ -436,9 +442,8 @@ class VarRuntime:
         embeds, _ = self.prompt_embeds(batch)
         mask = batch["attention_mask"]
         visual = (batch["input_ids"] == self.image_token_id) if self.var else None
-        logits, _ = decode_step_numpy(
-            self.decoder, embeds, mask, prefill_position_ids(mask), empty_past(self.decoder, 1), visual
-        )
+        positions, _ = self.family.prefill_positions(batch)
+        logits, _ = decode_step_numpy(self.decoder, embeds, mask, positions, empty_past(self.decoder, 1), visual)
         return logits[0]
 
     def generate(
@@ -471,6 +476,7 @@ class VarRuntime:
         t_pre = time.perf_counter() - t0
         embeds, t_vision = self.prompt_embeds(batch)
         visual = batch["input_ids"] == self.image_token_id if self.var else None
+        positions, decode_state = self.family.prefill_positions(batch)  # Qwen-VL: rope_deltas
 
         generated: list[int] = []
         emitted = [""]
@@ -495,6 +501,8 @@ class VarRuntime:
             eos_token_id=self.eos_token_id if stop_on_eos else None,
             pad_token_id=self.pad_token_id,
             on_token=on_token,
+            position_ids=positions,
+            next_positions=lambda m: self.family.decode_positions(m, decode_state),
         )
         text = self._decode(generated)
         if stream is not None and text != emitted[0] and text.startswith(emitted[0]):

@@ -157,6 +157,15 @@ class QwenVLFamily(ModelFamily):
             image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
         )
 
+    def manifest_fields(self, config: Any) -> dict[str, Any]:
+        """M-RoPE: tells a runtime how decoder positions are made (no graph carries rope_deltas)."""
+        return {
+            "mrope": True,
+            "position_ids": "[3, B, S] int64: HF get_rope_index at prefill (rope_deltas [B, 1] = max "
+            "position + 1 - prompt length); decode: cumsum(attention_mask) - 1 + rope_deltas",
+            "spatial_merge_size": int(config.vision_config.spatial_merge_size),
+        }
+
     def prefill_positions(self, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         missing = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k not in batch]
         if missing:
