@@ -28,6 +28,7 @@ from var_export.calibration.reference import (
     VarObserver,
     VarReference,
     multimodal_embeds,
+    prompt_positions,
     split_model,
 )
 from var_export.core.calibration_schema import (  # noqa: F401 - re-exported: the calibration file API
@@ -87,8 +88,11 @@ def _fingerprint(loaded_model: Any) -> dict[str, Any] | None:
     return fingerprint() if callable(fingerprint) else None
 
 
-def _prepare(sample: Any, loaded: Any, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sample → (inputs_embeds (B, S, D), attention_mask (B, S), visual_token_mask (B, S))."""
+def _prepare(
+    sample: Any, loaded: Any, model: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sample → (inputs_embeds (B, S, D), attention_mask (B, S), visual_token_mask (B, S),
+    position_ids (B, S) or (3, B, S) for M-RoPE models)."""
     if isinstance(sample, Mapping):
         batch = dict(sample)
     else:
@@ -111,11 +115,14 @@ def _prepare(sample: Any, loaded: Any, model: torch.nn.Module) -> tuple[torch.Te
     if batch.get("inputs_embeds") is not None:
         embeds = batch["inputs_embeds"].to(device, dtype)
     else:
+        from var_export.families import family_of
+
         ids = batch["input_ids"].to(device)
         pixels = batch.get("pixel_values")
         pixels = None if pixels is None else pixels.to(device, dtype)
+        extra = {k: batch[k].to(device) for k in family_of(model).processor_keys if batch.get(k) is not None}
         with torch.no_grad():
-            embeds = multimodal_embeds(model, ids, pixels)
+            embeds = multimodal_embeds(model, ids, pixels, **extra)
     b, s = embeds.shape[:2]
     mask = batch.get("attention_mask")
     mask = torch.ones(b, s, dtype=torch.long) if mask is None else mask
@@ -125,7 +132,14 @@ def _prepare(sample: Any, loaded: Any, model: torch.nn.Module) -> tuple[torch.Te
         if image_token is None or "input_ids" not in batch:
             raise DataError("a prepared calibration sample needs a visual_token_mask (B, S) bool.")
         visual = batch["input_ids"] == image_token
-    return embeds, mask.to(device).long(), visual.to(device).bool()
+    mask = mask.to(device).long()
+    if batch.get("position_ids") is not None:
+        positions = batch["position_ids"]
+    elif batch.get("input_ids") is not None:
+        positions, _ = prompt_positions(model, {**batch, "attention_mask": mask})
+    else:
+        positions = _positions(mask)
+    return embeds, mask, visual.to(device).bool(), positions.to(device)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -207,7 +221,8 @@ def calibrate(
     }
 
 
-Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # embeds (B, S, D), mask (B, S), visual (B, S)
+Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# embeds (B, S, D), mask (B, S), visual (B, S), positions (B, S) or (3, B, S) for M-RoPE models
 
 
 def _scan_sink_dims(
@@ -221,9 +236,9 @@ def _scan_sink_dims(
     consistent = torch.zeros(hidden, dtype=torch.long)  # samples in which a dim is consistent
     layer_share = torch.zeros(hidden)  # sum over samples of the fraction of layers hit
     bar = _Bar(progress, "calibrate: sink dims", len(prepared))
-    for embeds, mask, visual in prepared:
+    for embeds, mask, visual, positions in prepared:
         scan.hits = {}
-        plain.step(embeds, mask, _positions(mask), None, visual, None)
+        plain.step(embeds, mask, positions, None, visual, None)
         hit_count = torch.stack([scan.hits[layer] for layer in var_layers]).sum(0)  # (D,)
         frac = hit_count.float() / len(var_layers)
         layer_share += frac
@@ -251,8 +266,8 @@ def _count_heads(
     counts = VarCounts(num_heads)
     ref = VarReference(model, run_settings, observer=counts)
     bar = _Bar(progress, "calibrate: heads", len(prepared))
-    for embeds, mask, visual in prepared:
-        ref.step(embeds, mask, _positions(mask), None, visual, None)
+    for embeds, mask, visual, positions in prepared:
+        ref.step(embeds, mask, positions, None, visual, None)
         bar.advance()
     return counts
 

@@ -290,17 +290,19 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def multimodal_embeds(
-    model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, **vision_inputs: torch.Tensor
 ) -> torch.Tensor:
-    """``inputs_embeds`` (B, S, D) as ``LlavaForConditionalGeneration`` builds them: token embeddings
-    with the projected image features scattered into the image-token positions."""
+    """``inputs_embeds`` (B, S, D) as the HF model builds them: token embeddings with the projected
+    image features scattered (row-major) into the image-token positions. ``vision_inputs``: the
+    family's extra processor outputs (``image_sizes`` for LLaVA-NeXT, ...)."""
+    from var_export.families import family_of
+
     decoder, _ = split_model(model)
     embeds = decoder.get_input_embeddings()(input_ids)  # (B, S, D)
     if pixel_values is None:
         return embeds
-    inner = model.model
-    features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-    features = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)  # (N_img_tokens, D)
+    features = family_of(model).image_features(model, {"pixel_values": pixel_values, **vision_inputs})
+    features = features.to(embeds.device, embeds.dtype)  # (N_img_tokens, D)
     image_mask = (input_ids == model.config.image_token_id)[..., None]  # (B, S, 1)
     if int(image_mask.sum()) != features.shape[0]:
         raise ConfigError(
@@ -308,6 +310,18 @@ def multimodal_embeds(
             f"{features.shape[0]} features; build input_ids with the model's processor."
         )
     return embeds.masked_scatter(image_mask.expand_as(embeds), features)
+
+
+def prompt_positions(model: nn.Module, batch: dict) -> tuple[torch.Tensor, object]:
+    """position_ids of a prompt batch by the model family's rule ([B, S], or [3, B, S] for M-RoPE)
+    and the state later decode steps need (Qwen-VL: rope_deltas [B, 1]; None otherwise)."""
+    from var_export.families import family_of
+
+    family = family_of(model)
+    keys = ("input_ids", "attention_mask", *family.processor_keys)
+    arrays = {k: batch[k].detach().cpu().numpy() for k in keys if batch.get(k) is not None}
+    pos, state = family.prefill_positions(arrays)
+    return torch.from_numpy(pos), state
 
 
 class VarReference:
@@ -494,15 +508,20 @@ class VarReference:
         visual_token_mask: torch.Tensor,
         max_new_tokens: int,
         embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        rope_deltas: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy decoding through :meth:`step`. Returns the new token ids (B, max_new_tokens).
 
         embed_fn maps token ids (B, 1) to embeddings (B, 1, D); default: the decoder's embeddings.
-        Position ids follow HF's left-padding convention (cumsum of the mask - 1).
+        position_ids None: HF's left-padding convention (cumsum of the mask - 1). M-RoPE models pass
+        the prompt's [3, B, S] positions and ``rope_deltas`` [B, 1] (:func:`prompt_positions`);
+        decode steps then sit at ``cumsum(mask) - 1 + rope_deltas``, as HF generate does.
         """
         embed = embed_fn or self.decoder.get_input_embeddings()
         mask = attention_mask.long()
-        position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T)
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, T)
         visual = visual_token_mask.to(torch.bool)
         out = self.step(inputs_embeds, mask, position_ids, None, visual, None)
         tokens: list[torch.Tensor] = []
@@ -514,7 +533,10 @@ class VarReference:
             b = mask.shape[0]
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=-1)
             visual = torch.cat([visual, visual.new_zeros(b, 1)], dim=-1)
-            position_ids = position_ids[:, -1:] + 1
+            if rope_deltas is not None:  # (3, B, 1)
+                position_ids = (mask.cumsum(-1)[:, -1:] - 1 + rope_deltas.view(b, 1))[None].expand(3, b, 1)
+            else:
+                position_ids = position_ids[..., -1:] + 1
             out = self.step(
                 embed(next_token[:, None]), mask, position_ids, out.present, visual,
                 out.present_sink_mask,

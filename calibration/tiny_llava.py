@@ -379,7 +379,6 @@ def _plant_text(model: Any) -> None:
     vocab = _vocab()
     lm = model.model.language_model
     features = [MARKER_DIM, TEXT_FEATURE_DIM, VISUAL_FEATURE_DIM, BOS_FEATURE_DIM, VISUAL_WORD_DIM]
-    designed = [*TINY_SINK_DIMS, *features]
     emb = lm.embed_tokens.weight  # (V, H)
     emb[:, features] = 0.0
     emb[:, TEXT_FEATURE_DIM] = FEATURE_VALUE
@@ -391,7 +390,13 @@ def _plant_text(model: Any) -> None:
     emb[bos, BOS_FEATURE_DIM] = FEATURE_VALUE
     emb[bos, VISUAL_WORD_DIM] = 0.0
     emb[bos, MARKER_DIM] = FEATURE_VALUE
+    plant_text_circuits(lm, features)
 
+
+def plant_text_circuits(lm: Any, features: list[int]) -> None:
+    """The decoder circuits (shared with tiny_qwen): no layer writes the designed dims except the
+    layer-1 sink writer; the layer >= 2 head patterns. ``lm``: the decoder stack (``.layers``)."""
+    designed = [*TINY_SINK_DIMS, *features]
     for layer in lm.layers:  # no layer writes the designed dims, except the sink writer below
         layer.self_attn.o_proj.weight[designed] = 0.0
         layer.mlp.down_proj.weight[designed] = 0.0

@@ -320,7 +320,7 @@ def test_rejects_non_llava_and_bad_dtype(model, tmp_path):
     from transformers import LlamaForCausalLM
 
     llama = LlamaForCausalLM(model.config.text_config)
-    with pytest.raises(ModelLoadError, match="LLaVA-family"):
+    with pytest.raises(ModelLoadError, match="model family handles model_type=.llama."):
         export_graphs(llama, tmp_path)
     with pytest.raises(ConfigError, match="dtype"):
         export_graphs(model, tmp_path, dtype="bf16")

@@ -138,7 +138,7 @@ def test_not_llava(copy_of):
     cfg["model_type"] = "bert"
     cfg["architectures"] = ["BertModel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="not a LLaVA model"):
+    with pytest.raises(ModelLoadError, match="not a supported model"):
         load_llava(str(d))
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
-from var_export.core.errors import ConfigError, ExportError, ModelLoadError
+from var_export.core.errors import ConfigError, ExportError
 
 if TYPE_CHECKING:  # torch is imported lazily: `import var_export.export` stays cheap
     import torch
@@ -122,50 +122,19 @@ EMBED_IO = GraphIO(inputs=["input_ids"], outputs=["inputs_embeds"])
 # Model access: the parts of a LLaVA-family model the graphs need
 
 
-@dataclasses.dataclass
-class _LlavaParts:
-    vision_tower: Any
-    projector: Any
-    language_model: Any  # the decoder stack (LlamaModel & co.), takes inputs_embeds / cache
-    lm_head: Any
-    embed_tokens: Any
-    text_config: Any
-    config: Any
+def _parts(model: Any) -> Any:
+    """The family's :class:`~var_export.families.base.DecoderParts` of ``model``."""
+    from var_export.families import family_of
+
+    return family_of(model).parts(model)
 
 
-def _parts(model: Any) -> _LlavaParts:
-    inner = getattr(model, "model", None)
-    missing = [
-        name
-        for name, obj in (
-            ("model.vision_tower", getattr(inner, "vision_tower", None)),
-            ("model.multi_modal_projector", getattr(inner, "multi_modal_projector", None)),
-            ("model.language_model", getattr(inner, "language_model", None)),
-            ("lm_head", getattr(model, "lm_head", None)),
-        )
-        if obj is None
-    ]
-    if missing:
-        raise ModelLoadError(
-            f"expected a LLaVA-family model (transformers LlavaForConditionalGeneration layout) with "
-            f"{', '.join(missing)}; found {type(model).__name__} without them. "
-            "Load the model with var_export.models.load_llava or pass a LLaVA checkpoint."
-        )
-    config = model.config
-    if getattr(config, "image_token_id", None) is None:
-        raise ModelLoadError(
-            f"{type(model).__name__}.config has no image_token_id; expected a LLaVA config. "
-            "Check the checkpoint's config.json."
-        )
-    return _LlavaParts(
-        vision_tower=inner.vision_tower,
-        projector=inner.multi_modal_projector,
-        language_model=inner.language_model,
-        lm_head=model.lm_head,
-        embed_tokens=model.get_input_embeddings(),
-        text_config=config.get_text_config(decoder=True),
-        config=config,
-    )
+def vision_io(model: Any) -> GraphIO:
+    """Input / output names of ``vision_encoder.onnx`` for ``model``'s family."""
+    from var_export.families import family_of
+
+    fam = family_of(model)
+    return GraphIO(inputs=list(fam.vision_inputs), outputs=list(fam.vision_outputs))
 
 
 def num_decoder_layers(model: Any) -> int:
@@ -184,37 +153,13 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 # The wrapped modules that are exported
 
 
-# long: the three torch.nn.Module wrappers are defined in one function, so that importing this
-# module does not import torch; each class is short.
-def _make_modules() -> tuple[type, type, type]:
+def _make_modules() -> tuple[type, type]:
     """The export wrappers; defined lazily so that importing this module does not import torch."""
-    import torch
     from torch import nn
     from transformers import DynamicCache
 
-    class VisionEncoder(nn.Module):
-        """pixel_values -> image_features: what ``LlavaModel.get_image_features`` computes."""
-
-        def __init__(self, parts: _LlavaParts) -> None:
-            super().__init__()
-            self.vision_tower = parts.vision_tower
-            self.projector = parts.projector
-            self.feature_layer = parts.config.vision_feature_layer
-            self.strategy = parts.config.vision_feature_select_strategy
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-            layers = (
-                [self.feature_layer] if isinstance(self.feature_layer, int) else self.feature_layer
-            )
-            selected = [out.hidden_states[i] for i in layers]  # each (B, 1 + N, Dv) for CLIP
-            if self.strategy == "default":
-                selected = [h[:, 1:] for h in selected]  # drop CLS -> (B, N, Dv)
-            feats = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-            return self.projector(feats)  # (B, N, D)
-
     class EmbedTokens(nn.Module):
-        def __init__(self, parts: _LlavaParts) -> None:
+        def __init__(self, parts: Any) -> None:
             super().__init__()
             self.embed_tokens = parts.embed_tokens
 
@@ -224,7 +169,7 @@ def _make_modules() -> tuple[type, type, type]:
     class Decoder(nn.Module):
         """Language model + lm_head over a flat KV cache (transformers 5 DynamicCache inside)."""
 
-        def __init__(self, parts: _LlavaParts) -> None:
+        def __init__(self, parts: Any) -> None:
             super().__init__()
             self.language_model = parts.language_model
             self.lm_head = parts.lm_head
@@ -235,7 +180,7 @@ def _make_modules() -> tuple[type, type, type]:
             self,
             inputs_embeds: torch.Tensor,  # (B, S, D)
             attention_mask: torch.Tensor,  # (B, T) int64, T = P + S
-            position_ids: torch.Tensor,  # (B, S) int64
+            position_ids: torch.Tensor,  # (B, S) int64, or (3, B, S) for M-RoPE (Qwen-VL)
             past_key_values: tuple[torch.Tensor, ...],  # 2L x (B, KV, P, hd): k0, v0, k1, ...
         ) -> tuple[torch.Tensor, ...]:
             layers = [
@@ -255,7 +200,7 @@ def _make_modules() -> tuple[type, type, type]:
                 present += [layer.keys, layer.values]  # (B, KV, T, hd) each
             return (logits, *present)
 
-    return VisionEncoder, EmbedTokens, Decoder
+    return EmbedTokens, Decoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,32 +402,25 @@ def export_vision_encoder(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
 ) -> tuple[list[Path], float]:
-    """Export ``vision_encoder.onnx``: pixel_values [B,3,H,W] -> image_features [B,N,D].
-
-    H and W are exported static (the vision tower's position embeddings fix them); B is dynamic.
+    """Export ``vision_encoder.onnx`` as the model's family defines it (var_export.families):
+    LLaVA pixel_values [B,3,H,W] -> image_features [B,N,D] (H, W static, B dynamic); Qwen-VL
+    pixel_values [N_patches, C*T*P*P] + image_grid_thw [n_images, 3] -> image_features [N/4, D].
     Returns (external data files, seconds).
     """
-    import torch
-    from torch.export import Dim
+    from var_export.families import family_of
 
-    VisionEncoder, _, _ = _make_modules()
     with _in_dtype(model, dtype) as m:
-        parts = _parts(m)
-        module = VisionEncoder(parts).eval()
-        vc = parts.config.vision_config
-        size = int(vc.image_size)
-        channels = int(getattr(vc, "num_channels", 3))
-        pixel_values = torch.randn(2, channels, size, size, dtype=_torch_dtype(dtype))
+        spec = family_of(m).vision_export(m, _torch_dtype(dtype))
         return _export(
-            module,
-            (pixel_values,),
+            spec.module,
+            spec.args,
             Path(path),
             name=VISION_ENCODER,
-            input_names=VISION_IO.inputs,
-            output_names=VISION_IO.outputs,
-            dynamic_shapes=({0: Dim(AXIS_BATCH)},),
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=spec.dynamic_shapes,
             opset=opset,
-            external_data=_resolve_external(external_data, module, _torch_dtype(dtype)),
+            external_data=_resolve_external(external_data, spec.module, _torch_dtype(dtype)),
         )
 
 
@@ -498,7 +436,7 @@ def export_embed_tokens(
     import torch
     from torch.export import Dim
 
-    _, EmbedTokens, _ = _make_modules()
+    EmbedTokens, _ = _make_modules()
     with _in_dtype(model, dtype) as m:
         parts = _parts(m)
         module = EmbedTokens(parts).eval()
@@ -546,13 +484,13 @@ def export_decoder(
     (external data files, seconds).
     """
     opset = resolve_opset(opset, fused=fused)
-    _, _, Decoder = _make_modules()
+    _, Decoder = _make_modules()
     tdtype = _torch_dtype(dtype)
     with _in_dtype(model, dtype) as m, _attention(m, "sdpa" if fused else "eager"):
         parts = _parts(m)
         module = Decoder(parts).eval()
         num_layers = int(parts.text_config.num_hidden_layers)
-        example, dynamic_shapes = _decoder_example(parts.text_config, tdtype)
+        example, dynamic_shapes = _decoder_example(parts.text_config, tdtype, m)
         in_names, out_names = decoder_io_names(num_layers)
         return _export(
             module,
@@ -568,13 +506,18 @@ def export_decoder(
         )
 
 
-def _decoder_example(tc: Any, tdtype: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def _decoder_example(tc: Any, tdtype: Any, model: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """Example decoder inputs and their dynamic shapes for torch.export.
 
-    Shapes are all distinct and > 1 so that torch.export specialises nothing.
+    Shapes are all distinct and > 1 so that torch.export specialises nothing. Position ids are
+    (B, S), or (3, B, S) for M-RoPE families.
     """
     import torch
     from torch.export import Dim
+
+    from var_export.families import family_of
+
+    family = family_of(model)
 
     num_layers = int(tc.num_hidden_layers)
     hidden = int(tc.hidden_size)
@@ -583,7 +526,7 @@ def _decoder_example(tc: Any, tdtype: Any) -> tuple[tuple[Any, ...], tuple[Any, 
     batch, seq, past = 2, 3, 4
     inputs_embeds = torch.randn(batch, seq, hidden, dtype=tdtype)  # (B, S, D)
     attention_mask = torch.ones(batch, past + seq, dtype=torch.int64)  # (B, P + S)
-    position_ids = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq)  # (B, S)
+    position_ids = family.example_position_ids(batch, seq, past)  # (B, S) or (3, B, S)
     past_kv = tuple(
         torch.randn(batch, kv_heads, past, head_dim, dtype=tdtype)  # (B, KV, P, hd)
         for _ in range(2 * num_layers)
@@ -592,7 +535,7 @@ def _decoder_example(tc: Any, tdtype: Any) -> tuple[tuple[Any, ...], tuple[Any, 
     dynamic_shapes = (
         {0: b, 1: s},
         {0: b, 1: Dim.AUTO},  # T = P + S, derived by torch.export
-        {0: b, 1: s},
+        {1: b, 2: s} if family.mrope else {0: b, 1: s},
         tuple({0: b, 2: p} for _ in range(2 * num_layers)),
     )
     return (inputs_embeds, attention_mask, position_ids.clone(), past_kv), dynamic_shapes
@@ -646,7 +589,7 @@ def export_graphs(
     num_layers = num_decoder_layers(model)
     with _in_dtype(model, dtype) as m:  # convert once, not once per graph
         jobs: list[tuple[str, Callable[..., tuple[list[Path], float]], GraphIO]] = [
-            (VISION_ENCODER, export_vision_encoder, VISION_IO),
+            (VISION_ENCODER, export_vision_encoder, vision_io(model)),
             (EMBED_TOKENS, export_embed_tokens, EMBED_IO),
             (DECODER, functools.partial(export_decoder, fused=fused), GraphIO(*decoder_io_names(num_layers))),
         ]
@@ -685,17 +628,17 @@ def export_graphs(
 
 
 def embed_and_merge(
-    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, **vision_inputs: torch.Tensor
 ) -> torch.Tensor:
-    """``inputs_embeds`` (B, S, D) exactly as HF ``LlavaForConditionalGeneration`` builds it:
-    token embeddings with the image features scattered (row-major, ``masked_scatter``) into
-    the positions where ``input_ids == config.image_token_id``."""
+    """``inputs_embeds`` (B, S, D) exactly as the HF model builds it: token embeddings with the
+    image features scattered (row-major, ``masked_scatter``) into the positions where
+    ``input_ids == config.image_token_id``. ``vision_inputs``: e.g. ``image_sizes`` (LLaVA-NeXT)."""
     import torch
 
     from var_export.calibration.reference import multimodal_embeds
 
     with torch.no_grad():
-        return multimodal_embeds(model, input_ids, pixel_values)
+        return multimodal_embeds(model, input_ids, pixel_values, **vision_inputs)
 
 
 def merge_image_features(

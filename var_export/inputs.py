@@ -129,7 +129,9 @@ def prepare_batch(
     """Tokenize and preprocess one image per prompt, padded to a batch.
 
     Returns torch tensors: ``input_ids`` (B, S) int64, ``attention_mask`` (B, S) int64,
-    ``pixel_values`` (B, 3, H, W) float, ``visual_token_mask`` (B, S) bool (image-token positions).
+    ``pixel_values`` (B, 3, H, W) float, ``visual_token_mask`` (B, S) bool (image-token positions),
+    plus any other processor output (Qwen-VL: ``pixel_values`` is [N_patches, C*T*P*P] and
+    ``image_grid_thw`` [n_images, 3], ``mm_token_type_ids`` [B, S] come along).
     ``max_prompt_tokens`` (default: the tokenizer's ``model_max_length`` when it is finite) bounds
     every prompt's length after the image placeholder is expanded.
     """
@@ -177,12 +179,15 @@ def prepare_batch(
             f"prompt {worst} is {int(lengths[worst])} tokens long (image tokens included); the model "
             f"takes at most {limit}. Shorten the prompt."
         )
-    return {
+    out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "pixel_values": enc["pixel_values"],
         "visual_token_mask": visual.to(torch.bool),
     }
+    for key, value in enc.items():  # the family's extra outputs (image_sizes, image_grid_thw, ...)
+        out.setdefault(key, value)
+    return out
 
 
 def calibration_samples(data: str | os.PathLike | None, num_synthetic: int = 8) -> list[tuple[Any, str]]:

@@ -71,6 +71,7 @@ class _Capture:
     eligible: np.ndarray  # (T,) bool rows VAR may change
     attn_before: np.ndarray | None  # (H, T) the probed layer's last-row attention before VAR
     attn_after: np.ndarray | None  # (H, T) ... after VAR
+    whole_tile: str | None = None  # tiled images: which tile is the whole image, "first" | "last"
 
 
 def _run_reference(
@@ -87,6 +88,7 @@ def _run_reference(
         VarObserver,
         VarReference,
         multimodal_embeds,
+        prompt_positions,
         sink_flags,
     )
 
@@ -119,9 +121,12 @@ def _run_reference(
     input_ids = batch["input_ids"]
     mask = batch["attention_mask"].long()
     visual = batch["visual_token_mask"].to(torch.bool)
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # (B, S)
+    position_ids, _ = prompt_positions(model, batch)  # (B, S), or (3, B, S) for M-RoPE
     with torch.no_grad():
-        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"])  # (B, S, D)
+        from var_export.families import family_of
+
+        extra = {k: batch[k] for k in family_of(model).processor_keys if k in batch}  # image_sizes, ...
+        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"], **extra)  # (B, S, D)
         ref.step(embeds, mask, position_ids, None, visual, None)
     from var_export.calibration.reference import eligible_rows
 
@@ -134,7 +139,16 @@ def _run_reference(
         eligible=eligible[0].cpu().numpy(),
         attn_before=None if ref.before is None else ref.before.cpu().numpy(),
         attn_after=None if ref.after is None else ref.after.cpu().numpy(),
+        whole_tile=_whole_tile(batch["pixel_values"]),
     )
+
+
+def _whole_tile(pixel_values: Any) -> str | None:
+    """Which tile shows the whole image: LLaVA-NeXT / OneVision (B, tiles, 3, H, W) put the base
+    tile first; InternVL (tiles, 3, H, W) with several tiles puts the thumbnail last."""
+    if pixel_values.dim() == 5:
+        return "first"
+    return "last" if pixel_values.shape[0] > 1 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +156,14 @@ def _run_reference(
 # ---------------------------------------------------------------------------------------------
 
 
-def patch_grid(config: Any) -> tuple[int, int]:
-    """(rows, cols) of the vision tower's patch grid: image_size / patch_size per side."""
+def patch_grid(config: Any, batch: Any = None) -> tuple[int, int]:
+    """(rows, cols) of the image-token grid: image_size / patch_size per side, or for dynamic
+    resolution (Qwen-VL, ``image_grid_thw`` in ``batch``) the image's (h, w) / spatial_merge_size."""
     vision = getattr(config, "vision_config", None)
+    if batch is not None and batch.get("image_grid_thw") is not None:
+        _, h, w = (int(x) for x in batch["image_grid_thw"][0])
+        merge = int(getattr(vision, "spatial_merge_size", 1) or 1)
+        return h // merge, w // merge
     size = getattr(vision, "image_size", None)
     patch = getattr(vision, "patch_size", None)
     if not size or not patch:
@@ -152,13 +171,25 @@ def patch_grid(config: Any) -> tuple[int, int]:
             f"expected a vision_config with image_size and patch_size in the model config, found "
             f"{type(vision).__name__ if vision is not None else 'none'}; inspect supports LLaVA-style models."
         )
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     side = int(size) // int(patch)
+    ratio = getattr(config, "downsample_ratio", None)  # InternVL: pixel shuffle pools ratio^-2 patches
+    if ratio:
+        side = int(side * float(ratio))
     return side, side
 
 
-def visual_token_cells(n_visual: int, grid: tuple[int, int]) -> tuple[int, int]:
-    """(offset, count): which visual tokens map onto the grid (offset 1 = a leading CLS feature)."""
+def visual_token_cells(n_visual: int, grid: tuple[int, int], *, whole_tile: str | None = None) -> tuple[int, int]:
+    """(offset, count): which visual tokens map onto the grid (offset 1 = a leading CLS feature).
+
+    ``whole_tile`` (tiled images): the grid shows the tile that holds the whole image, the
+    ``"first"`` one (LLaVA-NeXT / OneVision: base tile, then the high-resolution tiles and
+    newlines) or the ``"last"`` one (InternVL: crops, then the thumbnail).
+    """
     cells = grid[0] * grid[1]
+    if whole_tile is not None and n_visual > cells:
+        return (0 if whole_tile == "first" else n_visual - cells), cells
     if n_visual == cells:
         return 0, cells
     if n_visual == cells + 1:
@@ -252,8 +283,6 @@ def inspect_model(
     num_layers, num_heads = int(text_cfg.num_hidden_layers), int(text_cfg.num_attention_heads)
     settings.check_model(num_layers, int(text_cfg.hidden_size))
     var_layers = settings.var_layers(num_layers)
-    grid = patch_grid(config)
-
     scores = head_score_matrix(calibration, num_layers, num_heads)
     selected = calibration_heads(calibration)
     if settings.heads != "dynamic" and calibration is None:
@@ -264,6 +293,7 @@ def inspect_model(
     layer, head = choose_head(scores, selected, var_layers, layer, head)
 
     batch = _prepare(processor, pil, prompt)
+    grid = patch_grid(config, batch)
     cap = _run_reference(
         model, batch, settings, selected if settings.heads != "dynamic" else None, layer
     )
@@ -381,7 +411,11 @@ def _prepare(processor: Any, image: Any, prompt: str) -> dict[str, Any]:
 
 def _model_view(pixel_values: Any, processor: Any) -> np.ndarray:
     """The image as the vision tower sees it: (H, W, 3) in [0, 1], un-normalised pixel_values."""
-    pv = np.asarray(pixel_values[0].detach().float().cpu().numpy(), dtype=np.float64)  # (3, H, W)
+    whole = _whole_tile(pixel_values)
+    pv = pixel_values[-1] if whole == "last" else pixel_values[0]  # InternVL: the thumbnail tile
+    pv = np.asarray(pv.detach().float().cpu().numpy(), dtype=np.float64)  # (3, H, W) or (tiles, 3, H, W)
+    if pv.ndim == 4:  # LLaVA-NeXT / OneVision: the base tile is the whole image
+        pv = pv[0]
     ip = getattr(processor, "image_processor", None)
     mean = np.asarray(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float64)
     std = np.asarray(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float64)
@@ -392,7 +426,7 @@ def _model_view(pixel_values: Any, processor: Any) -> np.ndarray:
 def _grid_of(values: np.ndarray, cap: _Capture, grid: tuple[int, int]) -> np.ndarray:
     """(T,) per-position values -> (rows, cols) over the image patch grid."""
     vis_pos = np.flatnonzero(cap.visual)
-    offset, count = visual_token_cells(len(vis_pos), grid)
+    offset, count = visual_token_cells(len(vis_pos), grid, whole_tile=cap.whole_tile)
     return values[vis_pos[offset : offset + count]].reshape(grid)
 
 

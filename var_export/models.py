@@ -29,7 +29,6 @@ from var_export.core.errors import ModelLoadError, UnsafeInputError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "tiny-llava"
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llava",)  # config.model_type values we can load
 DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PROBE_TIMEOUT_S = 3.0  # connect timeout of the hub reachability probe
@@ -92,6 +91,24 @@ class LoadedModel:
         return prepare_batch(self.processor, [image], [prompt])
 
 
+def _embedded_dir(name: str) -> Path:
+    """The cached HF directory of an embedded (built-in-code) preset, built on first use."""
+    from var_export.calibration import tiny_anyres, tiny_internvl
+
+    if name in tiny_anyres.VARIANTS:
+        return tiny_anyres.tiny_dir(name)
+    if name == tiny_internvl.NAME:
+        return tiny_internvl.tiny_internvl_dir()
+    family = (load_preset(name) or {}).get("family")
+    if family in ("qwen2_5_vl", "qwen2_vl"):
+        from var_export.calibration.tiny_qwen import tiny_qwen_dir
+
+        return tiny_qwen_dir(family)
+    from var_export.calibration.tiny_llava import tiny_llava_dir
+
+    return tiny_llava_dir()
+
+
 def _preset_by_hf_id(hf_id: str) -> dict[str, Any] | None:
     for name in preset_names():
         preset = load_preset(name)
@@ -109,9 +126,7 @@ def resolve_model(spec: str | None) -> ModelSpec:
     preset = load_preset(name) if "/" not in name and os.sep not in name else None
     if preset is not None:
         if preset.get("embedded"):
-            from var_export.calibration.tiny_llava import tiny_llava_dir
-
-            return ModelSpec(kind="preset", name=name, path=tiny_llava_dir(), preset=preset)
+            return ModelSpec(kind="preset", name=name, path=_embedded_dir(name), preset=preset)
         if not preset.get("hf_id"):
             raise ModelLoadError(
                 f"preset {name!r} has neither 'embedded': true nor an 'hf_id'; fix configs/{name}.json."
@@ -217,15 +232,17 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _check_architecture(cfg: dict[str, Any], path: Path, trust_remote_code: bool) -> None:
+    from var_export.families import supported_model_types
+
     model_type = cfg.get("model_type")
-    if model_type in SUPPORTED_MODEL_TYPES:
+    if model_type in supported_model_types():
         return
     hint = ""
     if cfg.get("auto_map") and not trust_remote_code:
         hint = " The model ships its own code (auto_map); it is not run unless --trust-remote-code."
     raise ModelLoadError(
-        f"{path} is not a LLaVA model: expected config model_type in {list(SUPPORTED_MODEL_TYPES)} "
-        f"(LlavaForConditionalGeneration), found model_type={model_type!r}, "
+        f"{path} is not a supported model: expected config model_type in {supported_model_types()}, "
+        f"found model_type={model_type!r}, "
         f"architectures={cfg.get('architectures')}.{hint}"
     )
 
@@ -276,10 +293,11 @@ def load_llava(
     _check_architecture(cfg, path, trust_remote_code)
     use_safetensors = _check_weights(path, allow_pickle)
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from var_export.families import family_for_model_type
 
+    family = family_for_model_type(cfg.get("model_type"))
     try:
-        model, info = LlavaForConditionalGeneration.from_pretrained(
+        model, info = family.model_class().from_pretrained(
             path,
             dtype=torch_dtype,
             attn_implementation=attn_implementation,
@@ -302,11 +320,13 @@ def load_llava(
             f"(e.g. {missing[:3]}), {len(mismatched)} with the wrong shape. Re-download or re-save it."
         )
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        processor = family.load_processor(path, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"could not load the processor (tokenizer + image processor) from {path}: "
-            f"{type(exc).__name__}: {exc}. Expected the files written by LlavaProcessor.save_pretrained."
+            f"{type(exc).__name__}: {exc}. Expected the files written by the processor's save_pretrained."
         ) from exc
     model.eval()
     logger.info("loaded %s from %s (%s, %s attention)", spec.model_id, path, dtype, attn_implementation)

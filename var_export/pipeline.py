@@ -109,9 +109,10 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             t = time.perf_counter()
             # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
             # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
-            base = resolve_settings(
-                preset=spec.preset or {"sink_dims": [0]}, overrides=overrides, convention=opts.convention
-            )
+            # (a preset may leave sink_dims null: unpublished for the model, calibration finds them)
+            preset = dict(spec.preset or {})
+            preset["sink_dims"] = preset.get("sink_dims") or [0]
+            base = resolve_settings(preset=preset, overrides=overrides, convention=opts.convention)
             cal = calibrate(
                 loaded,
                 calibration_samples(opts.data),
@@ -174,6 +175,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             "dtype": opts.dtype,
             "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
             **_token_facts(loaded.config),
+            **_family_facts(loaded.config),
         }
         t = time.perf_counter()
         bundle_dir = write_bundle(
@@ -217,6 +219,14 @@ def _token_facts(config: Any) -> dict[str, Any]:
         "image_token_id": getattr(config, "image_token_id", None),
         "eos_token_id": getattr(text, "eos_token_id", None),
     }
+
+
+def _family_facts(config: Any) -> dict[str, Any]:
+    """The model family (the runtime's key to its hooks) and the facts its numpy hooks need."""
+    from var_export.families import family_of
+
+    family = family_of(config)
+    return {"family": family.name, **family.manifest_fields(config)}
 
 
 def _export_progress(progress: Any):

@@ -209,6 +209,8 @@ def greedy_decode_numpy(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     on_token: Callable[[np.ndarray], None] | None = None,
+    position_ids: np.ndarray | None = None,
+    next_positions: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> DecodeResult:
     """Greedy decoding with the KV and sink-mask caches (batch, left padding).
 
@@ -216,6 +218,9 @@ def greedy_decode_numpy(
     ``visual_token_mask`` (B, S) bool for the prompt (None: all False, i.e. VAR off). Generated
     tokens are never visual. Stops after ``max_new_tokens`` or when every row has produced
     ``eos_token_id``. ``on_token(ids (B,))`` is called after each new token.
+    ``position_ids``: the prompt's (default :func:`prefill_position_ids`; M-RoPE models pass
+    [3, B, S]); ``next_positions(mask (B, T))``: the newest token's positions (default: the
+    previous + 1; Qwen-VL: ``cumsum(mask) - 1 + rope_deltas``, see var_export.families.qwen).
     """
     b = inputs_embeds.shape[0]
     mask = np.asarray(attention_mask, dtype=np.int64)
@@ -224,7 +229,8 @@ def greedy_decode_numpy(
         if visual_token_mask is None
         else np.asarray(visual_token_mask, dtype=np.bool_) & (mask != 0)
     )
-    position_ids = prefill_position_ids(mask)
+    if position_ids is None:
+        position_ids = prefill_position_ids(mask)
     past = empty_past(decoder, b)
     pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
     t0 = time.perf_counter()
@@ -245,7 +251,7 @@ def greedy_decode_numpy(
             break
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
         visual = np.concatenate([visual, np.zeros((b, 1), np.bool_)], axis=1)
-        position_ids = position_ids[:, -1:] + 1
+        position_ids = next_positions(mask) if next_positions is not None else position_ids[..., -1:] + 1
         logits, past = decode_step_numpy(decoder, embed(nxt[:, None]), mask, position_ids, past, visual)
         steps += 1
     out = np.stack(tokens, axis=1) if tokens else np.zeros((b, 0), np.int64)
@@ -320,6 +326,9 @@ class VarRuntime:
         if var and not self.has_var:
             log.info("bundle %s has no VAR (exported with --no-var): running the plain decoder", self.bundle.path)
         self.var = bool(var and self.has_var)
+        from var_export.families import family_for_model_type
+
+        self.family = family_for_model_type(manifest.get("family") or "llava")
         self.processor = self._load_processor()
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer = tokenizer
@@ -334,10 +343,15 @@ class VarRuntime:
 
     def _load_processor(self) -> Any:
         from var_export.core.errors import VarExportError
-        from var_export.processor import load_processor  # torch-free for LLaVA-1.5 bundles
+        from var_export.core.extras import require_extra
+        from var_export.processor import torch_free_processor  # LLaVA-1.5 bundles, no torch
 
         try:
-            return load_processor(self.bundle.path)
+            processor = torch_free_processor(self.bundle.path)
+            if processor is not None:
+                return processor
+            require_extra("torch", f"the processor of {self.bundle.path} (not a LLaVA-1.5 CLIP processor)")
+            return self.family.load_processor(self.bundle.path)
         except VarExportError:
             raise
         except Exception as exc:  # transformers raises OSError / ValueError / KeyError
@@ -405,11 +419,10 @@ class VarRuntime:
                 f"model allows at most {self.max_positions} positions, prompt and answer together. "
                 "Shorten the prompt."
             )
-        return {
-            "input_ids": ids,
-            "attention_mask": np.asarray(batch["attention_mask"], dtype=np.int64),
-            "pixel_values": np.asarray(batch["pixel_values"]),
-        }
+        out = {key: np.asarray(value) for key, value in batch.items()}  # + image_sizes, ... (family)
+        out["input_ids"] = ids
+        out["attention_mask"] = np.asarray(batch["attention_mask"], dtype=np.int64)
+        return out
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.sessions[EMBED_TOKENS].run(["inputs_embeds"], {"input_ids": ids.astype(np.int64)})[0]
@@ -419,9 +432,12 @@ class VarRuntime:
         from var_export.export import merge_image_features
 
         vision = self.sessions[VISION_ENCODER]
-        pv_type = _ORT_DTYPES.get(vision.get_inputs()[0].type, np.float32)
+        types = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in vision.get_inputs()}
+        feeds = {k: np.asarray(v).astype(types.get(k, np.float32)) for k, v in self.family.vision_feeds(batch).items()}
+        names = [o.name for o in vision.get_outputs()]
         t0 = time.perf_counter()
-        features = vision.run(["image_features"], {"pixel_values": batch["pixel_values"].astype(pv_type)})[0]
+        outputs = dict(zip(names, vision.run(names, feeds)))
+        features = self.family.merge_vision_outputs(outputs, batch, self.bundle.manifest)  # (N_img, D)
         t_vision = time.perf_counter() - t0
         embeds = self._embed(batch["input_ids"])
         try:
@@ -436,9 +452,8 @@ class VarRuntime:
         embeds, _ = self.prompt_embeds(batch)
         mask = batch["attention_mask"]
         visual = (batch["input_ids"] == self.image_token_id) if self.var else None
-        logits, _ = decode_step_numpy(
-            self.decoder, embeds, mask, prefill_position_ids(mask), empty_past(self.decoder, 1), visual
-        )
+        positions, _ = self.family.prefill_positions(batch)
+        logits, _ = decode_step_numpy(self.decoder, embeds, mask, positions, empty_past(self.decoder, 1), visual)
         return logits[0]
 
     def generate(
@@ -461,6 +476,7 @@ class VarRuntime:
         t_pre = time.perf_counter() - t0
         embeds, t_vision = self.prompt_embeds(batch)
         visual = batch["input_ids"] == self.image_token_id if self.var else None
+        positions, decode_state = self.family.prefill_positions(batch)  # Qwen-VL: rope_deltas
 
         streamer = _Streamer(self._decode, stream)
         result = greedy_decode_numpy(
@@ -473,6 +489,8 @@ class VarRuntime:
             eos_token_id=self.eos_token_id if stop_on_eos else None,
             pad_token_id=self.pad_token_id,
             on_token=streamer.on_token,
+            position_ids=positions,
+            next_positions=lambda m: self.family.decode_positions(m, decode_state),
         )
         generated = streamer.generated
         text = streamer.finish()
