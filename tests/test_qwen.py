@@ -367,6 +367,13 @@ def test_inspect_draws_qwen(tiny_qwen_loaded, tmp_path):
     summary = json.loads((tmp_path / "inspect" / "summary.json").read_text())
     assert summary["grid"] == [3, 5]  # 48x80 pixels, 16-pixel image tokens
     assert result is not None
+    # the picture under the sinks is the image itself (patches put back in place)
+    from var_export.families.qwen import unpatchify
+
+    one = prepare_batch(tiny_qwen_loaded.processor, [image], PROMPTS[:1])
+    back = unpatchify(one["pixel_values"], one["image_grid_thw"], tiny_qwen_loaded.processor.image_processor)
+    want = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1) * 2 - 1
+    assert back.shape == (3, 48, 80) and float((back - want).abs().max()) < 1e-5
 
 
 @pytest.mark.slow
