@@ -222,5 +222,5 @@ def test_inspect_draws_the_whole_image_tile(tiled, tmp_path):
 def test_report(capsys):
     with capsys.disabled():
         for k, v in sorted(RESULTS.items()):
-            print(f"anyres {k:50s} {v:.2e}")
+            print(f"tiled {k:50s} {v:.2e}")
 

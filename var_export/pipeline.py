@@ -100,8 +100,9 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
             t = time.perf_counter()
             # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
             # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
+            # (a preset may leave sink_dims null: unpublished for the model, calibration finds them)
             preset = dict(spec.preset or {})
-            preset["sink_dims"] = preset.get("sink_dims") or [0]  # unpublished dims (Qwen-VL presets)
+            preset["sink_dims"] = preset.get("sink_dims") or [0]
             base = resolve_settings(preset=preset, overrides=overrides, convention=opts.convention)
             cal = calibrate(
                 loaded,
