@@ -119,7 +119,7 @@ def synthetic_images(n: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] =
         occupied = np.zeros((gh, gw), dtype=bool)
         for _obj in range(int(rng.integers(2, 5))):
             for _try in range(20):
-                bh, bw = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+                bh, bw = min(int(rng.integers(1, 3)), gh), min(int(rng.integers(1, 3)), gw)
                 r, c = int(rng.integers(0, gh - bh + 1)), int(rng.integers(0, gw - bw + 1))
                 if occupied[r : r + bh, c : c + bw].any() or occupied.sum() + bh * bw > gh * gw // 2:
                     continue

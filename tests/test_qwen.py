@@ -212,7 +212,9 @@ def test_vision_graph_any_grid(tiny_qwen_loaded, tiny_qwen_graphs, sizes):
     with torch.no_grad():
         want = family_of(tiny_qwen_loaded.model).image_features(tiny_qwen_loaded.model, b).numpy()
     assert got.shape == want.shape == (int(b["visual_token_mask"].sum()), tq.HIDDEN_SIZE)
-    assert float(np.abs(got - want).max()) < TOL
+    diff = float(np.abs(got - want).max())
+    print(f"\nvision graph vs HF, grids {b['image_grid_thw'].tolist()}: max |Δ| = {diff:.2e}")
+    assert diff < TOL
 
 
 @pytest.fixture(scope="module")
@@ -367,6 +369,13 @@ def test_inspect_draws_qwen(tiny_qwen_loaded, tmp_path):
     summary = json.loads((tmp_path / "inspect" / "summary.json").read_text())
     assert summary["grid"] == [3, 5]  # 48x80 pixels, 16-pixel image tokens
     assert result is not None
+    # the picture under the sinks is the image itself (patches put back in place)
+    from var_export.families.qwen import unpatchify
+
+    one = prepare_batch(tiny_qwen_loaded.processor, [image], PROMPTS[:1])
+    back = unpatchify(one["pixel_values"], one["image_grid_thw"], tiny_qwen_loaded.processor.image_processor)
+    want = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1) * 2 - 1
+    assert back.shape == (3, 48, 80) and float((back - want).abs().max()) < 1e-5
 
 
 @pytest.mark.slow

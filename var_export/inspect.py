@@ -304,7 +304,12 @@ def inspect_model(
     spec = getattr(loaded_model, "spec", None)
     summary["model_id"] = str(getattr(spec, "model_id", None) or getattr(spec, "name", None) or "")
     summary["prompt"] = prompt
-    image_array = _model_view(batch["pixel_values"], processor)
+    pixel_values = batch["pixel_values"]
+    if batch.get("image_grid_thw") is not None:  # Qwen-VL flattened patches -> (1, 3, H, W)
+        from var_export.families.qwen import unpatchify
+
+        pixel_values = unpatchify(pixel_values, batch["image_grid_thw"][:1], processor.image_processor)[None]
+    image_array = _model_view(pixel_values, processor)
     return _write(Path(out_dir), summary, image_array)
 
 

@@ -245,6 +245,22 @@ class Qwen2VLFamily(QwenVLFamily):
         return Qwen2VLProcessor
 
 
+def unpatchify(pixel_values: Any, grid_thw: Any, image_processor: Any) -> Any:
+    """The first image of a Qwen-VL batch back as (3, H, W) (processor units, first frame).
+
+    pixel_values [N_patches, C*T*P*P] in the processor's (t, h/m, w/m, m, m) patch order.
+    """
+    import torch
+
+    t, h, w = (int(x) for x in grid_thw[0])
+    p, m = int(image_processor.patch_size), int(image_processor.merge_size)
+    tp = int(image_processor.temporal_patch_size)
+    pv = torch.as_tensor(pixel_values)[: t * h * w].float()
+    pv = pv.reshape(t, h // m, w // m, m, m, 3, tp, p, p)[0, ..., 0, :, :]  # (h/m, w/m, m, m, 3, P, P)
+    pv = pv.permute(4, 0, 2, 5, 1, 3, 6)  # (3, h/m, m, P, w/m, m, P)
+    return pv.reshape(3, h * p, w * p)
+
+
 def _np(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
