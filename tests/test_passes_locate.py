@@ -14,6 +14,7 @@ from passes_fixtures import tiny_attention_model, to_session
 from var_export.core.errors import AlreadyAppliedError, ConfigError, GraphPatternError
 from var_export.core.settings import VarSettings
 from var_export.passes import (
+    ClassMassesPass,
     HeadSelectionPass,
     RedistributionPass,
     SinkDetectionPass,
@@ -25,7 +26,8 @@ SETTINGS = VarSettings(sink_dims=(1, 6), tau=3.0, heads="dynamic", layers="0:")
 ALLOWED_VAR_OPS = {
     "Abs", "Add", "And", "Cast", "Concat", "CumSum", "Div", "Equal", "Gather", "Greater",
     "GreaterOrEqual", "Identity", "LessOrEqual", "MatMul", "Mul", "Not", "ReduceMax",
-    "ReduceMean", "ReduceSum", "Shape", "Slice", "Sqrt", "Sub", "Unsqueeze", "Where",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "Shape", "Slice", "Split", "Sqrt", "Sub",
+    "Transpose", "Unsqueeze", "Where",
 }  # fmt: skip
 
 
@@ -122,6 +124,8 @@ def test_each_pass_is_idempotent_and_reports_modified():
     model = tiny_attention_model(n_layers=2)
     assert SinkDetectionPass(SETTINGS)(model).modified
     assert not SinkDetectionPass(SETTINGS)(model).modified
+    assert ClassMassesPass(SETTINGS)(model).modified
+    assert not ClassMassesPass(SETTINGS)(model).modified
     assert HeadSelectionPass(SETTINGS)(model).modified
     assert not HeadSelectionPass(SETTINGS)(model).modified
     assert RedistributionPass(SETTINGS)(model).modified
