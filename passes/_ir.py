@@ -194,8 +194,8 @@ def _equal_node(node: ir.Node) -> ir.Node | None:
 
 
 def _equal_initializer(graph: ir.Graph, arr: np.ndarray) -> ir.Value | None:
-    """A ``var/`` initializer with the same dtype, shape and content as ``arr``."""
-    if arr.size > 64:
+    """A ``var/`` initializer with the same dtype, shape and content as ``arr`` (small ones)."""
+    if arr.size > 4096:
         return None
     for name, value in graph.initializers.items():
         tensor = value.const_value

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from passes_fixtures import tiny_attention_model, to_session
+from passes_fixtures import duplicates_added, tiny_attention_model, to_session
 
 from var_export.core.errors import AlreadyAppliedError, ConfigError, GraphPatternError
 from var_export.core.settings import VarSettings
@@ -191,5 +191,27 @@ def test_config_errors():
 
 
 def test_passes_never_import_torch():
-    code = "import sys, passes, passes.pipeline; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, var_export.passes, var_export.passes.pipeline; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+@pytest.mark.parametrize("variant", ["plain", "fp16"])
+@pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
+def test_var_graph_has_no_duplicate_subexpressions(variant, mode):
+    base = tiny_attention_model(n_layers=3, variant=variant)
+    model, _ = apply_var(base, SETTINGS.replace(heads=mode), [(0, 1), (1, 0), (2, 0)])
+    nodes, constants = duplicates_added(base, model)
+    assert nodes == 0 and constants == []
+    # the probabilities are cast to fp32 once per layer, read by class masses and redistribution
+    casts = [n for n in model.graph if n.op_type == "Cast" and n.name.startswith("var/L1/probs")]
+    assert len(casts) == (2 if variant == "fp16" else 0)  # in, and back to fp16
+
+
+def test_passes_locate_once_when_given_the_analysis(monkeypatch):
+    from var_export.passes import analysis as analysis_module
+
+    calls = []
+    real = analysis_module.locate_layers
+    monkeypatch.setattr(analysis_module, "locate_layers", lambda m: calls.append(1) or real(m))
+    apply_var(tiny_attention_model(n_layers=2), SETTINGS, None)
+    assert len(calls) == 1
