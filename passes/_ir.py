@@ -158,7 +158,7 @@ class Builder:
     ) -> list[ir.Value]:
         """One node with ``len(names)`` outputs (Split), unless an equal node exists."""
         node = ir.node(op_type, list(inputs), attributes or {}, num_outputs=len(names))
-        twin = _equal_node(node)
+        twin = _equal_node(self.graph, node)
         if twin is not None:
             return list(twin.outputs)
         node.name = self._fresh(names[0])
@@ -174,15 +174,15 @@ def _attr_key(node: ir.Node) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
 
 
-def _equal_node(node: ir.Node) -> ir.Node | None:
-    """A node of the graph with the same op, domain, inputs, attributes and output count;
+def _equal_node(graph: ir.Graph, node: ir.Node) -> ir.Node | None:
+    """A node of ``graph`` with the same op, domain, inputs, attributes and output count;
     ``node`` (not yet in the graph) is detached from its inputs when one is found."""
     first = next((v for v in node.inputs if v is not None), None)
     if first is None:
         return None
     key = (node.domain, node.op_type, len(node.outputs), _attr_key(node))
     for other in first.consumers():
-        if other is node or other.graph is None or len(other.inputs) != len(node.inputs):
+        if other is node or other.graph is not graph or len(other.inputs) != len(node.inputs):
             continue
         if (other.domain, other.op_type, len(other.outputs), _attr_key(other)) != key:
             continue

@@ -8,11 +8,12 @@ by row constants (DESIGN.md §1), per column of ``var/L{l}/key_classes``:
     row_scale = 1 on rows that are not selected                          (B, H, S, 4)
 
     weights   = row_scale @ key_classes^T                               (B, H, S, T)
-    a'        = probs_f32 * weights                                     (B, H, S, T)
+    a'        = probs * weights                                         (B, H, S, T)
 
 Two passes over (B, H, S, T) (the MatMul that writes the weights and the Mul); rows that are
-not selected are multiplied by exactly 1. The arithmetic is fp32 (``probs_f32`` is the Cast
-the class-mass pass made on fp16 graphs; one Cast back).
+not selected are multiplied by exactly 1. Masses, selection and ``row_scale`` are fp32; on
+fp16 graphs the (B, H, S, 4) ``row_scale`` and the key classes are cast to fp16 so that the
+weights and the product stay in the probabilities' dtype (no fp32 (B, H, S, T) round trip).
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ class RedistributionPass(ir.passes.InPlacePass):
             )
             b = Builder(graph, f"var/L{layer}")
             row_scale = build_row_scale(b, self.settings.p, ClassMasses(*masses), selected)  # (B, H, S, 4)
+            dtype = match.probs_dtype  # the weights are applied in the probabilities' own dtype
+            row_scale = _ir.cast(b, row_scale, dtype, "row_scale_cast")
+            keys = _ir.cast(b, keys, dtype, "key_classes_cast")
             keys_t = b.op("Transpose", [keys], "key_classes_t", {"perm": [0, 1, 3, 2]})  # (B, 1, 4, T)
             weights = b.op("MatMul", [row_scale, keys_t], "key_weights")  # (B, H, S, T)
-            probs = _ir.cast(b, match.probs, ir.DataType.FLOAT, "probs_f32")
-            new_probs = b.op("Mul", [probs, weights], "probs_var")  # (B, H, S, T)
-            if match.probs_dtype != ir.DataType.FLOAT:
-                new_probs = b.op("Cast", [new_probs], "probs_var_cast", {"to": match.probs_dtype})
-            new_probs.dtype = match.probs_dtype
+            new_probs = b.op("Mul", [match.probs, weights], "probs_var")  # (B, H, S, T)
+            new_probs.dtype = dtype
             new_probs.shape = match.probs.shape
             match.pv_matmul.replace_input_with(0, new_probs)
             modified = True
