@@ -10,7 +10,8 @@ Per changed layer ``l``, around its ``Attention(Q, K, V, mask)`` (Q (B, H, S, hd
     class_masses = Attention(Q, K, class_values, mask)   (B, H, S, hd)  same attributes
 
 The class indicators are padded to the head size so that Q, K and V share one head
-dimension (TensorRT's attention requires it); only the first three columns are read.
+dimension (TensorRT's attention requires it); only the first three columns are read. The
+masses are fp32 on fp16 graphs too (Q, K and a float mask are cast for this Attention).
 ``var/L{l}/class_masses`` and ``var/L{l}/key_class_code`` are what ``HeadSelectionPass``
 reads, as for the unfused ``ClassMassesPass``.
 """
@@ -79,10 +80,10 @@ class FusedClassMassesPass(ir.passes.InPlacePass):
         q, k = att.inputs[0], att.inputs[1]
         mask = att.inputs[3] if len(att.inputs) > 3 else None
         assert q is not None and k is not None
-        if q.dtype not in (None, ir.DataType.FLOAT):
+        if _ir.resolve_dtype(q) not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             raise ConfigError(
-                f"layer {match.layer}: the fused VAR formulation is built for fp32 graphs, found "
-                f"{q.dtype}. Use passes.pipeline.apply_var on an eager export."
+                f"layer {match.layer}: the fused VAR formulation is built for fp32 and fp16 graphs, found "
+                f"{_ir.resolve_dtype(q)}. Use passes.pipeline.apply_var on an eager export."
             )
         if match.head_dim is None or match.head_dim < 4:
             raise GraphPatternError(
@@ -92,6 +93,11 @@ class FusedClassMassesPass(ir.passes.InPlacePass):
         keys = build_key_classes(b, sink, visual, width=match.head_dim)  # (B, 1, T, hd)
         key_shape = b.op("Shape", [k], "key_shape", dtype=ir.DataType.INT64)  # [B, Hk, T, hd]
         class_values = b.op("Expand", [keys.onehot, key_shape], "class_values")  # (B, Hk, T, hd)
-        masses = b.op("Attention", [q, k, class_values, mask], "class_masses", attention_attributes(match))
+        # fp32 masses whatever the graph's dtype (fp16 graphs: Q, K and a float mask cast up)
+        q32 = _ir.cast(b, q, ir.DataType.FLOAT, "query_f32")
+        k32 = _ir.cast(b, k, ir.DataType.FLOAT, "key_f32")
+        if mask is not None and _ir.resolve_dtype(mask) != ir.DataType.BOOL:
+            mask = _ir.cast(b, mask, ir.DataType.FLOAT, "mask_f32")
+        masses = b.op("Attention", [q32, k32, class_values, mask], "class_masses", attention_attributes(match))
         masses.dtype = ir.DataType.FLOAT
         masses.shape = ir.Shape([None, None, None, match.head_dim])  # (B, H, S, hd)

@@ -97,7 +97,7 @@ def test_fused_var_smoke_matches_reference_without_duplicates(tiny):
 
     from var_export.bench import ort_session, run_decode
     from var_export.calibration.reference import VarReference
-    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.fused_var import apply_fused_var, fused_var_passes
 
     case, out, heads = tiny
     settings = _settings("hybrid")
@@ -105,6 +105,11 @@ def test_fused_var_smoke_matches_reference_without_duplicates(tiny):
     fused, report = apply_fused_var(base, settings, heads)
     assert report.changed_layers == [2, 3]
     assert duplicates_added(base, fused) == (0, [])
+    n = fused.graph.num_nodes()  # each pass is idempotent and says so
+    for shift in ("qk", "mask"):
+        for p in fused_var_passes(settings, heads, num_layers=4, shift=shift):
+            assert not p(fused).modified, (shift, type(p).__name__)
+    assert fused.graph.num_nodes() == n
     want = case.reference_logits(VarReference(case.model, settings, heads), 2)
     got = run_decode(ort_session(fused), case, 2, var=True).logits
     plain = run_decode(ort_session(base), case, 0, var=False).logits
@@ -175,6 +180,52 @@ def test_tensorrt_rtx_builds_fused_var(tiny, shift):
     config.add_optimization_profile(profile)
     engine = builder.build_serialized_network(network, config)
     assert engine is not None and engine.nbytes > 1_000_000
+
+
+def _prefill_fp16(model: ir.Model, case, var: bool) -> dict[str, np.ndarray]:
+    from var_export.bench import ort_session
+
+    session = ort_session(model)
+    b = case.attention_mask.shape[0]
+    feeds = {"inputs_embeds": case.inputs_embeds.astype(np.float16), "attention_mask": case.attention_mask,
+             "position_ids": case.position_ids()}  # fmt: skip
+    for i in range(case.num_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((b, case.kv_heads, 0, case.head_dim), np.float16)
+    if var:
+        feeds["visual_token_mask"] = case.visual
+        feeds["past_sink_mask"] = np.zeros((b, 2, 0), bool)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift", ["qk", "mask"])
+def test_fused_var_on_fp16_graph_tracks_the_reference(tiny, shift):
+    """fp16 SDPA graph: masses, selection and row constants in fp32; logits within fp16 rounding of
+    the fp32 reference and of the naive fp16 graph, the same sink masks as the naive graph."""
+    from var_export.calibration.reference import VarReference
+    from var_export.export import export_decoder
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import apply_var
+
+    case, out, heads = tiny
+    for name, fused in (("fused16.onnx", True), ("eager16.onnx", False)):
+        if not (out / name).exists():
+            export_decoder(case.model, out / name, dtype="fp16", fused=fused)
+    settings = _settings("hybrid")
+    fused, _ = apply_fused_var(ir.load(str(out / "fused16.onnx")), settings, heads, shift=shift)
+    naive, _ = apply_var(ir.load(str(out / "eager16.onnx")), settings, heads)
+    got, want_naive = _prefill_fp16(fused, case, True), _prefill_fp16(naive, case, True)
+    off = _prefill_fp16(ir.load(str(out / "fused16.onnx")), case, False)["logits"].astype(np.float32)
+    want = case.reference_logits(VarReference(case.model, settings, heads), 0)[0]
+    plain = case.reference_logits(VarReference(case.model, None), 0)[0]
+    rows = case.valid_rows()
+    logits = got["logits"].astype(np.float32)
+    np.testing.assert_array_equal(got["present_sink_mask"], want_naive["present_sink_mask"])
+    assert np.abs(logits - want)[rows].max() < 2e-2
+    assert np.abs(logits - want_naive["logits"].astype(np.float32))[rows].max() < 2e-2
+    effect, effect32 = (logits - off)[rows], (want - plain)[rows]
+    assert np.abs(effect32).max() > 1e-2 and np.abs(effect - effect32).max() < 0.1 * np.abs(effect32).max()
 
 
 @pytest.mark.slow
