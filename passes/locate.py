@@ -207,6 +207,10 @@ def find_residual(pv_matmul: ir.Node) -> tuple[ir.Node, ir.Value] | str:
     saw_projection = False
     for _ in range(16):
         consumers = [n for n in value.consumers() if not is_var_node(n)]
+        through_var = [n for n in value.consumers() if is_var_node(n) and n.inputs[0] is value]
+        if not consumers and len(through_var) == 1 and through_var[0].op_type in ("Slice", "Cast"):
+            value = through_var[0].outputs[0]  # a VAR score shift slices the attention output back
+            continue
         if len(consumers) != 1:
             where = "output projection" if not saw_projection else "residual Add"
             return (

@@ -14,6 +14,7 @@ import math
 import onnx_ir as ir
 
 from var_export.core.errors import GraphPatternError
+from var_export.passes._ir import is_var_node
 from var_export.passes.locate import PAST_KEY_RE, find_residual, nearest_input, static_dim
 
 __all__ = ["FusedLayerMatch", "has_onnx_attention", "locate_fused_layers"]
@@ -46,14 +47,23 @@ class FusedLayerMatch:
         }
 
 
+def _before_var(value: ir.Value | None) -> ir.Value | None:
+    """The layer's own Q/K behind a VAR score shift (``var/`` Concat of extra columns)."""
+    producer = None if value is None else value.producer()
+    while producer is not None and is_var_node(producer) and producer.op_type == "Concat":
+        value = producer.inputs[0]
+        producer = None if value is None else value.producer()
+    return value
+
+
 def locate_fused_layers(model: ir.Model) -> list[FusedLayerMatch]:
     """Every ONNX ``Attention`` node with 4-D Q/K/V and no in-op KV cache, by layer."""
     found: dict[int, FusedLayerMatch] = {}
     for node in model.graph:
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
-            continue
+        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx") or is_var_node(node):
+            continue  # var/ Attention nodes are VAR's class masses
         where = f"Attention node {node.name!r}"
-        q, k = node.inputs[0], node.inputs[1]
+        q, k = _before_var(node.inputs[0]), _before_var(node.inputs[1])
         if len(node.inputs) > 4 and any(v is not None for v in node.inputs[4:]):
             raise GraphPatternError(
                 f"{where} takes past_key/past_value inputs (the KV cache inside the op); expected "
