@@ -102,15 +102,17 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 class Builder:
     """Appends ``var/``-named nodes to a graph; ``sort()`` restores topological order.
 
-    Nothing is built twice: ``op`` returns the output of an existing node with the same op,
-    inputs and attributes (a Cast of the probabilities that another pass already made, ...),
-    and ``const`` returns an existing ``var/`` initializer with the same dtype, shape and
-    content. The graph stays free of duplicate subexpressions by construction.
+    With a ``var/`` prefix nothing is built twice: ``op`` returns the output of an existing
+    node with the same op, inputs and attributes (a Cast of the probabilities that another
+    pass already made, ...), and ``const`` returns an existing ``var/`` initializer with the
+    same dtype, shape and content. VAR graphs stay free of duplicate subexpressions by
+    construction. Other prefixes (pre-passes such as ``unfuse_contrib``) always add.
     """
 
     def __init__(self, graph: ir.Graph, prefix: str) -> None:
         self.graph = graph
         self.prefix = prefix.rstrip("/")
+        self.reuse = f"{self.prefix}/".startswith(VAR_PREFIX)
         self._taken = {n.name for n in graph if n.name} | set(value_map(graph))
 
     def _fresh(self, name: str) -> str:
@@ -125,7 +127,7 @@ class Builder:
     def const(self, name: str, array: Any, dtype: Any = None) -> ir.Value:
         """A small initializer named ``<prefix>/<name>`` (an equal ``var/`` one is reused)."""
         arr = np.asarray(array, dtype=dtype)
-        existing = _equal_initializer(self.graph, arr)
+        existing = _equal_initializer(self.graph, arr) if self.reuse else None
         if existing is not None:
             return existing
         value = ir.Value(name=self._fresh(name), const_value=ir.tensor(arr, name=None))
@@ -158,7 +160,7 @@ class Builder:
     ) -> list[ir.Value]:
         """One node with ``len(names)`` outputs (Split), unless an equal node exists."""
         node = ir.node(op_type, list(inputs), attributes or {}, num_outputs=len(names))
-        twin = _equal_node(self.graph, node)
+        twin = _equal_node(self.graph, node) if self.reuse else None
         if twin is not None:
             return list(twin.outputs)
         node.name = self._fresh(names[0])
