@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from var_export.passes.analysis import VarAnalysis, analyze
+from var_export.passes.class_masses import ClassMassesPass
 from var_export.passes.finalize import FinalizePass, check_not_applied
 from var_export.passes.head_selection import HeadSelectionPass
 from var_export.passes.locate import LayerMatch, LocateResult, locate_layers
@@ -10,6 +12,7 @@ from var_export.passes.redistribution import RedistributionPass
 from var_export.passes.sink_detection import SinkDetectionPass
 
 __all__ = [
+    "ClassMassesPass",
     "FinalizePass",
     "HeadSelectionPass",
     "LayerMatch",
@@ -17,7 +20,9 @@ __all__ = [
     "LocateResult",
     "RedistributionPass",
     "SinkDetectionPass",
+    "VarAnalysis",
     "VarReport",
+    "analyze",
     "apply_var",
     "check_not_applied",
     "load_model",

@@ -100,12 +100,19 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 class Builder:
-    """Appends ``var/``-named nodes to a graph; ``sort()`` restores topological order."""
+    """Appends ``var/``-named nodes to a graph; ``sort()`` restores topological order.
+
+    With a ``var/`` prefix nothing is built twice: ``op`` returns the output of an existing
+    node with the same op, inputs and attributes (a Cast of the probabilities that another
+    pass already made, ...), and ``const`` returns an existing ``var/`` initializer with the
+    same dtype, shape and content. VAR graphs stay free of duplicate subexpressions by
+    construction. Other prefixes (pre-passes such as ``unfuse_contrib``) always add.
+    """
 
     def __init__(self, graph: ir.Graph, prefix: str) -> None:
         self.graph = graph
         self.prefix = prefix.rstrip("/")
-        self._counter = 0
+        self.reuse = f"{self.prefix}/".startswith(VAR_PREFIX)
         self._taken = {n.name for n in graph if n.name} | set(value_map(graph))
 
     def _fresh(self, name: str) -> str:
@@ -118,8 +125,11 @@ class Builder:
         return candidate
 
     def const(self, name: str, array: Any, dtype: Any = None) -> ir.Value:
-        """A small initializer named ``<prefix>/<name>``."""
+        """A small initializer named ``<prefix>/<name>`` (an equal ``var/`` one is reused)."""
         arr = np.asarray(array, dtype=dtype)
+        existing = _equal_initializer(self.graph, arr) if self.reuse else None
+        if existing is not None:
+            return existing
         value = ir.Value(name=self._fresh(name), const_value=ir.tensor(arr, name=None))
         value.const_value.name = value.name  # type: ignore[union-attr]
         value.shape = ir.Shape(arr.shape)
@@ -136,19 +146,87 @@ class Builder:
         *,
         dtype: ir.DataType | None = None,
     ) -> ir.Value:
-        """Append one node with a single output named ``<prefix>/<name>``."""
-        out_name = self._fresh(name)
-        node = ir.node(op_type, list(inputs), attributes or {}, name=out_name)
-        node.outputs[0].name = out_name
-        if dtype is not None:
-            node.outputs[0].dtype = dtype
+        """One node with a single output named ``<prefix>/<name>`` (or the equal node's output)."""
+        return self.ops(op_type, inputs, [name], attributes, dtype=dtype)[0]
+
+    def ops(
+        self,
+        op_type: str,
+        inputs: Sequence[ir.Value | None],
+        names: Sequence[str],
+        attributes: dict[str, Any] | None = None,
+        *,
+        dtype: ir.DataType | None = None,
+    ) -> list[ir.Value]:
+        """One node with ``len(names)`` outputs (Split), unless an equal node exists."""
+        node = ir.node(op_type, list(inputs), attributes or {}, num_outputs=len(names))
+        twin = _equal_node(self.graph, node) if self.reuse else None
+        if twin is not None:
+            return list(twin.outputs)
+        node.name = self._fresh(names[0])
+        for i, (out, name) in enumerate(zip(node.outputs, names)):
+            out.name = node.name if i == 0 else self._fresh(name)
+            if dtype is not None:
+                out.dtype = dtype
         self.graph.append(node)
-        return node.outputs[0]
+        return list(node.outputs)
+
+
+def _attr_key(node: ir.Node) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+
+
+def _equal_node(graph: ir.Graph, node: ir.Node) -> ir.Node | None:
+    """A node of ``graph`` with the same op, domain, inputs, attributes and output count;
+    ``node`` (not yet in the graph) is detached from its inputs when one is found."""
+    first = next((v for v in node.inputs if v is not None), None)
+    if first is None:
+        return None
+    key = (node.domain, node.op_type, len(node.outputs), _attr_key(node))
+    for other in first.consumers():
+        if other is node or other.graph is not graph or len(other.inputs) != len(node.inputs):
+            continue
+        if (other.domain, other.op_type, len(other.outputs), _attr_key(other)) != key:
+            continue
+        if all(a is b for a, b in zip(other.inputs, node.inputs)):
+            for i in range(len(node.inputs)):
+                node.replace_input_with(i, None)
+            return other
+    return None
+
+
+def _equal_initializer(graph: ir.Graph, arr: np.ndarray) -> ir.Value | None:
+    """A ``var/`` initializer with the same dtype, shape and content as ``arr`` (small ones)."""
+    if arr.size > 4096:
+        return None
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if not name.startswith(VAR_PREFIX) or tensor is None or tensor.size != arr.size:
+            continue
+        held = tensor.numpy()
+        if held.dtype == arr.dtype and held.shape == arr.shape and np.array_equal(held, arr):
+            return value
+    return None
+
+
+def resolve_dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType:
+    """The element type of ``value``; walks Cast/Where/Softmax when the graph has no value_info."""
+    if value is None or depth > 32:
+        return ir.DataType.FLOAT
+    if value.dtype is not None:
+        return value.dtype
+    producer = value.producer()
+    if producer is None:
+        return ir.DataType.FLOAT
+    if producer.op_type == "Cast":
+        return ir.DataType(producer.attributes.get_int("to", int(ir.DataType.FLOAT)))
+    if producer.op_type == "Where":
+        return resolve_dtype(producer.inputs[2], depth + 1)
+    return resolve_dtype(producer.inputs[0], depth + 1)
 
 
 def cast(b: Builder, value: ir.Value, to: ir.DataType, name: str) -> ir.Value:
-    from var_export.passes.locate import resolve_dtype
-
+    """``value`` as ``to`` (itself when it already is; an existing Cast is reused)."""
     if resolve_dtype(value) == to:
         return value
     return b.op("Cast", [value], name, {"to": to}, dtype=to)

@@ -1,21 +1,27 @@
 """Node builders shared by both VAR formulations (DESIGN.md §1).
 
-The unfused passes (``sink_detection``, ``head_selection``, ``redistribution``) and the fused
-formulation (``fused_var``) build the same values through these functions, so the sink flags,
-eligibility, the per-row test and the head mask are written once:
+The passes build every VAR value through these functions, each value once:
 
     add_sink_mask_io       inputs visual_token_mask [B, T], past_sink_mask [B, Lv, P]  per graph
     add_present_sink_mask  output present_sink_mask [B, Lv, T]                         per graph
-    build_sink_inputs      P, padding and prefill flags, tau / sink-dim constants      per graph
-    build_sink_flags       var/L{l}/sink (B, T)                                        per layer
-    build_eligibility      visual fp32, not visual, eligible rows, |V|                 per graph
-    build_key_classes      visual sink / text sink / visual non-sink keys (B, T)       per layer
-    build_selection        var/L{l}/selected (B, H, S, 1) from the class masses        per layer
-    build_visual_boost     m_vis - 1 = (1 - p)(sink masses) / visual_nonsink_mass      per layer
+    build_sink_inputs      which current tokens may become sinks (not padding, prompt)  per graph
+    build_sink_flags       var/L{l}/sink (B, 1, T)                                     per layer
+    build_key_classes      var/L{l}/key_class_code (B, 1, T, 1), key_classes (B, 1, T, W)
+    build_eligibility      eligible rows (B, 1, S, 1), |V| epsilon (B, 1, 1, 1)        per graph
+    split_masses           var/L{l}/class_masses (B, H, S, W) -> its three used columns
+    build_selection        var/L{l}/selected (B, H, S, 1)                              per layer
+    build_row_scale        var/L{l}/row_scale (B, H, S, 4): the class constants m      per layer
     head_mask              the static/hybrid (1, H, 1, 1) constant
 
-Every value is named ``<builder prefix>/<name>``; the per-layer ones (``var/L{l}/...``) are
-what the passes hand to each other (docs/ARCHITECTURE.md, "Naming inside VAR graphs").
+Key classes. With ``code = 2 [k visual] + [k sink]`` every key is in exactly one class, one
+column of the one-hot ``key_classes``: 0 visual sink (code 3), 1 text sink (1), 2 visual
+non-sink (2), 3 the rest (0). ``probs @ key_classes`` gives every class mass directly
+(the visual non-sink mass is its own column, never ``image - visual sink``), and
+``row_scale @ key_classes^T`` gives the per-key redistribution weights.
+
+The ``Builder`` never adds a node or a constant twice, so a builder a later pass calls again
+returns what the earlier pass built. Per-layer values (``var/L{l}/...``) are what the passes
+hand to each other (docs/ARCHITECTURE.md, "Naming inside VAR graphs").
 """
 
 from __future__ import annotations
@@ -30,30 +36,34 @@ from var_export.core.errors import ConfigError, GraphPatternError
 from var_export.core.settings import PORTION_EPS, RMS_EPS, VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.locate import PAST_KEY_RE
+from var_export.passes.locate import PAST_KEY_RE, static_dim
 
 __all__ = [
-    "Eligibility",
+    "CLASS_COLUMNS",
+    "ClassMasses",
     "KeyClasses",
     "SinkInputs",
     "add_present_sink_mask",
     "add_sink_mask_io",
     "build_eligibility",
     "build_key_classes",
+    "build_row_scale",
     "build_selection",
     "build_sink_flags",
     "build_sink_inputs",
-    "build_visual_boost",
     "calibrated_heads",
+    "changed_layers",
     "check_var_layers",
     "head_mask",
     "heads_by_layer",
     "past_length",
-    "split_columns",
-    "stack_columns",
+    "require",
+    "split_masses",
 ]
 
 _F32 = {"to": ir.DataType.FLOAT}
+CLASS_COLUMNS = ("visual_sink", "text_sink", "visual_nonsink", "rest")
+_CLASS_CODES = (3.0, 1.0, 2.0, 0.0)  # code = 2 * visual + sink, per column of CLASS_COLUMNS
 
 
 # ---------------------------------------------------------------------------------- heads
@@ -77,6 +87,15 @@ def calibrated_heads(mode: str, heads: Iterable[tuple[int, int]] | None) -> dict
             "calibration.json 'heads'; found none. Calibrate first or use --heads dynamic."
         )
     return heads_by_layer(heads)
+
+
+def changed_layers(settings: VarSettings, heads: dict[int, list[int]], num_layers: int) -> list[int]:
+    """VAR layers that get class masses, selection and redistribution (static/hybrid: only
+    those with a calibrated head; the others keep their attention untouched)."""
+    layers = settings.var_layers(num_layers)
+    if settings.heads == "dynamic":
+        return layers
+    return [layer for layer in layers if heads.get(layer)]
 
 
 def head_mask(layer: int, wanted: Sequence[int], num_heads: int | None, *, why_unknown: str) -> np.ndarray:
@@ -110,6 +129,15 @@ def check_var_layers(var_layers: Iterable[int], found: Iterable[int], what: str)
             f"VAR layers {missing} have no located {what} (found layers {found}); "
             "check --layers against the graph."
         )
+
+
+def require(values: dict[str, ir.Value], layer: int, names: Sequence[str], producer: str) -> list[ir.Value]:
+    """The per-layer values ``var/L{layer}/<name>`` an earlier pass built, or a clear error."""
+    full = [_ir.layer_value_name(layer, n) for n in names]
+    absent = [n for n in full if n not in values]
+    if absent:
+        raise GraphPatternError(f"layer {layer}: {absent} not found; run {producer} (same settings) first.")
+    return [values[n] for n in full]
 
 
 # ---------------------------------------------------------------------------- graph IO
@@ -168,8 +196,14 @@ def add_present_sink_mask(graph: ir.Graph, rows: Sequence[ir.Value], io: SinkMas
 
 
 def past_length(b: Builder, past_sink: ir.Value) -> ir.Value:
-    """``var/past_len`` (1,) int64 = P, read from the sink cache (reused when already built)."""
-    return _ir.shared(b, "past_len") or _ir.shape(b, past_sink, 2, 3, "past_len")
+    """(1,) int64 = P, read from the sink cache."""
+    return _ir.shape(b, past_sink, 2, 3, "past_len")
+
+
+def _current(b: Builder, x: ir.Value, past_len: ir.Value, name: str) -> ir.Value:
+    """``x[:, P:]``: the current-token columns of a (B, T) tensor -> (B, S)."""
+    big = b.const("int64_max", [_ir.INT64_MAX], np.int64)
+    return b.op("Slice", [x, past_len, big, b.const("axis1", [1], np.int64)], name)
 
 
 # ------------------------------------------------------------------------- sink flags
@@ -180,11 +214,7 @@ class SinkInputs:
     """Per-graph values the sink flags of every layer read."""
 
     past_sink: ir.Value  # (B, Lv, P) bool
-    not_pad: ir.Value  # (B, S) bool: current tokens that are not padding
-    is_prefill: ir.Value  # (1,) bool: P == 0
-    sink_dims: ir.Value  # (k,) int64
-    rms_eps: ir.Value  # () fp32
-    tau: ir.Value  # () fp32
+    allowed: ir.Value  # (B, S) bool: current tokens that may be sinks (not padding; prompt scope: P == 0)
     settings: VarSettings
 
 
@@ -192,183 +222,159 @@ def build_sink_inputs(
     b: Builder, settings: VarSettings, attention_mask: ir.Value, past_sink: ir.Value
 ) -> SinkInputs:
     past_len = past_length(b, past_sink)  # (1,)
-    big = b.const("int64_max", [_ir.INT64_MAX], np.int64)
-    axis1 = b.const("axis1", [1], np.int64)
     mask_bool = _ir.cast(b, attention_mask, ir.DataType.BOOL, "attention_mask_bool")
-    not_pad = b.op("Slice", [mask_bool, past_len, big, axis1], "current_not_pad")  # (B, S)
-    is_prefill = b.op("Equal", [past_len, b.const("zero_i64", [0], np.int64)], "is_prefill")
-    return SinkInputs(
-        past_sink=past_sink,
-        not_pad=not_pad,
-        is_prefill=is_prefill,
-        sink_dims=b.const("sink_dims", list(settings.sink_dims), np.int64),
-        rms_eps=b.const("rms_eps", np.float32(RMS_EPS)),
-        tau=b.const("tau", np.float32(settings.tau)),
-        settings=settings,
-    )
+    allowed = _current(b, mask_bool, past_len, "current_not_pad")  # (B, S)
+    if settings.sink_scope == "prompt":
+        is_prefill = b.op("Equal", [past_len, b.const("zero_i64", [0], np.int64)], "is_prefill")
+        allowed = b.op("And", [allowed, is_prefill], "current_may_sink")
+    return SinkInputs(past_sink=past_sink, allowed=allowed, settings=settings)
 
 
-def build_sink_flags(
-    b: Builder, si: SinkInputs, residual: ir.Value, cache_index: int, io: SinkMaskIO
-) -> ir.Value:
-    """``var/L{l}/sink`` (B, T): the layer's past flags + the sinks among the current tokens.
+def _sink_threshold(b: Builder, x: ir.Value, tau: float) -> ir.Value:
+    """tau^2 (mean(x^2 over D) + eps), (B, S): ``|n_d| > tau`` is ``x_d^2 >`` this."""
+    tau2 = np.float32(tau) ** 2
+    width = static_dim(x, 2)
+    if width:
+        sum_sq = _ir.reduce(b, "ReduceSumSquare", x, [-1], "sum_sq", keepdims=False)  # (B, S)
+        scaled = b.op("Mul", [sum_sq, b.const("tau2_over_d", tau2 / np.float32(width))], "tau2_mean_sq")
+    else:  # hidden size not static: mean over the run-time width
+        mean_sq = _ir.reduce(b, "ReduceMean", b.op("Mul", [x, x], "x_sq"), [-1], "mean_sq", keepdims=False)
+        scaled = b.op("Mul", [mean_sq, b.const("tau2", tau2)], "tau2_mean_sq")
+    return b.op("Add", [scaled, b.const("tau2_eps", tau2 * np.float32(RMS_EPS))], "sink_threshold")
+
+
+def build_sink_flags(b: Builder, si: SinkInputs, residual: ir.Value, cache_index: int) -> ir.Value:
+    """``var/L{l}/sink`` (B, 1, T): the layer's cached flags + the sinks among the current tokens.
 
     ``b`` is the layer's builder (prefix ``var/L{l}``); ``cache_index`` its row j in the cache.
+    A token is a sink iff ``max_d x_d^2 > tau^2 (mean(x^2) + eps)`` over the sink dims d
+    (DESIGN.md §1's ``max_d |x_d / rms(x)| > tau``, without the division).
     """
     x = _ir.cast(b, residual, ir.DataType.FLOAT, "residual_f32")  # (B, S, D)
-    mean_sq = _ir.reduce(b, "ReduceMean", b.op("Mul", [x, x], "x_sq"), [-1], "mean_sq", keepdims=True)
-    rms = b.op("Sqrt", [b.op("Add", [mean_sq, si.rms_eps], "mean_sq_eps")], "rms")  # (B, S, 1)
-    picked = b.op("Gather", [x, si.sink_dims], "sink_dim_values", {"axis": -1})  # (B, S, k)
-    normed = b.op("Abs", [b.op("Div", [picked, rms], "sink_dim_normed")], "sink_dim_abs")
-    peak = _ir.reduce(b, "ReduceMax", normed, [-1], "sink_dim_peak", keepdims=False)  # (B, S)
-    new = b.op("Greater", [peak, si.tau], "new_sink_raw")
-    new = b.op("And", [new, si.not_pad], "new_sink_unpadded")
-    if si.settings.sink_scope == "prompt":
-        new = b.op("And", [new, si.is_prefill], "new_sink_prompt")
-    index = b.const("cache_index", np.int64(cache_index))
-    past_flags = b.op("Gather", [si.past_sink, index], "past_sink", {"axis": 1})  # (B, P)
-    sink = b.op("Concat", [past_flags, new], "sink", {"axis": 1})  # (B, T)
+    threshold = _sink_threshold(b, x, si.settings.tau)  # (B, S)
+    dims = b.const("sink_dims", list(si.settings.sink_dims), np.int64)
+    picked = b.op("Gather", [x, dims], "sink_dim_values", {"axis": -1})  # (B, S, k)
+    squares = b.op("Mul", [picked, picked], "sink_dim_sq")
+    peak = _ir.reduce(b, "ReduceMax", squares, [-1], "sink_dim_peak", keepdims=False)  # (B, S)
+    new = b.op("Greater", [peak, threshold], "new_sink_raw")
+    new = b.op("And", [new, si.allowed], "new_sink")  # (B, S)
+    new = _ir.unsqueeze(b, new, [1], "new_sink_row")  # (B, 1, S)
+    index = b.const("cache_index", [cache_index], np.int64)
+    past_flags = b.op("Gather", [si.past_sink, index], "past_sink", {"axis": 1})  # (B, 1, P)
+    sink = b.op("Concat", [past_flags, new], "sink", {"axis": 2})  # (B, 1, T)
     sink.dtype = ir.DataType.BOOL
-    sink.shape = ir.Shape([io.batch, io.total])
     return sink
 
 
-# ------------------------------------------------------------------- eligibility, classes
-
-
-@dataclasses.dataclass
-class Eligibility:
-    """Per-graph query/key facts every layer's row test reads."""
-
-    visual: ir.Value  # (B, T) bool
-    visual_f: ir.Value  # (B, T) fp32
-    not_visual: ir.Value  # (B, T) bool
-    eligible: ir.Value  # (B, 1, S, 1) bool: query not visual, a visual key at or before it
-    num_visual: ir.Value  # (B, 1, 1, 1) fp32: |V|
-
-
-def build_eligibility(b: Builder, visual: ir.Value, past_sink: ir.Value) -> Eligibility:
-    """Query s sits at T-position P + s: CumSum over the visual mask, then the last S."""
-    past_len = past_length(b, past_sink)
-    big = b.const("sel_int64_max", [_ir.INT64_MAX], np.int64)
-    axis1 = b.const("sel_axis1", [1], np.int64)
-    visual_f = b.op("Cast", [visual], "visual_f32", _F32)  # (B, T)
-    not_visual = b.op("Not", [visual], "not_visual")  # (B, T)
-    seen_visual = b.op("CumSum", [visual_f, b.const("cumsum_axis", np.int64(1))], "visual_cumsum")
-    seen_q = b.op("Slice", [seen_visual, past_len, big, axis1], "visual_cumsum_queries")  # (B, S)
-    not_visual_q = b.op("Slice", [not_visual, past_len, big, axis1], "query_not_visual")  # (B, S)
-    after_image = b.op("Greater", [seen_q, b.const("half", np.float32(0.5))], "query_after_visual")
-    eligible = b.op("And", [after_image, not_visual_q], "eligible_bs")
-    eligible = _ir.unsqueeze(b, eligible, [1, 3], "eligible")  # (B, 1, S, 1)
-    num_visual = _ir.reduce(b, "ReduceSum", visual_f, [1], "num_visual_bt", keepdims=True)  # (B, 1)
-    num_visual = _ir.unsqueeze(b, num_visual, [2, 3], "num_visual")  # (B, 1, 1, 1)
-    return Eligibility(visual, visual_f, not_visual, eligible, num_visual)
+# ------------------------------------------------------------------- classes, eligibility
 
 
 @dataclasses.dataclass
 class KeyClasses:
-    """The key classes of one layer, (B, T) each, as bool and as fp32 indicators."""
-
-    visual_sink: ir.Value
-    text_sink: ir.Value
-    visual_nonsink: ir.Value
-    visual_sink_f: ir.Value
-    text_sink_f: ir.Value
-    visual_nonsink_f: ir.Value
+    code: ir.Value  # (B, 1, T, 1) fp32: 2 [visual] + [sink]
+    onehot: ir.Value  # (B, 1, T, W) fp32: CLASS_COLUMNS, then W - 4 zero columns
 
 
-def build_key_classes(b: Builder, sink: ir.Value, el: Eligibility) -> KeyClasses:
-    visual_sink = b.op("And", [sink, el.visual], "visual_sink")  # (B, T)
-    text_sink = b.op("And", [sink, el.not_visual], "text_sink")  # (B, T)
-    visual_nonsink = b.op("And", [el.visual, b.op("Not", [sink], "not_sink")], "visual_nonsink")
-    return KeyClasses(
-        visual_sink,
-        text_sink,
-        visual_nonsink,
-        b.op("Cast", [visual_sink], "visual_sink_f32", _F32),
-        b.op("Cast", [text_sink], "text_sink_f32", _F32),
-        b.op("Cast", [visual_nonsink], "visual_nonsink_f32", _F32),
-    )
+def build_key_classes(b: Builder, sink: ir.Value, visual: ir.Value, width: int = 4) -> KeyClasses:
+    """``var/L{l}/key_class_code`` and ``var/L{l}/key_classes`` (module docstring)."""
+    g = Builder(b.graph, "var")  # per graph
+    visual_f = g.op("Cast", [visual], "visual_f32", _F32)  # (B, T)
+    visual_x2 = _ir.unsqueeze(g, g.op("Add", [visual_f, visual_f], "visual_x2_bt"), [1], "visual_x2")  # (B, 1, T)
+    code = b.op("Add", [b.op("Cast", [sink], "sink_f32", _F32), visual_x2], "key_code")  # (B, 1, T)
+    code = _ir.unsqueeze(b, code, [-1], "key_class_code")  # (B, 1, T, 1)
+    codes = np.full(width, -1.0, np.float32)
+    codes[: len(_CLASS_CODES)] = _CLASS_CODES
+    onehot = b.op("Equal", [code, b.const(f"class_codes_{width}", codes)], "key_class_bool")
+    return KeyClasses(code, b.op("Cast", [onehot], "key_classes", _F32))  # (B, 1, T, W)
 
 
-def stack_columns(b: Builder, columns: Sequence[tuple[ir.Value, str]], name: str) -> ir.Value:
-    """(B, T) indicators -> (B, T, k), in the given order."""
-    cols = [_ir.unsqueeze(b, c, [-1], f"{n}_col") for c, n in columns]  # (B, T, 1)
-    return b.op("Concat", cols, name, {"axis": -1})
+@dataclasses.dataclass
+class Eligibility:
+    eligible: ir.Value  # (B, 1, S, 1) bool: query not visual, a visual key at or before it
+    portion_eps: ir.Value  # (B, 1, 1, 1) fp32: PORTION_EPS |V|
 
 
-def split_columns(b: Builder, masses: ir.Value, names: Sequence[str]) -> list[ir.Value]:
-    """(B, H, S, k) -> k values (B, H, S, 1), named ``names``."""
-    axis3 = b.const("axis3", [3], np.int64)
-    out = []
-    for i, name in enumerate(names):
-        start = b.const(f"{name}_start", [i], np.int64)
-        end = b.const(f"{name}_end", [i + 1], np.int64)
-        out.append(b.op("Slice", [masses, start, end, axis3], name))
-    return out
+def build_eligibility(b: Builder, visual: ir.Value, past_sink: ir.Value) -> Eligibility:
+    """Per graph. Query s sits at T-position P + s: CumSum over the visual mask, then the last S."""
+    past_len = past_length(b, past_sink)
+    visual_f = b.op("Cast", [visual], "visual_f32", _F32)  # (B, T)
+    seen_visual = b.op("CumSum", [visual_f, b.const("cumsum_axis", np.int64(1))], "visual_cumsum")
+    seen_q = _current(b, seen_visual, past_len, "visual_cumsum_queries")  # (B, S)
+    not_visual_q = b.op("Not", [_current(b, visual, past_len, "query_visual")], "query_not_visual")
+    after_image = b.op("Greater", [seen_q, b.const("half", np.float32(0.5))], "query_after_visual")
+    eligible = b.op("And", [after_image, not_visual_q], "eligible_bs")
+    eligible = _ir.unsqueeze(b, eligible, [1, 3], "eligible")  # (B, 1, S, 1)
+    num_visual = _ir.reduce(b, "ReduceSum", visual_f, [1], "num_visual", keepdims=True)  # (B, 1)
+    eps = b.op("Mul", [num_visual, b.const("portion_eps", np.float32(PORTION_EPS))], "portion_eps_b")
+    return Eligibility(eligible, _ir.unsqueeze(b, eps, [2, 3], "portion_eps_v"))  # (B, 1, 1, 1)
 
 
 # ------------------------------------------------------------------------- row test
 
 
 @dataclasses.dataclass
-class Selection:
-    selected: ir.Value  # (B, H, S, 1) bool: var/L{l}/selected
-    movable: ir.Value  # (B, H, S, 1) bool: visual_nonsink_mass > 0
+class ClassMasses:
+    """One row's attention mass per key class, (B, H, S, 1) fp32 each."""
+
+    visual_sink: ir.Value
+    text_sink: ir.Value
+    visual_nonsink: ir.Value
+
+
+def split_masses(b: Builder, masses: ir.Value, width: int) -> ClassMasses:
+    """(B, H, S, W) ``class_masses`` -> its visual sink, text sink and visual non-sink columns."""
+    names = [f"{c}_mass" for c in CLASS_COLUMNS[:3]] + ["other_mass"]
+    sizes = [1, 1, 1, width - 3]
+    if _ir.opset(b.graph) >= 13:
+        cols = b.ops("Split", [masses, b.const(f"split_{width}", sizes, np.int64)], names, {"axis": -1})
+    else:
+        cols = b.ops("Split", [masses], names, {"axis": -1, "split": sizes})
+    return ClassMasses(*cols[:3])
 
 
 def build_selection(
     b: Builder,
     settings: VarSettings,
     el: Eligibility,
-    keys: KeyClasses,
-    *,
-    image_mass: ir.Value,
-    visual_sink_mass: ir.Value,
-    visual_nonsink_mass: ir.Value,
+    code: ir.Value,
+    masses: ClassMasses,
     head_mask: np.ndarray | None,
-) -> Selection:
-    """``var/L{l}/selected`` (DESIGN.md §1): eligible AND a visual sink in the sample AND
-    visual_nonsink_mass > 0, AND the per-row test (dynamic/hybrid), AND ``head_mask``
+) -> ir.Value:
+    """``var/L{l}/selected`` (B, H, S, 1) bool (DESIGN.md §1): eligible AND a visual sink in the
+    sample AND visual_nonsink_mass > 0, AND the per-row test (dynamic/hybrid), AND ``head_mask``
     (static/hybrid; None for dynamic)."""
+    peak_code = _ir.reduce(b, "ReduceMax", code, [2], "key_code_peak", keepdims=True)  # (B, 1, 1, 1)
+    has_visual_sink = b.op("Greater", [peak_code, b.const("two_and_half", np.float32(2.5))], "has_visual_sink")
     zero = b.const("zero_f32", np.float32(0.0))
-    movable = b.op("Greater", [visual_nonsink_mass, zero], "has_visual_nonsink")  # (B, H, S, 1)
-    any_visual_sink = _ir.reduce(b, "ReduceMax", keys.visual_sink_f, [1], "any_visual_sink_b1", keepdims=True)
-    any_visual_sink = _ir.unsqueeze(b, any_visual_sink, [2, 3], "any_visual_sink_f")  # (B, 1, 1, 1)
-    has_visual_sink = b.op("Greater", [any_visual_sink, b.const("half", np.float32(0.5))], "has_visual_sink")
-    selected = b.op("And", [el.eligible, has_visual_sink], "eligible_with_sink")  # (B, 1, S, 1)
-    selected = b.op("And", [selected, movable], "eligible_movable")  # (B, H, S, 1)
+    tests = [
+        b.op("And", [el.eligible, has_visual_sink], "eligible_with_sink"),  # (B, 1, S, 1)
+        b.op("Greater", [masses.visual_nonsink, zero], "has_visual_nonsink"),  # (B, H, S, 1)
+    ]
     if settings.heads in ("dynamic", "hybrid"):
-        eps_v = b.op("Mul", [el.num_visual, b.const("portion_eps", np.float32(PORTION_EPS))], "portion_eps_v")
-        denom = b.op("Add", [image_mass, eps_v], "portion_denominator")
-        portion = b.op("Div", [visual_sink_mass, denom], "portion")
-        rho = b.const("rho", np.float32(settings.rho))
-        low_portion = b.op("LessOrEqual", [portion, rho], "portion_le_rho")
+        image_mass = b.op("Add", [masses.visual_sink, masses.visual_nonsink], "image_mass")
+        denom = b.op("Add", [image_mass, el.portion_eps], "portion_denominator")
+        portion = b.op("Div", [masses.visual_sink, denom], "portion")
+        tests.append(b.op("LessOrEqual", [portion, b.const("rho", np.float32(settings.rho))], "portion_le_rho"))
         summ = b.const("summ", np.float32(settings.summ))
-        enough = b.op("GreaterOrEqual", [image_mass, summ], "image_mass_ge_summ")
-        image_centric = b.op("And", [low_portion, enough], "image_centric")
-        selected = b.op("And", [selected, image_centric], "selected_dynamic")
+        tests.append(b.op("GreaterOrEqual", [image_mass, summ], "image_mass_ge_summ"))
     if settings.heads in ("static", "hybrid"):
         assert head_mask is not None
-        selected = b.op("And", [selected, b.const("head_mask", head_mask)], "selected_heads")
-    selected = b.op("Identity", [selected], "selected")
+        tests.append(b.const("head_mask", head_mask))
+    selected = tests[0]
+    for i, test in enumerate(tests[1:], start=2):
+        selected = b.op("And", [selected, test], "selected" if i == len(tests) else "selected_so_far")
     selected.dtype = ir.DataType.BOOL
-    return Selection(selected, movable)
+    return selected
 
 
-def build_visual_boost(
-    b: Builder,
-    p: float,
-    *,
-    visual_sink_mass: ir.Value,
-    text_sink_mass: ir.Value,
-    visual_nonsink_mass: ir.Value,
-    movable: ir.Value,
-) -> ir.Value:
-    """m_vis - 1 = (1 - p)(visual_sink_mass + text_sink_mass) / visual_nonsink_mass, (B, H, S, 1);
-    the denominator guarded to 1 where it is not > 0 (``movable``)."""
-    sink_mass = b.op("Add", [visual_sink_mass, text_sink_mass], "sink_mass")
-    budget = b.op("Mul", [sink_mass, b.const("one_minus_p", np.float32(1.0) - np.float32(p))], "budget")
-    one = b.const("one_f32", np.float32(1.0))
-    safe = b.op("Where", [movable, visual_nonsink_mass, one], "nonsink_mass_safe")
-    return b.op("Div", [budget, safe], "visual_boost")
+def build_row_scale(b: Builder, p: float, masses: ClassMasses, selected: ir.Value) -> ir.Value:
+    """``var/L{l}/row_scale`` (B, H, S, 4): the constant each key class is multiplied by,
+    per CLASS_COLUMNS, ``[p, p, 1 + (1 - p)(visual_sink_mass + text_sink_mass) /
+    visual_nonsink_mass, 1]`` on selected rows, exactly 1 elsewhere. The ratio is inf/NaN
+    where the visual non-sink mass is 0; such rows are never selected, and Where drops it."""
+    sink_mass = b.op("Add", [masses.visual_sink, masses.text_sink], "sink_mass")
+    ratio = b.op("Div", [sink_mass, masses.visual_nonsink], "sink_to_nonsink")  # (B, H, S, 1)
+    p32, one = np.float32(p), np.float32(1.0)
+    boost = b.op("Mul", [ratio, b.const("boost_column", [0, 0, one - p32, 0], np.float32)], "boost")
+    scale = b.op("Add", [boost, b.const("keep_columns", [p32, p32, one, one], np.float32)], "class_scale")
+    return b.op("Where", [selected, scale, b.const("one_f32", one)], "row_scale")  # (B, H, S, 4)

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 import onnx_ir as ir
 
 from var_export.core.errors import GraphPatternError
-from var_export.passes._ir import constant_array, is_constant, is_var_node
+from var_export.passes._ir import constant_array, is_constant, is_var_node, resolve_dtype
 
 __all__ = [
     "LayerMatch",
@@ -207,6 +207,10 @@ def find_residual(pv_matmul: ir.Node) -> tuple[ir.Node, ir.Value] | str:
     saw_projection = False
     for _ in range(16):
         consumers = [n for n in value.consumers() if not is_var_node(n)]
+        through_var = [n for n in value.consumers() if is_var_node(n) and n.inputs[0] is value]
+        if not consumers and len(through_var) == 1 and through_var[0].op_type in ("Slice", "Cast"):
+            value = through_var[0].outputs[0]  # a VAR score shift slices the attention output back
+            continue
         if len(consumers) != 1:
             where = "output projection" if not saw_projection else "residual Add"
             return (
@@ -331,22 +335,6 @@ def _num_heads(
     if head_dim and width and width % head_dim == 0:
         return width // head_dim, f"Q projection width {width} / head dim {head_dim} of {past_key.name!r}"  # type: ignore[union-attr]
     return None, "not found (no static dim 1, no constant Q Reshape target, no Q projection width)"
-
-
-def resolve_dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType:
-    """The element type of ``value``; walks Cast/Where/Softmax when the graph has no value_info."""
-    if value is None or depth > 32:
-        return ir.DataType.FLOAT
-    if value.dtype is not None:
-        return value.dtype
-    producer = value.producer()
-    if producer is None:
-        return ir.DataType.FLOAT
-    if producer.op_type == "Cast":
-        return ir.DataType(producer.attributes.get_int("to", int(ir.DataType.FLOAT)))
-    if producer.op_type == "Where":
-        return resolve_dtype(producer.inputs[2], depth + 1)
-    return resolve_dtype(producer.inputs[0], depth + 1)
 
 
 def check_softmax(softmax: ir.Node) -> LayerMatch | str:

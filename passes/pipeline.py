@@ -1,7 +1,9 @@
 """apply_var: compose the VAR passes with onnx-ir's pass manager; load/save helpers.
 
-    locate (analysis) -> SinkDetectionPass -> HeadSelectionPass -> RedistributionPass
-    -> FinalizePass
+    analyze (locate, once) -> SinkDetectionPass -> ClassMassesPass -> HeadSelectionPass
+    -> RedistributionPass -> FinalizePass
+
+Every pass reads the same ``VarAnalysis`` and the values the earlier passes built.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import onnx_ir as ir
 from var_export.core.errors import ConfigError, GraphPatternError, VarExportError
 from var_export.core.settings import VarSettings
 from var_export.passes import _ir
+from var_export.passes.analysis import analyze
 from var_export.passes.builders import calibrated_heads, heads_by_layer
+from var_export.passes.class_masses import ClassMassesPass
 from var_export.passes.finalize import FinalizePass, check_not_applied
 from var_export.passes.head_selection import HeadSelectionPass
-from var_export.passes.locate import format_rejected, locate_layers
+from var_export.passes.locate import format_rejected
 from var_export.passes.redistribution import RedistributionPass
 from var_export.passes.sink_detection import SinkDetectionPass
 
@@ -80,16 +84,18 @@ def apply_var(
     check_not_applied(model)
     if not inplace:
         model = model.clone()
-    located = locate_layers(model)
-    matches = {m.layer: m for m in located.matches}
-    plan = plan_var(settings, heads, matches, num_layers=num_layers, what="attention", rejected=located.rejected)
+    analysis = analyze(model, fused=False)
+    matches = analysis.matches
+    plan = plan_var(settings, heads, matches, num_layers=num_layers, what="attention", rejected=analysis.rejected)
     before = model.graph.num_nodes()
+    shared = {"num_layers": plan.num_layers, "analysis": analysis}
     run_passes(
         model,
         [
-            SinkDetectionPass(settings, num_layers=plan.num_layers),
-            HeadSelectionPass(settings, plan.heads, num_layers=plan.num_layers),
-            RedistributionPass(settings, num_layers=plan.num_layers),
+            SinkDetectionPass(settings, **shared),
+            ClassMassesPass(settings, plan.heads, **shared),
+            HeadSelectionPass(settings, plan.heads, **shared),
+            RedistributionPass(settings, **shared),
             FinalizePass(settings, plan.var_layers, plan.heads, check=check),
         ],
     )
@@ -112,7 +118,7 @@ def apply_var(
         num_layers=plan.num_layers,
         head_mode=settings.heads,
         layers=layer_reports,
-        ignored=[f"{name}: {why}" for name, why in located.rejected],
+        ignored=[f"{name}: {why}" for name, why in analysis.rejected],
         nodes_added=model.graph.num_nodes() - before,
     )
     return model, report

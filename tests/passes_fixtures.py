@@ -302,3 +302,29 @@ def to_session(model: ir.Model | Path):  # type: ignore[no-untyped-def]
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------ graph hygiene
+
+
+def duplicates_added(base: ir.Model, model: ir.Model) -> tuple[int, list[str]]:
+    """(nodes onnx-ir's CSE removes from ``model`` beyond those it removes from ``base``,
+    names of ``var/`` initializers whose content another one already holds)."""
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+
+    removed = []
+    for m in (base, model):
+        m = m.clone()
+        n = m.graph.num_nodes()
+        CommonSubexpressionEliminationPass()(m)
+        removed.append(n - m.graph.num_nodes())
+    seen: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+    twins = []
+    for name, value in model.graph.initializers.items():
+        if name.startswith("var/") and value.const_value is not None:
+            arr = value.const_value.numpy()
+            key = (str(arr.dtype), arr.shape, arr.tobytes())
+            if key in seen:
+                twins.append(f"{name} = {seen[key]}")
+            seen.setdefault(key, name)
+    return removed[1] - removed[0], twins

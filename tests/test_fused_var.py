@@ -91,6 +91,143 @@ def test_fused_var_matches_reference_and_naive(tiny, mode, shift):
     assert max(np.abs(p - w)[valid].max() for p, w in zip(plain[:1], want[:1])) > 1e-3
 
 
+def test_fused_var_smoke_matches_reference_without_duplicates(tiny):
+    """The default suite's fused parity: hybrid heads, qk shift, prefill + 2 decode steps."""
+    from passes_fixtures import duplicates_added
+
+    from var_export.bench import ort_session, run_decode
+    from var_export.calibration.reference import VarReference
+    from var_export.passes.fused_var import apply_fused_var, fused_var_passes
+
+    case, out, heads = tiny
+    settings = _settings("hybrid")
+    base = ir.load(str(out / "fused.onnx"))
+    fused, report = apply_fused_var(base, settings, heads)
+    assert report.changed_layers == [2, 3]
+    assert duplicates_added(base, fused) == (0, [])
+    n = fused.graph.num_nodes()  # each pass is idempotent and says so
+    for shift in ("qk", "mask"):
+        for p in fused_var_passes(settings, heads, num_layers=4, shift=shift):
+            assert not p(fused).modified, (shift, type(p).__name__)
+    assert fused.graph.num_nodes() == n
+    want = case.reference_logits(VarReference(case.model, settings, heads), 2)
+    got = run_decode(ort_session(fused), case, 2, var=True).logits
+    plain = run_decode(ort_session(base), case, 0, var=False).logits
+    valid = case.valid_rows()
+    for step, (w, g) in enumerate(zip(want, got)):
+        rows = valid if step == 0 else slice(None)
+        assert np.abs(g[rows] - w[rows]).max() < ATOL, step
+    assert np.abs(plain[0] - got[0])[valid].max() > 1e-3  # VAR changed the prefill logits
+
+
+def _tensorrt_rtx_parse(trt, model: ir.Model) -> list[str]:
+    """TensorRT-RTX's ONNX parser on ``model``: its errors (node, message), [] when it parses."""
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    ok = parser.parse(ir.serde.serialize_model(model).SerializeToString())
+    errors = [f"{parser.get_error(i).node_name()}: {parser.get_error(i).desc()}" for i in range(parser.num_errors)]
+    return [] if ok else errors or ["parse failed without an error"]
+
+
+@pytest.mark.parametrize("formulation", ["naive", "fused-qk", "fused-mask"])
+def test_tensorrt_rtx_parses_every_formulation(tiny, formulation):
+    """TensorRT's own parser is the lint: each VAR formulation parses (ahead of time, no GPU)."""
+    trt = pytest.importorskip("tensorrt_rtx")
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import apply_var
+
+    _, out, heads = tiny
+    settings = _settings("dynamic")
+    if formulation == "naive":
+        model, _ = apply_var(ir.load(str(out / "eager.onnx")), settings, None)
+    else:
+        model, _ = apply_fused_var(ir.load(str(out / "fused.onnx")), settings, None, shift=formulation[6:])
+    assert _tensorrt_rtx_parse(trt, model) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift", ["qk"])
+def test_tensorrt_rtx_builds_fused_var(tiny, shift):
+    """An engine builds ahead of time (attention marked decomposable: fp32 has no dedicated kernel).
+    The ``mask`` form parses but TensorRT-RTX 1.7.1 crashes building a per-head (B, H, S, T) mask."""
+    trt = pytest.importorskip("tensorrt_rtx")
+    from var_export.passes.fused_var import apply_fused_var
+
+    _, out, _ = tiny
+    model, _ = apply_fused_var(ir.load(str(out / "fused.onnx")), _settings("dynamic"), None, shift=shift)
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(ir.serde.serialize_model(model).SerializeToString())
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in (trt.LayerType.ATTENTION_INPUT, trt.LayerType.ATTENTION_OUTPUT):
+            layer.__class__ = trt.IAttentionBoundaryLayer
+            layer.attention.decomposable = True
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        past = tensor.name.startswith("past")
+        lo, opt, hi = ([(0 if past and j else 1) if d < 0 else d for j, d in enumerate(tensor.shape)],
+                       [2 if d < 0 else d for d in tensor.shape], [4 if d < 0 else d for d in tensor.shape])  # fmt: skip
+        if tensor.name in ("attention_mask", "visual_token_mask"):
+            lo, opt, hi = [1, 1], [2, 4], [4, 8]
+        profile.set_shape(tensor.name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    assert engine is not None and engine.nbytes > 1_000_000
+
+
+def _prefill_fp16(model: ir.Model, case, var: bool) -> dict[str, np.ndarray]:
+    from var_export.bench import ort_session
+
+    session = ort_session(model)
+    b = case.attention_mask.shape[0]
+    feeds = {"inputs_embeds": case.inputs_embeds.astype(np.float16), "attention_mask": case.attention_mask,
+             "position_ids": case.position_ids()}  # fmt: skip
+    for i in range(case.num_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((b, case.kv_heads, 0, case.head_dim), np.float16)
+    if var:
+        feeds["visual_token_mask"] = case.visual
+        feeds["past_sink_mask"] = np.zeros((b, 2, 0), bool)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift", ["qk", "mask"])
+def test_fused_var_on_fp16_graph_tracks_the_reference(tiny, shift):
+    """fp16 SDPA graph: masses, selection and row constants in fp32; logits within fp16 rounding of
+    the fp32 reference and of the naive fp16 graph, the same sink masks as the naive graph."""
+    from var_export.calibration.reference import VarReference
+    from var_export.export import export_decoder
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import apply_var
+
+    case, out, heads = tiny
+    for name, fused in (("fused16.onnx", True), ("eager16.onnx", False)):
+        if not (out / name).exists():
+            export_decoder(case.model, out / name, dtype="fp16", fused=fused)
+    settings = _settings("hybrid")
+    fused, _ = apply_fused_var(ir.load(str(out / "fused16.onnx")), settings, heads, shift=shift)
+    naive, _ = apply_var(ir.load(str(out / "eager16.onnx")), settings, heads)
+    got, want_naive = _prefill_fp16(fused, case, True), _prefill_fp16(naive, case, True)
+    off = _prefill_fp16(ir.load(str(out / "fused16.onnx")), case, False)["logits"].astype(np.float32)
+    want = case.reference_logits(VarReference(case.model, settings, heads), 0)[0]
+    plain = case.reference_logits(VarReference(case.model, None), 0)[0]
+    rows = case.valid_rows()
+    logits = got["logits"].astype(np.float32)
+    np.testing.assert_array_equal(got["present_sink_mask"], want_naive["present_sink_mask"])
+    assert np.abs(logits - want)[rows].max() < 2e-2
+    assert np.abs(logits - want_naive["logits"].astype(np.float32))[rows].max() < 2e-2
+    effect, effect32 = (logits - off)[rows], (want - plain)[rows]
+    assert np.abs(effect32).max() > 1e-2 and np.abs(effect - effect32).max() < 0.1 * np.abs(effect32).max()
+
+
 @pytest.mark.slow
 def test_all_false_visual_mask_is_the_plain_decoder(tiny):
     from var_export.passes.fused_var import apply_fused_var
@@ -117,7 +254,7 @@ def test_torch_not_imported_by_pass():
     import subprocess
     import sys
 
-    code = "import sys, passes.fused_var; assert 'torch' not in sys.modules"
+    code = "import sys, var_export.passes.fused_var; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

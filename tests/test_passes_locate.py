@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from passes_fixtures import tiny_attention_model, to_session
+from passes_fixtures import duplicates_added, tiny_attention_model, to_session
 
 from var_export.core.errors import AlreadyAppliedError, ConfigError, GraphPatternError
 from var_export.core.settings import VarSettings
 from var_export.passes import (
+    ClassMassesPass,
     HeadSelectionPass,
     RedistributionPass,
     SinkDetectionPass,
@@ -25,7 +26,8 @@ SETTINGS = VarSettings(sink_dims=(1, 6), tau=3.0, heads="dynamic", layers="0:")
 ALLOWED_VAR_OPS = {
     "Abs", "Add", "And", "Cast", "Concat", "CumSum", "Div", "Equal", "Gather", "Greater",
     "GreaterOrEqual", "Identity", "LessOrEqual", "MatMul", "Mul", "Not", "ReduceMax",
-    "ReduceMean", "ReduceSum", "Shape", "Slice", "Sqrt", "Sub", "Unsqueeze", "Where",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "Shape", "Slice", "Split", "Sqrt", "Sub",
+    "Transpose", "Unsqueeze", "Where",
 }  # fmt: skip
 
 
@@ -122,6 +124,8 @@ def test_each_pass_is_idempotent_and_reports_modified():
     model = tiny_attention_model(n_layers=2)
     assert SinkDetectionPass(SETTINGS)(model).modified
     assert not SinkDetectionPass(SETTINGS)(model).modified
+    assert ClassMassesPass(SETTINGS)(model).modified
+    assert not ClassMassesPass(SETTINGS)(model).modified
     assert HeadSelectionPass(SETTINGS)(model).modified
     assert not HeadSelectionPass(SETTINGS)(model).modified
     assert RedistributionPass(SETTINGS)(model).modified
@@ -187,5 +191,30 @@ def test_config_errors():
 
 
 def test_passes_never_import_torch():
-    code = "import sys, passes, passes.pipeline; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, var_export.passes, var_export.passes.pipeline; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+@pytest.mark.parametrize("variant", ["plain", "fp16"])
+@pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
+def test_var_graph_has_no_duplicate_subexpressions(variant, mode):
+    base = tiny_attention_model(n_layers=3, variant=variant)
+    model, _ = apply_var(base, SETTINGS.replace(heads=mode), [(0, 1), (1, 0), (2, 0)])
+    nodes, constants = duplicates_added(base, model)
+    assert nodes == 0 and constants == []
+    # fp16 probabilities are cast to fp32 once per layer (for the class masses); the weights are
+    # applied in fp16, so no (B, H, S, T) tensor is cast back
+    probs = {m.layer: m.probs for m in locate_layers(model).matches}[1]
+    casts = [n for n in probs.consumers() if n.op_type == "Cast"]
+    assert len(casts) == (1 if variant == "fp16" else 0)
+    assert not any(n.op_type == "Cast" and n.inputs[0].name.startswith("var/L1/probs") for n in model.graph)
+
+
+def test_passes_locate_once_when_given_the_analysis(monkeypatch):
+    from var_export.passes import analysis as analysis_module
+
+    calls = []
+    real = analysis_module.locate_layers
+    monkeypatch.setattr(analysis_module, "locate_layers", lambda m: calls.append(1) or real(m))
+    apply_var(tiny_attention_model(n_layers=2), SETTINGS, None)
+    assert len(calls) == 1
