@@ -50,3 +50,8 @@ class TensorRTUnavailableError(VarExportError):
     """TensorRT or a CUDA GPU is not available on this machine."""
 
     exit_code = 3
+
+
+class TensorRTBuildError(VarExportError):
+    """TensorRT parsed a graph but its builder (or engine loading) failed; the message carries
+    TensorRT's own error lines."""
