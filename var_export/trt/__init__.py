@@ -17,6 +17,7 @@ from var_export.trt.build import (
     build_engines,
     engine_manifest_path,
     engine_paths,
+    lint_sources,
     read_engine_manifest,
 )
 from var_export.trt.flavour import (
@@ -54,5 +55,5 @@ __all__ = [
     "RULES", "TRT_SUPPORTED_OPS", "TensorRTLintError", "VAR_FORBIDDEN_OPS", "available_flavours",
     "build_engine", "build_engines", "check_shapes", "cuda_device_count", "describe_profiles",
     "engine_manifest_path", "engine_paths", "graph_input_shapes", "lint_for_tensorrt",
-    "lint_graph", "make_profiles", "parser_lint", "read_engine_manifest", "resolve_flavour",
+    "lint_graph", "lint_sources", "make_profiles", "parser_lint", "read_engine_manifest", "resolve_flavour",
 ]

@@ -121,7 +121,7 @@ def _listed_files(manifest_path: Path) -> set[str] | None:
         return None
 
 
-def _check_replaceable(targets: Mapping[str, Path], manifest_path: Path) -> None:
+def check_replaceable(targets: Mapping[str, Path], manifest_path: Path) -> None:
     """Refuse to overwrite a file this tool did not write (not listed in the manifest there)."""
     ours = _listed_files(manifest_path)
     refused = [manifest_path] if manifest_path.exists() and ours is None else []
@@ -247,6 +247,17 @@ def _sources(source: Path) -> tuple[dict[str, Path], dict[str, Any] | None, Path
     return {source.name: source}, None, None
 
 
+def lint_sources(source: str | os.PathLike[str], flavour: str = "auto") -> dict[str, LintReport]:
+    """Lint every graph of a bundle (or one ``.onnx``): confined first (external data must stay
+    in the graph's folder), then TensorRT's parser when one is here, else the hand lint."""
+    from var_export.trt.parser import lint_graph
+
+    graphs, _, _ = _sources(Path(source))
+    for path in graphs.values():
+        check_external_data(path)
+    return {name: lint_graph(path, flavour) for name, path in graphs.items()}
+
+
 def _precision(manifest: Mapping[str, Any] | None, graph: Path) -> str:
     if manifest and manifest.get("dtype"):
         return str(manifest["dtype"])
@@ -295,7 +306,7 @@ def build_engines(
     )
     targets = engine_paths(Path(out_plan), list(graphs))
     manifest_path = engine_manifest_path(Path(out_plan))
-    _check_replaceable(targets, manifest_path)
+    check_replaceable(targets, manifest_path)
     token = uuid.uuid4().hex[:8]
     temps: dict[Path, Path] = {}
     entries: dict[str, dict[str, Any]] = {}
