@@ -70,3 +70,23 @@ class _TinyTrtGraphs:
 def tiny_trt_graphs(tmp_path_factory, tiny_loaded):
     """tiny-llava's graphs for the TensorRT tests (:class:`_TinyTrtGraphs`), exported once."""
     return _TinyTrtGraphs(tmp_path_factory.mktemp("tiny_trt"), tiny_loaded.model)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_var_decoder(tmp_path_factory):
+    """A dynamo-exported LLaMA decoder (decoder contract I/O, passes_fixtures.LlamaSpec()) with
+    VAR baked in (dynamic heads, sink dim 1, layers 1:), shared by the TensorRT tests."""
+    import onnx_ir as ir
+    from passes_fixtures import LlamaSpec, export_tiny_llama
+
+    from var_export.core.settings import VarSettings
+    from var_export.passes.pipeline import apply_var, save_model
+
+    tmp = tmp_path_factory.mktemp("trt_llama")
+    spec = LlamaSpec()
+    plain = export_tiny_llama(tmp / "plain.onnx", spec)
+    settings = VarSettings(sink_dims=(1,), heads="dynamic", layers="1:")
+    model, _ = apply_var(ir.load(str(plain)), settings, None, num_layers=spec.layers)
+    out = tmp / "decoder_model_merged.onnx"
+    save_model(model, out)
+    return out

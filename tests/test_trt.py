@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -192,22 +191,9 @@ def test_lint_missing_and_corrupt_file(tmp_path):
         trt.lint_for_tensorrt(bad)
 
 
-@pytest.fixture(scope="module")
-def var_decoder(tmp_path_factory) -> Path:
-    """A dynamo-exported LLaMA decoder (decoder contract I/O) with VAR baked in (dynamic heads)."""
-    from passes_fixtures import LlamaSpec, export_tiny_llama
-
-    from var_export.core.settings import VarSettings
-    from var_export.passes.pipeline import apply_var, save_model
-
-    tmp = tmp_path_factory.mktemp("trt")
-    spec = LlamaSpec()
-    plain = export_tiny_llama(tmp / "plain.onnx", spec)
-    settings = VarSettings(sink_dims=(1,), heads="dynamic", layers="1:")
-    model, _ = apply_var(ir.load(str(plain)), settings, None, num_layers=spec.layers)
-    out = tmp / "decoder_model_merged.onnx"
-    save_model(model, out)
-    return out
+@pytest.fixture
+def var_decoder(tiny_llama_var_decoder) -> Path:
+    return tiny_llama_var_decoder
 
 
 def test_lint_passes_on_our_var_decoder(var_decoder):

@@ -325,6 +325,7 @@ def build_engines(
                              "source_sha256": _sha256(graph), **facts}
         body = _engine_manifest(flavour, capabilities, limits, manifest, bundle_dir,
                                 Path(out_plan), entries, graphs)
+        body = json.loads(json.dumps(body))  # exactly what is written (lists, not tuples)
         temps[manifest_path] = _write_temp(
             manifest_path, (json.dumps(body, indent=2) + "\n").encode(), token
         )
