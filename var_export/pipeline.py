@@ -40,7 +40,8 @@ class BuildOptions:
     fused: bool = False  # SDPA export (ONNX Attention op) + the fused VAR formulation (passes.fused_var)
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    triton: bool = False  # also write a Triton model repository beside the bundle
+    triton: bool = False  # also write OUT-triton, the var_llava Triton repository (var_export.triton)
+    layout: str = "bundle"  # "transformers.js": also write OUT-transformers.js (var_export.hf_layout)
 
 
 @dataclasses.dataclass
@@ -53,6 +54,7 @@ class BuildResult:
     files: dict[str, int]  # file name -> bytes
     timings: dict[str, float]  # step -> seconds
     triton_dir: Path | None = None
+    layout_dir: Path | None = None
 
 
 def _needs_calibration(opts: BuildOptions, preset: dict[str, Any] | None) -> bool:
@@ -70,6 +72,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     from var_export.bundle import write_bundle
     from var_export.calibration.calibrate import calibrate, calibration_samples, load_calibration
     from var_export.export import export_graphs
+    from var_export.hf_layout import hf_config_files
     from var_export.models import load_llava, model_fingerprint, resolve_model, text_config_dims
     from var_export.passes.fused_var import apply_fused_var
     from var_export.passes.pipeline import apply_var, save_model
@@ -168,7 +171,8 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
         }
         t = time.perf_counter()
         bundle_dir = write_bundle(
-            out, graphs=graphs, manifest_fields=manifest_fields, calibration=cal, processor=loaded.processor
+            out, graphs=graphs, manifest_fields=manifest_fields, calibration=cal, processor=loaded.processor,
+            extra_files=hf_config_files(loaded.config, work / "hf"),  # AutoConfig works on the bundle
         )
         timings["bundle"] = time.perf_counter() - t
     triton_dir = None
@@ -177,6 +181,13 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
         from var_export.triton import write_triton_repository
 
         triton_dir = write_triton_repository(load_bundle(bundle_dir), out.with_name(out.name + "-triton"))
+    layout_dir = None
+    if opts.layout == "transformers.js":
+        from var_export.hf_layout import write_transformers_js_layout
+
+        layout_dir = write_transformers_js_layout(bundle_dir, out.with_name(out.name + "-transformers.js"))
+    elif opts.layout != "bundle":
+        raise ConfigError(f"layout must be 'bundle' or 'transformers.js'; found {opts.layout!r}.")
     files = {p.name: p.stat().st_size for p in sorted(Path(bundle_dir).iterdir()) if p.is_file()}
     timings["total"] = time.perf_counter() - t0
     return BuildResult(
@@ -188,6 +199,7 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
         files=files,
         timings=timings,
         triton_dir=triton_dir,
+        layout_dir=layout_dir,
     )
 
 

@@ -55,3 +55,11 @@ class TensorRTUnavailableError(VarExportError):
 class TensorRTBuildError(VarExportError):
     """TensorRT parsed a graph but its builder (or engine loading) failed; the message carries
     TensorRT's own error lines."""
+
+
+class ServeError(VarExportError):
+    """The Triton server cannot be found, started or reached (var-export serve / triton)."""
+
+
+class RequestCancelled(VarExportError):
+    """A served request's client went away (disconnect, cancellation) or the server stopped."""
