@@ -49,6 +49,79 @@ def tiny_loaded(tiny_llava_path):
     return load_llava(resolve_model("tiny-llava"))
 
 
+class _TinyTrtGraphs:
+    """tiny-llava graphs for the TensorRT tests, each exported on first use (then shared):
+    ``vision_encoder``, ``embed_tokens`` (fp32) and the decoders ``{naive, fused, fp16}-{novar,
+    var}`` (VAR hybrid with the planted heads; fused = SDPA export, ONNX Attention, opset 23)."""
+
+    def __init__(self, out, model):
+        self.out, self.model, self.paths = out, model, {}
+
+    def __getitem__(self, name):
+        if name not in self.paths:
+            form = name.split("-")[0]
+            if form in ("vision_encoder", "embed_tokens"):
+                self._export_small(name)
+            else:
+                self._export_decoders(form)
+        return self.paths[name]
+
+    def _export_small(self, name):
+        from var_export import export
+
+        path = self.out / f"{name}.onnx"
+        getattr(export, f"export_{name}")(self.model, path)
+        self.paths[name] = path
+
+    def _export_decoders(self, form):
+        import onnx_ir as ir
+
+        from var_export.calibration import tiny_llava as tl
+        from var_export.core.settings import VarSettings
+        from var_export.export import export_decoder
+        from var_export.passes.fused_var import apply_fused_var
+        from var_export.passes.pipeline import apply_var, save_model
+
+        kw = {"naive": {}, "fused": {"fused": True}, "fp16": {"dtype": "fp16"}}[form]
+        base = self.out / f"{form}-novar" / "decoder_model_merged.onnx"
+        base.parent.mkdir()
+        export_decoder(self.model, base, **kw)
+        settings = VarSettings(sink_dims=tl.TINY_SINK_DIMS, heads="hybrid", layers="2:")
+        heads = sorted(set(tl.PLANTED_IMAGE_CENTRIC_HEADS) | set(tl.PLANTED_MIXED_HEADS))
+        apply = apply_fused_var if form == "fused" else apply_var
+        var_model, _ = apply(ir.load(str(base)), settings, heads, num_layers=4)
+        var = self.out / f"{form}-var" / "decoder_model_merged.onnx"
+        var.parent.mkdir()
+        save_model(var_model, var)
+        self.paths[f"{form}-novar"], self.paths[f"{form}-var"] = base, var
+
+
+@pytest.fixture(scope="session")
+def tiny_trt_graphs(tmp_path_factory, tiny_loaded):
+    """tiny-llava's graphs for the TensorRT tests (:class:`_TinyTrtGraphs`), exported once."""
+    return _TinyTrtGraphs(tmp_path_factory.mktemp("tiny_trt"), tiny_loaded.model)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_var_decoder(tmp_path_factory):
+    """A dynamo-exported LLaMA decoder (decoder contract I/O, passes_fixtures.LlamaSpec()) with
+    VAR baked in (dynamic heads, sink dim 1, layers 1:), shared by the TensorRT tests."""
+    import onnx_ir as ir
+    from passes_fixtures import LlamaSpec, export_tiny_llama
+
+    from var_export.core.settings import VarSettings
+    from var_export.passes.pipeline import apply_var, save_model
+
+    tmp = tmp_path_factory.mktemp("trt_llama")
+    spec = LlamaSpec()
+    plain = export_tiny_llama(tmp / "plain.onnx", spec)
+    settings = VarSettings(sink_dims=(1,), heads="dynamic", layers="1:")
+    model, _ = apply_var(ir.load(str(plain)), settings, None, num_layers=spec.layers)
+    out = tmp / "decoder_model_merged.onnx"
+    save_model(model, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen_loaded():
     """The embedded tiny Qwen2.5-VL (built once per machine, cached), loaded once per session."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import onnx
 import pytest
@@ -91,17 +92,19 @@ def test_export_no_var_and_bad_inputs_leave_nothing(local_llava, tmp_path, capsy
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".var-export-")]
 
 
-def test_plan_output_without_tensorrt_keeps_bundle_and_names_build_trt(local_llava, tmp_path, capsys):
+def test_plan_output_without_tensorrt_keeps_bundle_and_names_build_trt(local_llava, tmp_path, capsys, monkeypatch):
+    """--out X.plan where no TensorRT is importable keeps the complete bundle and names the
+    command that finishes the job; with TensorRT-RTX here, that command then builds the engines."""
     pytest.importorskip("onnxruntime")
-    try:
-        import tensorrt  # noqa: F401
+    from var_export import trt
 
-        pytest.skip("TensorRT is installed here: the engine would really be built")
-    except ImportError:
-        pass
-    plan = tmp_path / "engine.plan"
-    rc = main(["-q", "--model", str(local_llava), "--out", str(plan), "--heads", "dynamic",
-               "--sink-dims", "3,200", "--tau", "6"])
+    rtx_here = "tensorrt-rtx" in trt.available_flavours()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tensorrt", None)
+        m.setitem(sys.modules, "tensorrt_rtx", None)
+        plan = tmp_path / "engine.plan"
+        rc = main(["-q", "--model", str(local_llava), "--out", str(plan), "--heads", "dynamic",
+                   "--sink-dims", "3,200", "--tau", "6"])
     err = capsys.readouterr().err
     assert rc != 0
     assert "var-export build-trt" in err and str(tmp_path / "engine_bundle") in err
@@ -110,6 +113,12 @@ def test_plan_output_without_tensorrt_keeps_bundle_and_names_build_trt(local_lla
 
     bundle = load_bundle(tmp_path / "engine_bundle")  # complete and verified
     assert bundle.var_layers == [2]
+    if rtx_here:  # finish as the message says
+        rc = main(["-q", "build-trt", str(tmp_path / "engine_bundle"), "--out", str(plan),
+                   "--trt-targets", "86", "--max-batch", "1", "--max-seq", "16", "--max-past", "16"])
+        assert rc == 0 and plan.is_file() and (tmp_path / "engine.vision_encoder.plan").is_file()
+        engines = json.loads((tmp_path / "engine.engines.json").read_text())
+        assert engines["var_layers"] == [2] and engines["bundle"] == "engine_bundle"
 
 
 def test_default_hybrid_calibrates_a_local_llava_dir(local_llava, tmp_path):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
@@ -192,22 +191,9 @@ def test_lint_missing_and_corrupt_file(tmp_path):
         trt.lint_for_tensorrt(bad)
 
 
-@pytest.fixture(scope="module")
-def var_decoder(tmp_path_factory) -> Path:
-    """A dynamo-exported LLaMA decoder (decoder contract I/O) with VAR baked in (dynamic heads)."""
-    from passes_fixtures import LlamaSpec, export_tiny_llama
-
-    from var_export.core.settings import VarSettings
-    from var_export.passes.pipeline import apply_var, save_model
-
-    tmp = tmp_path_factory.mktemp("trt")
-    spec = LlamaSpec()
-    plain = export_tiny_llama(tmp / "plain.onnx", spec)
-    settings = VarSettings(sink_dims=(1,), heads="dynamic", layers="1:")
-    model, _ = apply_var(ir.load(str(plain)), settings, None, num_layers=spec.layers)
-    out = tmp / "decoder_model_merged.onnx"
-    save_model(model, out)
-    return out
+@pytest.fixture
+def var_decoder(tiny_llama_var_decoder) -> Path:
+    return tiny_llama_var_decoder
 
 
 def test_lint_passes_on_our_var_decoder(var_decoder):
@@ -267,127 +253,157 @@ def test_profiles_by_symbol_name_static_inputs_and_errors():
         trt.ProfileLimits.from_max(max_batch=0)
 
 
-# ---------------------------------------------------------------- build_engine without TensorRT
+# ---------------------------------------------------------------- flavours, limits, untrusted graphs
 
 
-def test_build_engine_without_tensorrt_is_a_clear_error(var_decoder, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+def test_profiles_from_the_bundle_manifest():
+    lim = trt.ProfileLimits.for_bundle({"max_position_embeddings": 512})
+    assert lim.batch == (1, 1, 4) and lim.sequence[2] == 512 and lim.past[2] == 511
+    assert lim.total == (1, 256, 512)  # capped at the model's positions
+    over = trt.ProfileLimits.for_bundle({"max_position_embeddings": 512}, max_batch=2, max_seq=16)
+    assert over.batch[2] == 2 and over.sequence[2] == 16 and over.past[2] == 511
+    assert over.total[2] == 512
+    assert trt.ProfileLimits.for_bundle(None).sequence[2] == 1024
+    prof = {"x": ((1, 1), (1, 4), (2, 8))}
+    trt.check_shapes(prof, {"x": (2, 8)}, "e.plan")
+    with pytest.raises(ConfigError, match=r"input x has shape \[3, 8\], outside"):
+        trt.check_shapes(prof, {"x": (3, 8)}, "e.plan")
+
+
+def _hide_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import -> ImportError
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+
+
+def test_no_tensorrt_is_a_clear_error_and_the_hand_lint_stands_in(var_decoder, tmp_path, monkeypatch):
+    _hide_tensorrt(monkeypatch)
+    assert trt.available_flavours() == []
     with pytest.raises(TensorRTUnavailableError, match=r"pip install var-export\[trt\]") as info:
         trt.build_engine(var_decoder, tmp_path / "e.plan")
-    assert "NVIDIA GPU" in str(info.value) and "build-trt" in str(info.value)
+    assert "tensorrt_rtx" in str(info.value) and "build-trt" in str(info.value)
     assert info.value.exit_code != 0
-    assert not (tmp_path / "e.plan").exists()
+    assert not list(tmp_path.iterdir())
+    report = trt.lint_graph(var_decoder)
+    assert report.authority == "var-export hand lint" and report.ok
 
 
-def test_build_engine_with_tensorrt_but_no_gpu(var_decoder, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.x"))
-    monkeypatch.setattr(trt, "_cuda_device_count", lambda: 0)
-    with pytest.raises(TensorRTUnavailableError, match="no NVIDIA driver / GPU"):
-        trt.build_engine(var_decoder, tmp_path / "e.plan")
+def _fake_module(**extra):
+    return types.SimpleNamespace(__version__="10.fake", Builder=object, OnnxParser=object, **extra)
 
 
-def test_build_engine_missing_graph(tmp_path):
-    with pytest.raises(BundleError, match="decoder_model_merged.onnx"):
+def test_flavour_choice(monkeypatch):
+    from var_export.trt import flavour
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_module())
+    monkeypatch.setattr(flavour, "cuda_device_count", lambda: 0)
+    # datacenter TensorRT without a GPU: auto falls back to RTX (when installed), forced: refused
+    with pytest.raises(TensorRTUnavailableError, match="expected a CUDA GPU for tensorrt 10.fake"):
+        flavour.resolve_flavour("tensorrt")
+    assert flavour.resolve_flavour("tensorrt", for_build=False).name == "tensorrt"
+    monkeypatch.setattr(flavour, "cuda_device_count", lambda: 1)
+    chosen = flavour.resolve_flavour("auto")
+    assert chosen.name == "tensorrt" and chosen.can_build and not chosen.ahead_of_time
+    with pytest.raises(ConfigError, match="--trt-targets applies to TensorRT-RTX"):
+        flavour.compute_capabilities(chosen, "86")
+    assert flavour.compute_capabilities(chosen, None) == []
+    with pytest.raises(ConfigError, match="--trt-flavor must be one of"):
+        flavour.resolve_flavour("tensorrt-llm")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="0.0.1"))  # a stub
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
+    with pytest.raises(TensorRTUnavailableError, match="none is importable"):
+        flavour.resolve_flavour("auto")
+
+
+def test_rtx_targets():
+    from var_export.trt import flavour
+
+    rtx = trt.Flavour("tensorrt-rtx", _fake_module(ComputeCapability=_CC), gpus=0)
+    assert flavour.compute_capabilities(rtx, None) == ["SM80", "SM86", "SM89", "SM120"]
+    assert flavour.compute_capabilities(rtx, "sm86, 120") == ["SM86", "SM120"]
+    for bad, msg in (("77", "unknown compute capability"), ("current", "needs a GPU")):
+        with pytest.raises(ConfigError, match=msg):
+            flavour.compute_capabilities(rtx, bad)
+    with_gpu = trt.Flavour("tensorrt-rtx", rtx.trt, gpus=1)
+    assert flavour.compute_capabilities(with_gpu, None) == ["CURRENT"]
+
+
+class _CC:
+    __members__ = {k: k for k in ("NONE", "CURRENT", "SM75", "SM80", "SM86", "SM89", "SM120")}
+    NONE, CURRENT, SM75, SM80, SM86, SM89, SM120 = __members__
+
+
+def test_build_missing_graph(tmp_path):
+    with pytest.raises(BundleError, match="manifest.json|bundle"):
         trt.build_engine(tmp_path, tmp_path / "e.plan")
+    with pytest.raises(BundleError, match="expected a bundle directory or an .onnx file"):
+        trt.build_engine(tmp_path / "nope.onnx", tmp_path / "e.plan")
 
 
-class _FakeTRT:
-    """Just enough of the tensorrt 10 API to run build_engine's code path."""
-
-    __version__ = "10.fake"
-
-    def __init__(self, parse_ok: bool = True) -> None:
-        self.calls: list[tuple] = []
-        fake = self
-
-        class Logger:
-            WARNING = 2
-
-            def __init__(self, level):
-                pass
-
-        class Profile:
-            def set_shape(self, name, lo, opt, hi):
-                fake.calls.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
-
-        class Config:
-            def set_memory_pool_limit(self, pool, size):
-                fake.calls.append(("workspace", size))
-
-            def set_flag(self, flag):
-                fake.calls.append(("flag", flag))
-
-            def add_optimization_profile(self, p):
-                fake.calls.append(("profile",))
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                return object()
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                return b"PLAN-BYTES"
-
-        class OnnxParser:
-            num_errors = 0 if parse_ok else 1
-
-            def __init__(self, network, logger):
-                pass
-
-            def parse_from_file(self, path):
-                fake.calls.append(("parse", path))
-                return parse_ok
-
-            def get_error(self, i):
-                return "In node 3 (importFoo): UNSUPPORTED_NODE"
-
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
-        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
-        self.BuilderFlag = types.SimpleNamespace(FP16="fp16")
-
-
-def test_build_engine_code_path_with_a_fake_tensorrt(var_decoder, tmp_path, monkeypatch):
-    fake = _FakeTRT()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt, "_cuda_device_count", lambda: 1)
-    out = trt.build_engine(
-        var_decoder,
-        tmp_path / "sub" / "e.plan",
-        fp16=True,
-        profiles=trt.ProfileLimits.from_max(max_batch=2, max_seq=8, max_past=16),
-        workspace_gb=0.5,
+def _escaping_model(tmp_path: Path) -> Path:
+    """x @ w where w's data is 'stored' at /etc/passwd (an untrusted graph)."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "/etc/passwd"), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [w],
     )
-    assert out.read_bytes() == b"PLAN-BYTES"
-    assert [p.name for p in out.parent.iterdir()] == ["e.plan"]  # no temp file left
-    assert ("flag", "fp16") in fake.calls and ("workspace", 1 << 29) in fake.calls
-    assert ("set_shape", "attention_mask", (1, 1), (1, 9), (2, 24)) in fake.calls
-    set_names = {c[1] for c in fake.calls if c[0] == "set_shape"}
-    assert {"inputs_embeds", "past_sink_mask", "visual_token_mask"} <= set_names
-
-    monkeypatch.setitem(sys.modules, "tensorrt", _FakeTRT(parse_ok=False))
-    from var_export.core.errors import VarExportError
-
-    with pytest.raises(VarExportError, match="UNSUPPORTED_NODE"):
-        trt.build_engine(var_decoder, tmp_path / "f.plan")
-    assert not (tmp_path / "f.plan").exists()
+    path = tmp_path / "evil.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
 
 
-def test_cli_build_trt_lint_only_and_missing_tensorrt(var_decoder, tmp_path, monkeypatch, capsys):
+def test_untrusted_external_data_is_refused_before_the_parser(tmp_path, monkeypatch):
+    from var_export.cli import main
+    from var_export.core.errors import UnsafeInputError
+    from var_export.trt import build, parser
+
+    evil = _escaping_model(tmp_path)
+
+    def never(*a, **k):
+        raise AssertionError("the parser saw an untrusted graph")
+
+    monkeypatch.setattr(parser, "parse", never)
+    monkeypatch.setattr(build, "parse", never)
+    monkeypatch.setattr(parser, "_support_findings", never)
+    with pytest.raises(UnsafeInputError, match="/etc/passwd"):
+        trt.build_engines(evil, tmp_path / "e.plan")
+    with pytest.raises(UnsafeInputError, match="/etc/passwd"):
+        trt.lint_sources(evil)
+    assert main(["build-trt", str(evil), "--lint-only"]) == UnsafeInputError.exit_code
+    assert main(["build-trt", str(evil), "--out", str(tmp_path / "e.plan")]) != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.onnx"]
+
+
+def test_cli_build_trt_hand_lint_only_and_missing_tensorrt(var_decoder, tmp_path, monkeypatch, capsys):
     from var_export.cli import main
 
-    assert main(["build-trt", str(var_decoder), "--lint-only"]) == 0
+    assert main(["build-trt", str(var_decoder), "--lint-only", "--hand-lint"]) == 0
+    assert "hand lint" in capsys.readouterr().err
     bad = tmp_path / "bad.onnx"
     onnx.save(_nonzero_model(), str(bad))
-    assert main(["build-trt", str(bad), "--lint-only"]) == 1
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert main(["build-trt", str(bad), "--lint-only", "--hand-lint"]) == 1
+    _hide_tensorrt(monkeypatch)
+    assert main(["build-trt", str(bad), "--lint-only"]) == 1  # the hand lint stands in
     code = main(["build-trt", str(var_decoder), "--out", str(tmp_path / "e.plan"), "--max-past", "64"])
     assert code == TensorRTUnavailableError.exit_code != 0
     assert not (tmp_path / "e.plan").exists()
+
+
+@pytest.mark.skipif(not trt.available_flavours(), reason="no TensorRT installed")
+def test_real_engine_for_a_var_decoder(var_decoder, tmp_path):
+    """The LLaMA VAR decoder above, parsed by the real parser and built (small profile)."""
+    report = trt.lint_graph(var_decoder)
+    assert report.ok and "ONNX parser" in report.authority, report.format()
+    config = trt.BuildConfig(targets="86" if "tensorrt-rtx" in trt.available_flavours() else None,
+                             max_batch=2, max_seq=8, max_past=16)
+    engines = trt.build_engines(var_decoder, tmp_path / "sub" / "e.plan", config)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["e.engines.json", "e.plan"]
+    entry = engines.manifest["engines"]["decoder_model_merged.onnx"]
+    assert entry["profiles"][0]["attention_mask"] == [[1, 1], [1, 9], [2, 24]]
+    outputs = {o["name"]: o for o in entry["io"]["outputs"]}
+    assert outputs["present_sink_mask"]["dtype"] == "bool" and outputs["logits"]["dtype"] == "float32"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from var_export.core.contract import DECODER
+from var_export.core.contract import DECODER, GRAPH_FILES
 from var_export.core.errors import CalibrationError, ConfigError, TensorRTUnavailableError
 from var_export.core.extras import require_extra
 from var_export.core.settings import HeadMode, VarSettings, check_overrides, resolve_settings
@@ -242,29 +242,38 @@ def _export_progress(progress: Any):
 
 
 def plan_paths(plan: Path) -> tuple[Path, Path]:
-    """``X.plan`` → (the engine path, the bundle directory written beside it)."""
+    """``X.plan`` → (the decoder engine path, the bundle directory written beside it)."""
     plan = Path(plan)
     if plan.suffix != ".plan":
         raise ConfigError(f"expected a path ending in .plan for a TensorRT engine, found {plan}.")
     return plan, plan.with_name(plan.stem + "_bundle")
 
 
-def build_plan(opts: BuildOptions, progress: Any = None, *, fp16: bool = False) -> tuple[BuildResult, Path]:
-    """Build the bundle beside ``opts.out`` (a .plan path), then the TensorRT engine.
+def build_plan(
+    opts: BuildOptions,
+    progress: Any = None,
+    *,
+    engine: Any = None,
+    engine_progress: Any = None,
+) -> tuple[BuildResult, Any]:
+    """Build the bundle beside ``opts.out`` (a .plan path), then the TensorRT engines of its
+    three graphs (:func:`var_export.trt.build_engines`; ``engine``: a ``trt.BuildConfig``).
 
-    Without TensorRT or a GPU the bundle is kept and ``TensorRTUnavailableError`` says
-    how to finish on a machine that has them (``var-export build-trt``).
+    Returns (the bundle's BuildResult, the ``trt.EngineSet``). Refuses up front an ``--out``
+    that would replace files this tool did not write. Without a usable TensorRT the bundle is
+    kept and ``TensorRTUnavailableError`` says how to finish (``var-export build-trt``).
     """
-    from var_export.trt import build_engine, lint_for_tensorrt
+    from var_export.trt import BuildConfig, build_engines, engine_manifest_path, engine_paths
+    from var_export.trt.build import check_replaceable
 
     plan, bundle_dir = plan_paths(opts.out)
+    check_replaceable(engine_paths(plan, list(GRAPH_FILES)), engine_manifest_path(plan))
     result = build_bundle(dataclasses.replace(opts, out=bundle_dir), progress=progress)
-    lint_for_tensorrt(result.bundle_dir / DECODER).raise_if_errors()
     try:
-        engine = build_engine(result.bundle_dir, plan, fp16=fp16)
+        engines = build_engines(result.bundle_dir, plan, engine or BuildConfig(), progress=engine_progress)
     except TensorRTUnavailableError as exc:
         raise TensorRTUnavailableError(
-            f"{exc}\nThe ONNX bundle is complete and kept at {result.bundle_dir}. To finish on a machine "
-            f"with TensorRT and an NVIDIA GPU run:\n  var-export build-trt {result.bundle_dir} --out {plan}"
+            f"{exc}\nThe ONNX bundle is complete and kept at {result.bundle_dir}. To finish on a "
+            f"machine with TensorRT run:\n  var-export build-trt {result.bundle_dir} --out {plan}"
         ) from None
-    return result, engine
+    return result, engines

@@ -304,10 +304,7 @@ class VarRuntime:
         self.provider = provider
         manifest = self.bundle.manifest
         io = manifest.get("io") or {}
-        self.sessions = {
-            name: make_session(self.bundle.graphs.get(name, self.bundle.path / name), provider)
-            for name in (VISION_ENCODER, EMBED_TOKENS, DECODER)
-        }
+        self.sessions = self._open_sessions(provider)
         decoder_inputs = [i.name for i in self.decoder.get_inputs()]
         manifest_inputs = (io.get(DECODER) or {}).get("inputs")
         if manifest_inputs is not None and list(manifest_inputs) != decoder_inputs:
@@ -336,6 +333,14 @@ class VarRuntime:
         self.eos_token_id = manifest.get("eos_token_id", getattr(tokenizer, "eos_token_id", None))
         self.pad_token_id = getattr(tokenizer, "pad_token_id", None)
         self.max_positions = self._max_positions(manifest)
+
+    def _open_sessions(self, provider: str) -> dict[str, Any]:
+        """One session per graph; :class:`var_export.trt.runtime.TrtRuntime` serves them with
+        TensorRT engines instead (the generation loop only needs get_inputs/get_outputs/run)."""
+        return {
+            name: make_session(self.bundle.graphs.get(name, self.bundle.path / name), provider)
+            for name in (VISION_ENCODER, EMBED_TOKENS, DECODER)
+        }
 
     @property
     def decoder(self) -> ort.InferenceSession:

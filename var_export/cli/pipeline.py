@@ -54,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         out_help="a bundle directory (ONNX Runtime), or X.plan for a TensorRT engine with its bundle beside it",
     )
-    parser.add_argument("--fp16-engine", action="store_true", help="TensorRT: allow fp16 kernels in the engine")
+    from var_export.cli.build_trt import add_trt_args
+
+    add_trt_args(parser)  # strongly typed engines: fp16 comes from --dtype fp16
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -66,9 +68,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     opts = options_from_args(args)
     with common.progress(args) as progress:
         if Path(args.out).suffix == ".plan":
-            result, engine = build_plan(opts, progress, fp16=args.fp16_engine)
+            from var_export.cli.build_trt import build_config, engine_progress, print_engines
+
+            result, engines = build_plan(
+                opts, progress, engine=build_config(args), engine_progress=engine_progress(progress)
+            )
             common.print_build_summary(result)
-            common.console.print(f"[green]TensorRT engine[/] {engine}")
+            print_engines(engines)
             return 0
         result = build_bundle(opts, progress)
     common.print_build_summary(result)

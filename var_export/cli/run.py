@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("bundle", metavar="BUNDLE", help="a bundle directory (var-export export / --out DIR)")
+    p.add_argument("bundle", metavar="BUNDLE", nargs="?", help="a bundle directory (var-export export / --out DIR); with --engine, default: the bundle the engines were built from")
+    p.add_argument("--engine", metavar="X.plan", help="run TensorRT engines (X.plan and the engines beside it, from build-trt / --out X.plan) instead of ONNX Runtime; needs an NVIDIA GPU")
     p.add_argument("--image", required=True, help="the image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help="the question or instruction")
     p.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate (default 32)")
@@ -41,9 +42,17 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from var_export.core.errors import ConfigError
     from var_export.runtime import VarRuntime
 
-    runtime = VarRuntime(args.bundle, provider=args.provider, var=not args.no_var, verify=not args.no_verify)
+    if args.engine:
+        from var_export.trt.runtime import TrtRuntime
+
+        runtime = TrtRuntime(args.engine, var=not args.no_var, bundle=args.bundle, verify=not args.no_verify)
+    elif args.bundle is None:
+        raise ConfigError("run needs a BUNDLE directory (or --engine X.plan).")
+    else:
+        runtime = VarRuntime(args.bundle, provider=args.provider, var=not args.no_var, verify=not args.no_verify)
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)

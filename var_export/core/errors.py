@@ -70,12 +70,17 @@ class TensorRTLintError(VarExportError):
         lines = "; ".join(f"[{f.code}] {f.message} -> {f.fix}" for f in report.errors)
         super().__init__(
             f"expected a graph the TensorRT ONNX parser accepts; {report.source} has "
-            f"{len(report.errors)} blocking problem(s): {lines}"
+            f"{len(report.errors)} blocking problem(s) ({getattr(report, 'authority', 'hand lint')}): {lines}"
         )
 
 
 class MissingExtraError(VarExportError):
     """A command needs an optional dependency group (e.g. ``var-export[torch]``) not installed."""
+
+
+class TensorRTBuildError(VarExportError):
+    """TensorRT parsed a graph but its builder (or engine loading) failed; the message carries
+    TensorRT's own error lines."""
 
 
 class ServeError(VarExportError):
