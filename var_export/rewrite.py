@@ -35,7 +35,6 @@ import dataclasses
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -258,53 +257,73 @@ def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
     return count
 
 
+ORT_VERIFY_LIMIT = 4 << 30  # bytes of weights up to which the output is also loaded in ORT
+
+
 def _write(
-    model: ir.Model, in_path: Path, out_path: Path, refs: list[ExternalDataRef], mode: str
+    model: ir.Model, in_path: Path, out_path: Path, refs: list[ExternalDataRef], mode: str,
+    verify: bool = True,
 ) -> list[Path]:
-    """Save atomically; returns the data files the output references."""
+    """Stage the graph (and copied data files) beside ``out_path``, verify, then swap in
+    (var_export.outputs); returns the data files the output references."""
+    from var_export.outputs import Outputs
+    from var_export.verify import verify_graph
+
     out_dir = out_path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []  # (temporary, final) data files
     data_files: list[Path] = []
-    try:
+    links: list[Path] = []
+    with Outputs() as tx:
+        staged_model = tx.stage_file(out_path, what="rewrite output")
+        stage = staged_model.parent
         if refs and mode == "copy":
             mapping: dict[str, tuple[str, Path]] = {}
+            multi = len(refs) > 1
+            data_root = tx.stage_dir(out_dir / f"{out_path.name}.data.d") if multi else None
             for ref in refs:
-                location = (f"{out_path.name}.data" if len(refs) == 1
-                            else f"{out_path.name}.data.d/{os.path.normpath(ref.location)}")
+                location = (f"{out_path.name}.data.d/{os.path.normpath(ref.location)}" if multi
+                            else f"{out_path.name}.data")
                 final = out_dir / location
                 if any(_same_file(final, r.path) for r in refs if final.exists()):
                     raise ConfigError(f"the copy of {ref.location!r} would overwrite the input's "
                                       f"data file {final}; choose another --out name.")
-                final.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-                os.close(fd)
-                staged.append((Path(tmp), final))
+                if multi:
+                    staged = data_root / os.path.normpath(ref.location)
+                    staged.parent.mkdir(parents=True, exist_ok=True)
+                else:
+                    staged = tx.stage_file(final, what="rewrite weights")
                 log.info("copying weights %s -> %s (%.1f MB apparent)", ref.path, final, ref.size / 1e6)
-                _copy_sparse(ref.path, Path(tmp))
-                os.chmod(tmp, stat.S_IMODE(ref.path.stat().st_mode))
+                _copy_sparse(ref.path, staged)
+                os.chmod(staged, stat.S_IMODE(ref.path.stat().st_mode))
                 mapping[os.path.normpath(os.path.abspath(ref.path))] = (location, out_dir)
                 data_files.append(final)
             _relink(model, mapping)
         elif refs:  # share: same folder, same relative locations
             data_files = [ref.path for ref in refs]
-        fd, tmp_model = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_dir)
-        os.close(fd)
-        staged_model = Path(tmp_model)
-        try:
-            ir.save(model, tmp_model, format="protobuf")  # external tensors keep their (new) locations; no data read
-            os.chmod(tmp_model, stat.S_IMODE(in_path.stat().st_mode))  # mkstemp made it 0600
-            for tmp, final in staged:
-                os.replace(tmp, final)
-            staged = []
-            os.replace(tmp_model, out_path)
-        finally:
-            if staged_model.exists():
-                staged_model.unlink()
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+        ir.save(model, os.fspath(staged_model), format="protobuf")  # external tensors keep their locations
+        os.chmod(staged_model, stat.S_IMODE(in_path.stat().st_mode))
+        if verify:
+            if mode == "share":  # the staged graph reads the shared data through links beside it
+                links = _link_shared(refs, stage)
+            weights = sum(r.size for r in refs)
+            verify_graph(staged_model, ort_load=weights <= ORT_VERIFY_LIMIT)
+            if weights > ORT_VERIFY_LIMIT:
+                log.info("%s: %.1f GB of weights; checked with strict shape inference, not loaded in "
+                         "ONNX Runtime", out_path.name, weights / 1e9)
+            for link in links:
+                link.unlink()
+        tx.commit()
     return data_files
+
+
+def _link_shared(refs: list[ExternalDataRef], stage: Path) -> list[Path]:
+    """Hard links to the shared data files inside the staging folder (same filesystem)."""
+    links = []
+    for ref in refs:
+        link = stage / os.path.normpath(ref.location)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.link(ref.path, link)
+        links.append(link)
+    return links
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,12 +339,16 @@ def rewrite_decoder(
     calibration: str | os.PathLike[str] | dict[str, Any] | None = None,
     dry_run: bool = False,
     data: DataMode = "auto",
+    verify: bool = True,
 ) -> RewriteResult:
     """Bake VAR into the decoder graph ``in_path`` and write it to ``out_path``.
 
     ``heads``: calibrated (layer, head) pairs for static/hybrid; default: the calibration's
     ``heads``. ``calibration``: a ``calibration.json`` path or its parsed dict (heads and a
     fingerprint check against the graph). ``dry_run``: plan only, nothing written.
+    ``verify``: strict shape inference and (up to ``ORT_VERIFY_LIMIT`` of weights) an ONNX Runtime
+    load of the output before it replaces anything. The output path follows
+    :func:`var_export.outputs.check_target` (never replaces a file var-export did not write).
     ``data``: how external weights reach the output (module docstring); ``auto`` shares them
     when ``out_path`` is in the input's folder and copies them otherwise.
     """
@@ -353,6 +376,10 @@ def rewrite_decoder(
         for ref in refs:
             if out.exists() and _same_file(out, ref.path) or os.path.abspath(out) == os.path.abspath(ref.path):
                 raise ConfigError(f"--out {str(out)!r} is the input's external data file; refusing.")
+    if out is not None and not dry_run:  # before the passes run: refuse what we may not replace
+        from var_export.outputs import check_target
+
+        check_target(out, "file", what="rewrite output")
 
     model = ir.serde.deserialize_model(proto)
     del proto
@@ -393,7 +420,7 @@ def rewrite_decoder(
     data_files = [r.path for r in refs]
     if not dry_run:
         assert out is not None
-        data_files = _write(model, in_path, out, refs, mode)
+        data_files = _write(model, in_path, out, refs, mode, verify=verify)
         log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,
