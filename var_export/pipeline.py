@@ -299,7 +299,11 @@ def build_plan(opts: BuildOptions, progress: Any = None, *, fp16: bool = False) 
     """
     from var_export.trt import build_engine, lint_for_tensorrt
 
+    from var_export.outputs import check_target
+
     plan, bundle_dir = plan_paths(opts.out)
+    check_target(plan, "file", what="TensorRT engine")  # before the minutes of bundle work
+    check_outputs(dataclasses.replace(opts, out=bundle_dir))
     result = build_bundle(dataclasses.replace(opts, out=bundle_dir), progress=progress)
     lint_for_tensorrt(result.bundle_dir / DECODER).raise_if_errors()
     try:

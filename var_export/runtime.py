@@ -485,7 +485,8 @@ class VarRuntime:
         from transformers import AutoProcessor
 
         try:
-            return AutoProcessor.from_pretrained(str(self.bundle.path))
+            # local files only: nothing in a bundle's files may trigger a download
+            return AutoProcessor.from_pretrained(str(self.bundle.path), local_files_only=True)
         except Exception as exc:  # transformers raises OSError / ValueError / KeyError
             raise BundleError(
                 f"expected the model's processor files (tokenizer, processor_config.json) in "
