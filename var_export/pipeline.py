@@ -297,9 +297,8 @@ def build_plan(opts: BuildOptions, progress: Any = None, *, fp16: bool = False) 
     Without TensorRT or a GPU the bundle is kept and ``TensorRTUnavailableError`` says
     how to finish on a machine that has them (``var-export build-trt``).
     """
-    from var_export.trt import build_engine, lint_for_tensorrt
-
     from var_export.outputs import check_target
+    from var_export.trt import build_engine, lint_for_tensorrt
 
     plan, bundle_dir = plan_paths(opts.out)
     check_target(plan, "file", what="TensorRT engine")  # before the minutes of bundle work
