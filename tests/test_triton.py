@@ -107,7 +107,7 @@ def _expected(path) -> tuple[dict, dict]:
 
 def test_repository_lists_every_graph_io_with_types(bundle, tmp_path):
     out = write_triton_repository(bundle, tmp_path / "repo", instance_kind="KIND_CPU")
-    assert sorted(p.name for p in out.iterdir()) == ["decoder", "embed_tokens", "manifest.json", "vision_encoder"]
+    assert sorted(p.name for p in out.iterdir()) == [".var-export-owned", "decoder", "embed_tokens", "manifest.json", "vision_encoder"]
     for file_name, model_name in (
         ("decoder_model_merged.onnx", "decoder"),
         ("embed_tokens.onnx", "embed_tokens"),

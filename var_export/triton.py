@@ -179,11 +179,11 @@ def write_triton_repository(
             f"expected an empty or new directory for the Triton repository; {out} has files. "
             "Choose another --out or remove it."
         )
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    from var_export.outputs import Outputs, check_target
+
+    check_target(out, "dir", what="Triton repository")  # replaced only when var-export wrote it
+    with Outputs() as tx:
+        tmp = tx.stage_dir(out, what="Triton repository")
         for file_name, model_name in MODEL_NAMES.items():
             src = graphs.get(file_name, root / file_name)
             if not src.is_file():
@@ -213,11 +213,6 @@ def write_triton_repository(
         manifest = root / "manifest.json"
         if manifest.is_file():
             shutil.copy2(manifest, tmp / "manifest.json")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tx.commit()
     log.info("wrote Triton model repository %s", out)
     return out

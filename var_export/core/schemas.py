@@ -226,8 +226,27 @@ class OwnedMarker(_Strict):
 # Reading
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed (expected a finite number)")
+def _nonfinite_path(doc: Any, path: str = "") -> str | None:
+    """The dotted path of the first NaN/Infinity in a parsed JSON value, else None."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return path or "(document)"
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in items:
+        found = _nonfinite_path(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def _loads(text: str, path: Path, error: type[VarExportError], fix: str) -> Any:
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise error(f"{path} is not valid JSON ({exc}). {fix}".rstrip()) from None
+    bad = _nonfinite_path(doc)
+    if bad:
+        raise error(f"{path}: {bad}: expected a finite number, found NaN or Infinity. {fix}".rstrip())
+    return doc
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -269,10 +288,7 @@ def parse_json_file(
         raise error(f"{path} does not exist. {fix}".rstrip()) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path} cannot be read as UTF-8 text ({exc}). {fix}".rstrip()) from None
-    try:
-        doc = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise error(f"{path} is not valid JSON ({exc}). {fix}".rstrip()) from None
+    doc = _loads(text, path, error, fix)
     return validate_document(doc, model, error, where=str(path), fix=fix)
 
 
@@ -280,9 +296,10 @@ def load_json_object(path: str | os.PathLike[str], error: type[VarExportError], 
     """A JSON object from ``path`` (no NaN/Infinity), without a schema."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise error(f"{path} is not a readable JSON file ({exc}). {fix}".rstrip()) from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path} cannot be read as UTF-8 text ({exc}). {fix}".rstrip()) from None
+    doc = _loads(text, path, error, fix)
     if not isinstance(doc, dict):
         raise error(f"{path}: expected a JSON object, found {type(doc).__name__}. {fix}".rstrip())
     return doc
