@@ -218,9 +218,16 @@ def build_sink_flags(
     x = _ir.cast(b, residual, ir.DataType.FLOAT, "residual_f32")  # (B, S, D)
     mean_sq = _ir.reduce(b, "ReduceMean", b.op("Mul", [x, x], "x_sq"), [-1], "mean_sq", keepdims=True)
     rms = b.op("Sqrt", [b.op("Add", [mean_sq, si.rms_eps], "mean_sq_eps")], "rms")  # (B, S, 1)
-    picked = b.op("Gather", [x, si.sink_dims], "sink_dim_values", {"axis": -1})  # (B, S, k)
-    normed = b.op("Abs", [b.op("Div", [picked, rms], "sink_dim_normed")], "sink_dim_abs")
-    peak = _ir.reduce(b, "ReduceMax", normed, [-1], "sink_dim_peak", keepdims=False)  # (B, S)
+    # max over the k sink dims as an elementwise Max of scalar Gathers (no ReduceMax without
+    # keepdims: ORT's symbolic shape inference, used by quantization preprocess and the
+    # transformers optimizer, cannot infer its rank). max(|x_d|) / rms == max(|x_d| / rms).
+    picked = [
+        b.op("Abs", [b.op("Gather", [x, b.const(f"sink_dim_{j}", np.int64(d))], f"sink_dim_{j}_value",
+                          {"axis": -1})], f"sink_dim_{j}_abs")  # (B, S)
+        for j, d in enumerate(si.settings.sink_dims)
+    ]
+    rms_bs = _ir.squeeze(b, rms, [-1], "rms_squeezed")  # (B, S)
+    peak = b.op("Div", [b.op("Max", picked, "sink_dim_max"), rms_bs], "sink_dim_peak")  # (B, S)
     new = b.op("Greater", [peak, si.tau], "new_sink_raw")
     new = b.op("And", [new, si.not_pad], "new_sink_unpadded")
     if si.settings.sink_scope == "prompt":
@@ -333,7 +340,8 @@ def build_selection(
     (static/hybrid; None for dynamic)."""
     zero = b.const("zero_f32", np.float32(0.0))
     movable = b.op("Greater", [visual_nonsink_mass, zero], "has_visual_nonsink")  # (B, H, S, 1)
-    any_visual_sink = _ir.reduce(b, "ReduceMax", keys.visual_sink_f, [1], "any_visual_sink_b1", keepdims=True)
+    # a count, not ReduceMax: same test (> 0.5 on 0/1 flags) and ORT's symbolic shape inference knows ReduceSum
+    any_visual_sink = _ir.reduce(b, "ReduceSum", keys.visual_sink_f, [1], "any_visual_sink_b1", keepdims=True)
     any_visual_sink = _ir.unsqueeze(b, any_visual_sink, [2, 3], "any_visual_sink_f")  # (B, 1, 1, 1)
     has_visual_sink = b.op("Greater", [any_visual_sink, b.const("half", np.float32(0.5))], "has_visual_sink")
     selected = b.op("And", [el.eligible, has_visual_sink], "eligible_with_sink")  # (B, 1, S, 1)
