@@ -338,25 +338,27 @@ class Outputs:
         for target, staged, kind in self._items:
             if not os.path.lexists(staged) or (kind == "file") == staged.is_dir():
                 raise OutputError(f"nothing was staged for {target}; this is a bug.")
-        done: list[tuple[Path, Path | None]] = []
+        done: list[list] = []  # [target, backup or None, placed]
         try:
             for target, staged, kind in self._items:
                 if kind == "dir":
                     _write_marker(staged, _files_in(staged))
-                backup = None
+                step = [target, None, False]
+                done.append(step)
                 if os.path.lexists(target):
-                    backup = staged.parent / f"{_OLD}{target.name}"
-                    os.rename(target, backup)
+                    step[1] = staged.parent / f"{_OLD}{target.name}"
+                    os.rename(target, step[1])
                 os.rename(staged, target)
-                done.append((target, backup))
+                step[2] = True
             for target, _, kind in self._items:
                 if kind == "file":
                     _write_marker(target.parent, (owned_files(target.parent) or set()) | {target.name})
         except BaseException as exc:
-            for target, backup in reversed(done):
+            for target, backup, placed in reversed(done):
                 with contextlib.suppress(OSError):
-                    _remove(target)
-                    if backup is not None:
+                    if placed:
+                        _remove(target)
+                    if backup is not None and os.path.lexists(backup):
                         os.rename(backup, target)
             if isinstance(exc, OSError):
                 raise OutputError(_explain(exc, self.targets)) from exc
