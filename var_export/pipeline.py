@@ -70,11 +70,16 @@ def triton_dir_for(out: Path) -> Path:
 
 
 def check_outputs(opts: BuildOptions) -> list[Path]:
-    """Refuse, before any work, outputs that may not be written (var_export.outputs rules)."""
+    """Refuse, before any work, outputs that may not be written (var_export.outputs rules) and
+    option values out of range."""
     from var_export.outputs import check_target
 
     if opts.out is None or not str(opts.out).strip():
         raise ConfigError("no output: pass --out DIR (the bundle folder to write).")
+    if not (isinstance(opts.head_threshold, (int, float)) and 0.0 <= opts.head_threshold <= 1.0):
+        raise ConfigError(f"--head-threshold must be a number in [0, 1], found {opts.head_threshold!r}.")
+    if opts.opset is not None and not (isinstance(opts.opset, int) and 14 <= opts.opset <= 25):
+        raise ConfigError(f"--opset must be an ONNX opset in 14..25 (default 18; 23 with --fused), found {opts.opset!r}.")
     targets = [check_target(opts.out, "dir", what="bundle folder")]
     if opts.triton:
         targets.append(check_target(triton_dir_for(opts.out), "dir", what="Triton repository"))

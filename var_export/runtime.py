@@ -484,6 +484,12 @@ class VarRuntime:
     def _load_processor(self) -> Any:
         from transformers import AutoProcessor
 
+        from var_export.core.schemas import ProcessorFiles, parse_json_file
+
+        for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+            if (self.bundle.path / name).is_file():  # typed check of the keys we rely on
+                parse_json_file(self.bundle.path / name, ProcessorFiles, BundleError,
+                                fix="Re-export the bundle (its processor files are damaged).")
         try:
             # local files only: nothing in a bundle's files may trigger a download
             return AutoProcessor.from_pretrained(str(self.bundle.path), local_files_only=True)
