@@ -410,11 +410,10 @@ def _(work):
 
     folder = work / "rw-ext"
     folder.mkdir(exist_ok=True)
-    import onnx
+    import onnx_ir as ir
 
-    m = onnx.load(str(_rewrite_src(work)))
-    onnx.save_model(m, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
-                    size_threshold=0)
+    ir.save(ir.load(str(_rewrite_src(work))), str(folder / "model.onnx"), external_data="model.onnx.data",
+            size_threshold_bytes=1024)
     out = work / "rw-ext-out" / "var.onnx"
     real = rw._copy_sparse
 
@@ -818,16 +817,11 @@ def _(work):
 
 @case("8 graphs load", "fused qkv (Phi-3 style) decoder: query heads read correctly")
 def _(work):
-    try:
-        from tests.passes_fixtures import fused_qkv_model  # noqa: F401 - added with the fix
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    try:
-        from tests.test_trust import _fused_qkv_case
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.fused_qkv import fused_qkv_case
 
-        return _fused_qkv_case(work)
-    except ImportError:
-        return False, "fused-qkv fixture unavailable"
+    try:
+        return fused_qkv_case(work / "fused")
     except Exception as exc:  # noqa: BLE001
         return False, f"{type(exc).__name__}: {str(exc)[:90]}"
 
@@ -937,13 +931,36 @@ for _argv, _label in (
 # ---------------------------------------------------------------------------------------------
 
 
+def render_table(before: list[dict], after: list[dict]) -> str:
+    """A markdown table: one row per case, OK/defect before and after, with after's detail."""
+    old = {r["case"]: r for r in before}
+    lines = ["| # | class | case | before | after | after: what happened |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(after, 1):
+        b = old.get(r["case"])
+        was = "—" if b is None else ("OK" if b["ok"] else "defect")
+        detail = r["detail"].replace("|", "/")[:110]
+        lines.append(f"| {i} | {r['class']} | {r['case'].replace('|', '/')} | {was} | "
+                     f"{'OK' if r['ok'] else 'defect'} | {detail} |")
+    n_b = sum(1 for r in after if r["case"] in old and old[r["case"]]["ok"])
+    n_a = sum(r["ok"] for r in after)
+    lines.append("")
+    lines.append(f"{len(after)} cases: before {n_b} OK / {len(after) - n_b} defects; "
+                 f"after {n_a} OK / {len(after) - n_a} defects.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE.json", "AFTER.json"),
+                    help="print the markdown table of two runs and exit")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--only", help="run the cases whose name contains this")
     ap.add_argument("--skip-slow", action="store_true", help="skip the cases that build a model")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a new temp folder)")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(render_table(*(json.loads(p.read_text()) for p in args.compare)))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="abuse-"))
     work.mkdir(parents=True, exist_ok=True)

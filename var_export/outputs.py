@@ -241,7 +241,12 @@ def _new_stage(parent: Path) -> Path:
     stage = parent / f"{STAGE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
-    (stage / _OWNER).write_text(json.dumps(owner))
+    try:
+        with open(stage / _OWNER, "w") as f:
+            f.write(json.dumps(owner))
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return stage
 
 
