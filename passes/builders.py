@@ -182,7 +182,6 @@ class SinkInputs:
     past_sink: ir.Value  # (B, Lv, P) bool
     not_pad: ir.Value  # (B, S) bool: current tokens that are not padding
     is_prefill: ir.Value  # (1,) bool: P == 0
-    sink_dims: ir.Value  # (k,) int64
     rms_eps: ir.Value  # () fp32
     tau: ir.Value  # () fp32
     settings: VarSettings
@@ -201,7 +200,6 @@ def build_sink_inputs(
         past_sink=past_sink,
         not_pad=not_pad,
         is_prefill=is_prefill,
-        sink_dims=b.const("sink_dims", list(settings.sink_dims), np.int64),
         rms_eps=b.const("rms_eps", np.float32(RMS_EPS)),
         tau=b.const("tau", np.float32(settings.tau)),
         settings=settings,
