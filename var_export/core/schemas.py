@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -249,8 +250,15 @@ def _loads(text: str, path: Path, error: type[VarExportError], fix: str) -> Any:
     return doc
 
 
+_UNION_TAG = re.compile(
+    r"^(constrained-\w+|function-\w+(\[.*\])?|[a-z_]+\[.*\]|str|int|float|bool|none|list|dict|tuple|"
+    r"lax-or-strict|json-or-python|[A-Z]\w*Doc|FileEntry|GraphIO)$"
+)
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("list[...]", "function-after"))]
+    """The field path of an error; pydantic's union-member tags (``dict[str,any]``) left out."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))]
     return ".".join(parts) or "(document)"
 
 
