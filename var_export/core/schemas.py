@@ -243,7 +243,7 @@ def _loads(text: str, path: Path, error: type[VarExportError], fix: str) -> Any:
     try:
         doc = json.loads(text)
     except ValueError as exc:
-        raise error(f"{path} is not valid JSON ({exc}). {fix}".rstrip()) from None
+        raise error(f"{path} is not a readable JSON file ({exc}). {fix}".rstrip()) from None
     bad = _nonfinite_path(doc)
     if bad:
         raise error(f"{path}: {bad}: expected a finite number, found NaN or Infinity. {fix}".rstrip())
