@@ -417,7 +417,7 @@ def _(work):
     out = work / "rw-ext-out" / "var.onnx"
     real = rw._copy_sparse
 
-    def full(src, dst):
+    def full(src, dst, *rest):
         Path(dst).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))
 

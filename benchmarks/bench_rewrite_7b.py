@@ -24,6 +24,14 @@ has the VAR inputs/outputs, every external reference passes ``check_external_dat
 points at the original data file.
 
 Goal (DESIGN/issue 6): < 10 s and < 500 MB peak RSS.
+
+**Dense weights in another folder** (issue 15 item 4): ``--dense`` writes every byte of the
+data file (a sparse file hides the cost of copying it), ``--other-folder`` rewrites into
+``<work>/other/`` and ``--data copy|link`` chooses how the weights get there (reflink or
+``copy_file_range`` copy; hard link). The numbers then include ``data_how`` (link / reflink /
+copy), whether the output's data file is the input's inode, and that the input's data file
+kept its size, mode and mtime. A dense 13.5 GB file is heavy for a shared machine: ``--layers
+4`` (1.9 GB) gives the per-GB copy rate; the link time does not depend on the size.
 """
 
 from __future__ import annotations
@@ -58,19 +66,22 @@ INLINE_LIMIT = 1024  # elements; smaller initializers stay in the graph (the opt
 ALIGN = 4096
 
 
-def _spec(layers: int, dtype: str, hidden: int | None = None) -> dict:
+def _spec(layers: int, dtype: str, hidden: int | None = None, dense: bool = False) -> dict:
     cfg = dict(LLAMA2_7B, num_hidden_layers=layers)
     if hidden is not None:
         cfg.update(hidden_size=hidden, intermediate_size=hidden * 11008 // 4096,
                    num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
-    return {"config": cfg, "dtype": dtype, "version": 2}
+    spec = {"config": cfg, "dtype": dtype, "version": 2}
+    if dense:
+        spec["dense"] = True
+    return spec
 
 
 def build_graph(work: Path, *, layers: int = 32, dtype: str = "fp16", hidden: int | None = None,
-                force: bool = False) -> Path:
+                force: bool = False, dense: bool = False) -> Path:
     """Export the 7B-shaped decoder on the meta device into ``work``; returns the graph path."""
     work.mkdir(parents=True, exist_ok=True)
-    spec = _spec(layers, dtype, hidden)
+    spec = _spec(layers, dtype, hidden, dense)
     stamp = work / "build.json"
     graph = work / GRAPH
     if not force and graph.exists() and stamp.exists() and json.loads(stamp.read_text()).get("spec") == spec:
@@ -148,6 +159,13 @@ def build_graph(work: Path, *, layers: int = 32, dtype: str = "fp16", hidden: in
         offset += t.nbytes
     with open(work / DATA, "wb") as f:
         f.truncate(offset)  # sparse: apparent size only, nothing written
+        if dense:  # every block written (non-zero bytes: no filesystem can skip them)
+            chunk = np.random.default_rng(0).integers(1, 255, 1 << 26, dtype=np.uint8).tobytes()
+            f.seek(0)
+            for start in range(0, offset, len(chunk)):
+                f.write(chunk[: min(len(chunk), offset - start)])
+            f.flush()
+            os.fsync(f.fileno())
     _fold_weight_transposes(model)
     # As torch.onnx.export(optimize=True), except that nothing reads the external weights.
     onnxscript.optimizer.optimize_ir(model, should_fold=_no_external_inputs)
@@ -224,27 +242,29 @@ def peak_rss_mb():
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 t_import = time.perf_counter() - t_start
-src, dst, dims, layers = sys.argv[1:5]
+src, dst, dims, layers, data = sys.argv[1:6]
 settings = VarSettings(sink_dims=tuple(int(x) for x in dims.split(",")), heads="dynamic", layers=layers)
 t0 = time.perf_counter()
-result = rewrite_decoder(src, dst, settings)
+result = rewrite_decoder(src, dst, settings, data=data)
 t_rewrite = time.perf_counter() - t0
 print(json.dumps({
     "rewrite_s": t_rewrite, "import_s": t_import, "process_s": time.perf_counter() - t_start,
     "peak_rss_mb": peak_rss_mb(),
     "external_reads": reads["n"], "var_layers": result.report.var_layers,
     "nodes_added": result.report.nodes_added, "data_mode": result.data_mode,
+    "data_how": result.data_how,
 }))
 """
 
 
-def time_rewrite(graph: Path, out: Path, *, layers: str = "2:", sink_dims: str = SINK_DIMS) -> dict:
+def time_rewrite(graph: Path, out: Path, *, layers: str = "2:", sink_dims: str = SINK_DIMS,
+                 data: str = "auto") -> dict:
     """Rewrite ``graph`` -> ``out`` in a fresh subprocess; returns its measurements."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(graph), str(out), sink_dims, layers],
+        [sys.executable, "-c", _CHILD, str(graph), str(out), sink_dims, layers, data],
         capture_output=True, text=True, env=env, cwd=root, timeout=600,
     )
     wall = time.perf_counter() - t0
@@ -271,20 +291,26 @@ def check_output(graph: Path, out: Path) -> dict:
         and "present_sink_mask" in outputs,
         "data_files": [r.location for r in refs],
         "shares_original_data": [os.path.realpath(r.path) for r in refs] == [original],
+        "same_inode_as_input": [os.stat(r.path).st_ino for r in refs] == [os.stat(original).st_ino],
         "output_graph_mb": out.stat().st_size / 1e6,
     }
 
 
-def run(work: Path, *, layers: int = 32, dtype: str = "fp16", hidden: int | None = None) -> dict:
+def run(work: Path, *, layers: int = 32, dtype: str = "fp16", hidden: int | None = None,
+        dense: bool = False, other_folder: bool = False, data_mode: str = "auto") -> dict:
     t0 = time.perf_counter()
-    graph = build_graph(work, layers=layers, dtype=dtype, hidden=hidden)
+    graph = build_graph(work, layers=layers, dtype=dtype, hidden=hidden, dense=dense)
     build_s = time.perf_counter() - t0
     data = work / DATA
     st = data.stat()
-    out = work / "decoder_var.onnx"
-    out.unlink(missing_ok=True)
-    numbers = time_rewrite(graph, out, layers=f"{min(2, layers - 1)}:")  # DESIGN default 2:
+    before = (st.st_size, st.st_mode, st.st_mtime_ns, st.st_ino)
+    out = (work / "other" if other_folder else work) / "decoder_var.onnx"
+    for old in (out, out.parent / f"{out.name}.data"):
+        old.unlink(missing_ok=True)
+    numbers = time_rewrite(graph, out, layers=f"{min(2, layers - 1)}:", data=data_mode)  # DESIGN default 2:
     numbers.update(check_output(graph, out))
+    after = data.stat()
+    numbers["input_data_unchanged"] = before == (after.st_size, after.st_mode, after.st_mtime_ns, after.st_ino)
     numbers.update({
         "layers": layers, "dtype": dtype, "graph_build_s": build_s,
         "data_apparent_gb": st.st_size / 1e9, "data_allocated_mb": st.st_blocks * 512 / 1e6,
@@ -300,10 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "var_export_bench_7b")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--dense", action="store_true", help="write every byte of the weights file")
+    ap.add_argument("--other-folder", action="store_true", help="rewrite into <work>/other/")
+    ap.add_argument("--data", choices=("auto", "share", "copy", "link"), default="auto")
     args = ap.parse_args(argv)
-    n = run(args.work / f"L{args.layers}_{args.dtype}", layers=args.layers, dtype=args.dtype)
+    n = run(args.work / f"L{args.layers}_{args.dtype}{'_dense' if args.dense else ''}", layers=args.layers,
+            dtype=args.dtype, dense=args.dense, other_folder=args.other_folder, data_mode=args.data)
     print(f"LLaMA-2-7B-shaped decoder: {n['layers']} layers, {n['dtype']}, weights "
-          f"{n['data_apparent_gb']:.1f} GB apparent / {n['data_allocated_mb']:.1f} MB on disk (sparse)")
+          f"{n['data_apparent_gb']:.1f} GB apparent / {n['data_allocated_mb']:.1f} MB on disk")
+    print(f"weights to the output: {n['data_mode']} by {n['data_how']}; output data is the input's inode: "
+          f"{n['same_inode_as_input']}; input data file unchanged: {n['input_data_unchanged']}")
     print(f"graph build (meta export, cached): {n['graph_build_s']:.1f} s")
     print(f"rewrite: {n['rewrite_s']:.2f} s (process incl. imports {n['process_s']:.2f} s), "
           f"peak RSS {n['peak_rss_mb']:.0f} MB, external tensor reads {n['external_reads']}")

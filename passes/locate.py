@@ -298,7 +298,7 @@ def _q_width(q: ir.Value | None) -> int | None:
     weight walking back from the score MatMul's Q operand (shapes only, no data read)."""
 
     def follow(node: ir.Node) -> Sequence[ir.Value | None]:
-        if node.op_type in ("Reshape", "Slice", "Transpose"):
+        if node.op_type in ("Reshape", "Slice", "Transpose", "RotaryEmbedding"):  # rotary: ORT contrib
             return node.inputs[:1]
         if node.op_type in ("Mul", "Div", "Add", "Cast", "Concat", "Neg", "Identity", "Split", "Sub"):
             return node.inputs
@@ -465,6 +465,9 @@ def _fused_attention_error(model: ir.Model, fused: list[ir.Node]) -> GraphPatter
         else "\nExpected an unfused attention (MatMul -> Softmax -> MatMul). Re-export without "
         "fused attention (eager attention, opset < 23, no ORT attention fusion), e.g. "
         "`var-export export` of this project."
+        + ("\ncom.microsoft::GroupQueryAttention is unfused on the VAR layers by `var-export rewrite` "
+           "(var_export.passes.unfuse_contrib.normalize_contrib); check --layers."
+           if any(n.op_type == "GroupQueryAttention" for n in fused) else "")
     )
     return GraphPatternError(
         "fused attention ops hide the attention probabilities that VAR rewrites:\n"
@@ -481,13 +484,12 @@ def format_rejected(rejected: list[tuple[str, str]]) -> str:
 def locate_layers(model: ir.Model) -> LocateResult:
     """All decoder attention layers of ``model``, sorted by layer index.
 
-    Raises GraphPatternError for fused attention ops, for none found, or for two
-    Softmax nodes claiming the same layer.
+    Raises GraphPatternError for fused attention ops when no unfused layer is found, for none
+    found, or for two Softmax nodes claiming the same layer. Fused attention ops beside unfused
+    layers (``passes.unfuse_contrib`` unfuses only the VAR layers) are listed in ``rejected``.
     """
     graph = model.graph
     fused = [n for n in graph if (n.domain or "", n.op_type) in FUSED_ATTENTION_OPS]
-    if fused:
-        raise _fused_attention_error(model, fused)
     matches: list[LayerMatch] = []
     rejected: list[tuple[str, str]] = []
     softmaxes = [n for n in graph if n.op_type == "Softmax" and not is_var_node(n)]
@@ -497,6 +499,11 @@ def locate_layers(model: ir.Model) -> LocateResult:
             rejected.append((softmax.name or "<unnamed>", result))
         else:
             matches.append(result)
+    if fused and not matches:
+        raise _fused_attention_error(model, fused)
+    for node in fused:  # a graph unfused on some layers only (passes.unfuse_contrib)
+        rejected.append((node.name or "<unnamed>", f"{node.domain or 'ai.onnx'}::{node.op_type}: fused "
+                         "attention, left as it is"))
     if not matches:
         past = [v.name for v in graph.inputs if v.name and PAST_KEY_RE.match(v.name)]
         searched = (

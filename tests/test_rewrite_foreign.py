@@ -62,21 +62,27 @@ def _run(sess: ort.InferenceSession, feeds: dict) -> dict:
     return dict(zip(names, sess.run(None, feeds)))
 
 
-def compare(model, graph, s: VarSettings, heads=None, *, steps: int = 3, visual=VISUAL) -> dict:
+def _feeds(sess: ort.InferenceSession, ids, mask, pos, vis, past_sink, cache) -> dict:
+    """Feed by the graph's own input names: foreign graphs keep theirs (genai has no
+    ``position_ids``); VAR adds ``visual_token_mask`` / ``past_sink_mask`` whatever the exporter."""
+    have = {i.name for i in sess.get_inputs()}
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
+             "visual_token_mask": vis.numpy(), "past_sink_mask": past_sink, **cache}
+    return {k: v for k, v in feeds.items() if k in have}
+
+
+def compare(model, graph, s: VarSettings, heads=None, *, steps: int = 3, visual=VISUAL,
+            ids=IDS, mask=MASK) -> dict:
     """Prefill + ``steps`` decode steps; returns max |Δlogits| vs the reference and VAR's effect."""
     sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     ref = VarReference(model, s, heads)
     plain = VarReference(model, None)
     n_var = len(s.var_layers(NUM_LAYERS))
-    mask, vis, pos, ids = MASK, visual, _positions(MASK), IDS
-    feeds = {
-        "input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
-        "visual_token_mask": vis.numpy(), "past_sink_mask": np.zeros((2, n_var, 0), bool),
-    }
-    for i in range(NUM_LAYERS):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((2, KV_HEADS, 0, tl.HEAD_DIM), np.float32)
-    out = _run(sess, feeds)
+    batch = ids.shape[0]
+    vis, pos = visual, _positions(mask)
+    cache = {f"past_key_values.{i}.{kind}": np.zeros((batch, KV_HEADS, 0, tl.HEAD_DIM), np.float32)
+             for i in range(NUM_LAYERS) for kind in ("key", "value")}
+    out = _run(sess, _feeds(sess, ids, mask, pos, vis, np.zeros((batch, n_var, 0), bool), cache))
     r = ref.step(model.model.embed_tokens(ids), mask, pos, None, vis, None)
     q = plain.step(model.model.embed_tokens(ids), mask, pos, None, vis, None)
     rows = mask.bool().numpy()  # (B, S) the non-padded query rows
@@ -86,21 +92,16 @@ def compare(model, graph, s: VarSettings, heads=None, *, steps: int = 3, visual=
     n_sinks = int(r.present_sink_mask.sum())
     for _ in range(steps):
         token = r.logits[:, -1].argmax(-1)[:, None]  # (B, 1) greedy, from the reference
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-        vis = torch.cat([vis, torch.zeros(2, 1, dtype=torch.bool)], 1)
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
+        vis = torch.cat([vis, torch.zeros(batch, 1, dtype=torch.bool)], 1)
         pos = pos[:, -1:] + 1
         emb = model.model.embed_tokens(token)
         r_past, q_past = r.present, q.present
         r = ref.step(emb, mask, pos, r_past, vis, r.present_sink_mask)
         q = plain.step(emb, mask, pos, q_past, vis, None)
-        feeds = {
-            "input_ids": token.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
-            "visual_token_mask": vis.numpy(), "past_sink_mask": out["present_sink_mask"],
-        }
-        for i in range(NUM_LAYERS):
-            feeds[f"past_key_values.{i}.key"] = out[f"present.{i}.key"]
-            feeds[f"past_key_values.{i}.value"] = out[f"present.{i}.value"]
-        out = _run(sess, feeds)
+        cache = {f"past_key_values.{i}.{kind}": out[f"present.{i}.{kind}"]
+                 for i in range(NUM_LAYERS) for kind in ("key", "value")}
+        out = _run(sess, _feeds(sess, token, mask, pos, vis, out["present_sink_mask"], cache))
         delta.append(float(np.abs(out["logits"] - r.logits.numpy()).max()))
         effect.append(float((r.logits - q.logits).abs().max()))
         sinks_equal.append(bool((out["present_sink_mask"] == r.present_sink_mask.numpy()).all()))

@@ -1,162 +1,329 @@
-"""Triton model repository (ORT backend) written from a bundle."""
+"""The var_llava Triton repository, and a real tritonserver (`var-export serve`) on localhost.
+
+The server tests start `var-export serve BUNDLE` as a user would (a subprocess, random free
+ports), talk to it with tritonclient (gRPC streams) and the HTTP generate_stream endpoint, and
+compare every text with `var-export run`'s (VarRuntime.generate, VAR on and off).
+"""
 
 from __future__ import annotations
 
-import re
+import base64
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import numpy as np
-import onnx
-import onnx_ir as ir
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from var_export.core.errors import BundleError, ConfigError
-from var_export.triton import ONNX_TO_TRITON, config_pbtxt, write_triton_repository
+from var_export.triton import (
+    MODEL_NAME,
+    config_text,
+    model_config,
+    parse_config,
+    write_triton_repository,
+)
 
-D = 64  # LlamaSpec().hidden
+pytest.importorskip("tritonclient.grpc", reason="tritonclient is in the dev extra")
+pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) is in the dev extra")
 
-
-def _vision_and_embed(tmp) -> tuple:
-    """Hand-written stand-ins with the contract's I/O (the decoder is a real dynamo export)."""
-    w = onnx.numpy_helper.from_array(np.ones((3, D), np.float32), "w")
-    vision = helper.make_model(
-        helper.make_graph(
-            [
-                helper.make_node("ReduceMean", ["pixel_values"], ["pooled"], axes=[2, 3], keepdims=0),
-                helper.make_node("MatMul", ["pooled", "w"], ["row"]),
-                helper.make_node("Unsqueeze", ["row", "one"], ["image_features"]),
-            ],
-            "vision",
-            [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 32, 32])],
-            [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["batch", 1, D])],
-            initializer=[w, onnx.numpy_helper.from_array(np.array([1], np.int64), "one")],
-        ),
-        opset_imports=[helper.make_opsetid("", 17)],
-    )
-    table = onnx.numpy_helper.from_array(np.zeros((96, D), np.float32), "table")
-    embed = helper.make_model(
-        helper.make_graph(
-            [helper.make_node("Gather", ["table", "input_ids"], ["inputs_embeds"])],
-            "embed",
-            [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-            [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "sequence", D])],
-            initializer=[table],
-        ),
-        opset_imports=[helper.make_opsetid("", 17)],
-    )
-    paths = []
-    for name, m in (("vision_encoder.onnx", vision), ("embed_tokens.onnx", embed)):
-        m.ir_version = 8
-        onnx.save(m, str(tmp / name))
-        paths.append(tmp / name)
-    return tuple(paths)
+PROMPTS = ("What is in the picture?", "Describe the red square and the picture in words.", "Colors?")
+TIMEOUT = 60.0  # seconds any one request may take
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from passes_fixtures import LlamaSpec, export_tiny_llama
-
-    from var_export.bundle import load_bundle, write_bundle
-    from var_export.core.settings import VarSettings
-    from var_export.passes.pipeline import apply_var, save_model
-
-    tmp = tmp_path_factory.mktemp("triton")
-    spec = LlamaSpec()
-    plain = export_tiny_llama(tmp / "plain.onnx", spec)
-    settings = VarSettings(sink_dims=(1,), heads="dynamic", layers="1:")
-    model, report = apply_var(ir.load(str(plain)), settings, None, num_layers=spec.layers)
-    (tmp / "var").mkdir()
-    decoder = tmp / "var" / "decoder_model_merged.onnx"
-    save_model(model, decoder, external_data="decoder_model_merged.onnx.data")  # weights outside
-    vision, embed = _vision_and_embed(tmp)
-    out = write_bundle(
-        tmp / "bundle",
-        graphs={"vision_encoder.onnx": vision, "embed_tokens.onnx": embed, "decoder_model_merged.onnx": decoder},
-        manifest_fields={"model_id": "test", "fingerprint": {"t": 1}, "var": settings.to_dict(),
-                         "var_layers": report.var_layers},
-        calibration=None,
-    )
-    return load_bundle(out)
+# ---------------------------------------------------------------------------------------------
+# The repository
 
 
-def _parse(config: str) -> tuple[str, dict[str, tuple[str, list[int]]], dict[str, tuple[str, list[int]]]]:
-    name = re.search(r'^name: "([^"]+)"', config, re.M).group(1)
-    sections = {}
-    for kind in ("input", "output"):
-        body = re.search(rf"^{kind} \[\n(.*?)\n\]", config, re.S | re.M).group(1)
-        entries = re.findall(r'name: "([^"]+)"\s+data_type: (\w+)\s+dims: \[ ([^\]]*) \]', body)
-        sections[kind] = {n: (t, [int(d) for d in dims.split(", ")]) for n, t, dims in entries}
-    return name, sections["input"], sections["output"]
+def test_config_is_triton_protobuf():
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    text = config_text(model_config(bundle_dir="/b", max_batch=4))
+    config = parse_config(text)
+    assert config.name == MODEL_NAME and config.backend == "python" and config.max_batch_size == 0
+    assert config.model_transaction_policy.decoupled
+    io = {i.name: (pb.DataType.Name(i.data_type), list(i.dims), i.optional) for i in config.input}
+    assert io == {
+        "prompt": ("TYPE_STRING", [1], False),
+        "image": ("TYPE_STRING", [1], False),
+        "max_new_tokens": ("TYPE_INT32", [1], True),
+        "var": ("TYPE_BOOL", [1], True),
+    }
+    assert [(o.name, pb.DataType.Name(o.data_type), list(o.dims)) for o in config.output] == [("text", "TYPE_STRING", [1])]
+    assert config.parameters["bundle_dir"].string_value == "/b"
+    assert config.parameters["max_batch"].string_value == "4"
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    with pytest.raises(ConfigError, match="instance_kind"):
+        model_config(instance_kind="GPU")
 
 
-def _expected(path) -> tuple[dict, dict]:
-    m = onnx.load(str(path), load_external_data=False)
-    init = {t.name for t in m.graph.initializer}
+def test_repository_is_self_contained(tiny_var_bundle, tmp_path):
+    from var_export.bundle import load_bundle
 
-    def conv(vi):
-        tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-        return ONNX_TO_TRITON[tt.elem_type], dims
-
-    return (
-        {vi.name: conv(vi) for vi in m.graph.input if vi.name not in init},
-        {vi.name: conv(vi) for vi in m.graph.output},
-    )
-
-
-def test_repository_lists_every_graph_io_with_types(bundle, tmp_path):
-    out = write_triton_repository(bundle, tmp_path / "repo", instance_kind="KIND_CPU")
-    assert sorted(p.name for p in out.iterdir()) == [".var-export-owned", "decoder", "embed_tokens", "manifest.json", "vision_encoder"]
-    for file_name, model_name in (
-        ("decoder_model_merged.onnx", "decoder"),
-        ("embed_tokens.onnx", "embed_tokens"),
-        ("vision_encoder.onnx", "vision_encoder"),
-    ):
-        config = (out / model_name / "config.pbtxt").read_text()
-        assert 'backend: "onnxruntime"' in config and "max_batch_size: 0" in config
-        assert "kind: KIND_CPU" in config
-        name, inputs, outputs = _parse(config)
-        exp_in, exp_out = _expected(bundle.graphs[file_name])
-        assert name == model_name
-        assert inputs == exp_in and outputs == exp_out
-        assert list(inputs) == bundle.io(file_name)["inputs"]
-        assert list(outputs) == bundle.io(file_name)["outputs"]
-        assert (out / model_name / "1" / "model.onnx").is_file()
-
-    _, inputs, outputs = _parse((out / "decoder" / "config.pbtxt").read_text())
-    assert inputs["attention_mask"] == ("TYPE_INT64", [-1, -1])
-    assert inputs["visual_token_mask"] == ("TYPE_BOOL", [-1, -1])
-    assert inputs["past_sink_mask"][0] == "TYPE_BOOL" and inputs["past_sink_mask"][1][0] == -1
-    assert inputs["inputs_embeds"] == ("TYPE_FP32", [-1, -1, D])
-    assert outputs["present_sink_mask"][0] == "TYPE_BOOL"
-    assert outputs["logits"][0] == "TYPE_FP32"
-    assert inputs["past_key_values.0.key"][1][:1] == [-1] and inputs["past_key_values.0.key"][1][3] > 0
+    out = write_triton_repository(tiny_var_bundle["bundle"], tmp_path / "repo")
+    version = out / MODEL_NAME / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["bundle", "environment.json", "model.py"]
+    load_bundle(version / "bundle")  # every file, SHA-256 checked
+    env = json.loads((version / "environment.json").read_text())
+    assert env["python"] == sys.executable
+    config = parse_config((out / MODEL_NAME / "config.pbtxt").read_text())
+    assert config.parameters["bundle_dir"].string_value == "bundle"
+    ref = write_triton_repository(tiny_var_bundle["bundle"], tmp_path / "ref", copy_bundle=False)
+    assert not (ref / MODEL_NAME / "1" / "bundle").exists()
+    assert parse_config((ref / MODEL_NAME / "config.pbtxt").read_text()).parameters["bundle_dir"].string_value == str(
+        Path(tiny_var_bundle["bundle"]).resolve())
 
 
-def test_decoder_external_data_travels_and_loads(bundle, tmp_path):
-    out = write_triton_repository(bundle, tmp_path / "repo", link=True)
-    version = out / "decoder" / "1"
-    assert (version / "decoder_model_merged.onnx.data").is_file()
-    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert "visual_token_mask" in [i.name for i in session.get_inputs()]
-    assert "instance_group" not in (out / "decoder" / "config.pbtxt").read_text()
-
-
-def test_refuses_non_empty_out_and_bad_bundle(bundle, tmp_path):
+def test_repository_refuses_non_empty_out_and_bad_bundle(tiny_var_bundle, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("mine")
     with pytest.raises(ConfigError, match="has files"):
-        write_triton_repository(bundle, tmp_path / "busy")
+        write_triton_repository(tiny_var_bundle["bundle"], tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "x").read_text() == "mine"
-    with pytest.raises(ConfigError, match="instance_kind"):
-        write_triton_repository(bundle, tmp_path / "r", instance_kind="GPU")
     with pytest.raises(BundleError):
         write_triton_repository(tmp_path / "not_a_bundle", tmp_path / "r2")
     assert not (tmp_path / "r2").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["busy"]  # no half-written temp folder
 
 
-def test_config_text_format():
-    text = config_pbtxt("m", [("a", "TYPE_FP16", [-1, 4])], [("b", "TYPE_BOOL", [2])])
-    assert text.splitlines()[:4] == ['name: "m"', 'backend: "onnxruntime"', "max_batch_size: 0", 'default_model_filename: "model.onnx"']
-    assert '    name: "a"\n    data_type: TYPE_FP16\n    dims: [ -1, 4 ]' in text
+def test_cli_triton_writes_the_repository(tiny_var_bundle, tmp_path):
+    from var_export.cli import main
+
+    assert main(["-q", "triton", str(tiny_var_bundle["bundle"]), "--out", str(tmp_path / "r"), "--reference"]) == 0
+    assert (tmp_path / "r" / MODEL_NAME / "config.pbtxt").is_file()
+    assert main(["-q", "triton", str(tiny_var_bundle["bundle"]), "--out", str(tmp_path / "r")]) != 0  # not empty
+
+
+# ---------------------------------------------------------------------------------------------
+# A real server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_var_bundle):
+    """`var-export serve BUNDLE` in a subprocess; stopped (and checked) by test_shutdown."""
+    import psutil
+
+    from var_export.serve import free_port
+
+    http, grpc = free_port(), free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "var_export.cli", "-q", "serve", str(tiny_var_bundle["bundle"]),
+         "--http-port", str(http), "--grpc-port", str(grpc), "--max-batch", "8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=240)  # startup_timeout of TritonServer is 180 s
+        assert "var_llava ready" in line, line
+        children = psutil.Process(proc.pid).children(recursive=True)
+        tree = [proc.pid, *(p.pid for p in children)]
+        repo = next(a.split("=", 1)[1] for p in children for a in p.cmdline() if a.startswith("--model-repository="))
+        yield {"proc": proc, "http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "tree": tree,
+               "workdir": Path(repo).parent}
+    except queue.Empty:
+        proc.kill()
+        pytest.fail(f"the server did not get ready: {proc.stderr.read()[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for pid in tree if "tree" in locals() else []:
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_var_bundle):
+    """What `var-export run` prints, VAR on and off, for (prompt, image, var, max_new_tokens)."""
+    from var_export.runtime import VarRuntime
+
+    rts = {v: VarRuntime(tiny_var_bundle["bundle"], var=v) for v in (True, False)}
+    cache: dict = {}
+
+    def text(prompt: str, image: int, var: bool, n: int) -> str:
+        key = (prompt, image, var, n)
+        if key not in cache:
+            cache[key] = rts[var].generate(tiny_var_bundle["images"][image], prompt, max_new_tokens=n).text
+        return cache[key]
+
+    return text
+
+
+@pytest.fixture(scope="module")
+def b64(tiny_var_bundle):
+    return [base64.b64encode(p.read_bytes()).decode() for p in tiny_var_bundle["images"]]
+
+
+def _inputs(prompt: str | None, image: str | None, n: int | None = None, var: bool | None = None) -> list:
+    import tritonclient.grpc as grpcclient
+
+    out = []
+    for name, value, dtype in (("prompt", prompt, "BYTES"), ("image", image, "BYTES")):
+        if value is not None:
+            t = grpcclient.InferInput(name, [1], dtype)
+            t.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
+            out.append(t)
+    if n is not None:
+        t = grpcclient.InferInput("max_new_tokens", [1], "INT32")
+        t.set_data_from_numpy(np.array([n], np.int32))
+        out.append(t)
+    if var is not None:
+        t = grpcclient.InferInput("var", [1], "BOOL")
+        t.set_data_from_numpy(np.array([var], bool))
+        out.append(t)
+    return out
+
+
+def _grpc_stream(url: str, requests: list[tuple], *, stop_after: int | None = None) -> dict[str, dict]:
+    """Send requests on one gRPC stream; collect {request id: {"text", "final", "error"}}."""
+    import tritonclient.grpc as grpcclient
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    state: dict[str, dict] = {}
+    try:
+        for rid, args in requests:
+            state[rid] = {"text": "", "final": False, "error": None, "pieces": 0}
+            client.async_stream_infer(MODEL_NAME, _inputs(*args), request_id=rid, enable_empty_final_response=True)
+        deadline = time.monotonic() + TIMEOUT
+        while not all(s["final"] or s["error"] for s in state.values()):
+            result, error = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            if error is not None:
+                if len(state) != 1:
+                    raise AssertionError(f"unexpected stream error: {error}")
+                next(iter(state.values()))["error"] = str(error)
+                continue
+            response = result.get_response()
+            s = state[response.id]
+            text = result.as_numpy("text")
+            if text is not None:
+                s["text"] += text[0].decode()
+                s["pieces"] += 1
+            s["final"] = response.parameters["triton_final_response"].bool_param
+            if stop_after is not None and s["pieces"] >= stop_after:
+                return state  # the client goes away mid-stream (finally: stream closed)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    return state
+
+
+def _http_stream(url: str, body: dict, *, read_events: int | None = None) -> tuple[int, list[dict]]:
+    req = urllib.request.Request(
+        f"http://{url}/v2/models/{MODEL_NAME}/generate_stream", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    events: list[dict] = []
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    if read_events is not None and len(events) >= read_events:
+                        break  # closing the connection: a client that disconnects
+            return resp.status, events
+    except urllib.error.HTTPError as exc:
+        return exc.code, [json.loads(ln[5:] if ln.startswith("data:") else ln)
+                          for ln in exc.read().decode().splitlines() if ln.strip()]
+
+
+def test_grpc_stream_equals_run_var_on_and_off(server, reference, b64):
+    cases = {"on": (PROMPTS[0], 0, True, 10), "off": (PROMPTS[0], 0, False, 10), "default": (PROMPTS[1], 1, None, None)}
+    state = _grpc_stream(server["grpc"], [(rid, (p, b64[i], n, v)) for rid, (p, i, v, n) in cases.items()])
+    for rid, (p, i, v, n) in cases.items():
+        s = state[rid]
+        assert s["final"] and s["error"] is None, (rid, s)
+        assert s["text"] == reference(p, i, True if v is None else v, 32 if n is None else n), rid
+        assert s["text"] and s["pieces"] > 1  # streamed, piece by piece
+
+
+def test_server_streams_what_cli_run_prints(server, b64, tiny_var_bundle, capsys):
+    from var_export.cli import main
+
+    for var in (True, False):
+        args = ["-q", "run", str(tiny_var_bundle["bundle"]), "--image", str(tiny_var_bundle["images"][0]),
+                "--prompt", PROMPTS[0], "--max-new-tokens", "10", *([] if var else ["--no-var"])]
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        streamed = _grpc_stream(server["grpc"], [("x", (PROMPTS[0], b64[0], 10, var))])["x"]["text"]
+        assert printed == streamed + "\n"
+
+
+def test_http_generate_stream_equals_run(server, reference, b64):
+    for var in (True, False):
+        status, events = _http_stream(server["http"], {"prompt": PROMPTS[2], "image": b64[2], "max_new_tokens": 8, "var": var})
+        assert status == 200 and len(events) > 1
+        assert "".join(e["text"] for e in events) == reference(PROMPTS[2], 2, var, 8)
+
+
+def test_eight_concurrent_requests_all_correct(server, reference, b64):
+    cases = {f"r{k}": (PROMPTS[k % 3], k % 3, k % 4 != 3, 6 + k) for k in range(8)}
+    state = _grpc_stream(server["grpc"], [(rid, (p, b64[i], n, v)) for rid, (p, i, v, n) in cases.items()])
+    for rid, (p, i, v, n) in cases.items():
+        assert state[rid]["final"] and state[rid]["text"] == reference(p, i, v, n), rid
+
+
+def test_disconnects_and_malformed_requests_leave_the_server_serving(server, reference, b64):
+    gone = _grpc_stream(server["grpc"], [("long", (PROMPTS[1], b64[1], 200, True))], stop_after=1)
+    assert not gone["long"]["final"]
+    status, events = _http_stream(server["http"], {"prompt": PROMPTS[1], "image": b64[1], "max_new_tokens": 200}, read_events=1)
+    assert status == 200 and len(events) == 1
+    bad = {
+        "base64": (PROMPTS[0], "not base64 !!"),
+        "no prompt": (None, b64[0]),
+        "too long": ("word " * 3000, b64[0]),
+        "not an image": (PROMPTS[0], base64.b64encode(b"text").decode()),
+    }
+    for name, (prompt, image) in bad.items():
+        s = _grpc_stream(server["grpc"], [("x", (prompt, image))])["x"]
+        assert s["error"] and not s["text"], name
+    assert "base64" in _grpc_stream(server["grpc"], [("x", bad["base64"])])["x"]["error"]
+    status, events = _http_stream(server["http"], {"prompt": "word " * 3000, "image": b64[0]})
+    assert status == 400 and "positions" in events[0]["error"]
+    state = _grpc_stream(server["grpc"], [("after", (PROMPTS[0], b64[0], 6, True))])
+    assert state["after"]["text"] == reference(PROMPTS[0], 0, True, 6)
+
+
+def test_shutdown_leaves_no_process(server):
+    import psutil
+
+    proc = server["proc"]
+    assert len(server["tree"]) >= 3  # var-export serve, tritonserver, its stub (+ the worker)
+    assert server["workdir"].is_dir()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in server["tree"]):
+        assert time.monotonic() < deadline, [p for p in server["tree"] if psutil.pid_exists(p)]
+        time.sleep(0.2)
+    assert not server["workdir"].exists()  # the temporary repository is gone
+
+
+@pytest.mark.slow
+def test_pipeline_writes_triton_repository_and_transformers_js_layout(tmp_path):
+    """`var-export --model tiny-llava --out X --format triton --layout transformers.js` (a full build)."""
+    from var_export.cli import main
+
+    out = tmp_path / "tiny"
+    assert main(["-q", "--model", "tiny-llava", "--heads", "dynamic", "--out", str(out),
+                 "--format", "triton", "--layout", "transformers.js"]) == 0
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+    repo = tmp_path / "tiny-triton"
+    assert parse_config((repo / MODEL_NAME / "config.pbtxt").read_text()).name == MODEL_NAME
+    assert (repo / MODEL_NAME / "1" / "bundle" / "manifest.json").is_file()
+    assert (tmp_path / "tiny-transformers.js" / "onnx" / "decoder_model_merged.onnx").is_file()

@@ -53,6 +53,8 @@ __all__ = [
     "OWNED_MARKER",
     "Outputs",
     "check_target",
+    "claim",
+    "write_error",
     "owned_files",
     "sweep_stale",
 ]
@@ -273,6 +275,21 @@ def _explain(exc: OSError, targets: list[Path]) -> str:
         f"could not write {names}: {exc.strerror or exc}{where}; {hint}. Nothing was replaced: "
         "previous outputs, if any, are as they were."
     )
+
+
+def write_error(exc: OSError, targets: list[Path]) -> OutputError:
+    """The OutputError for a filesystem error while writing ``targets`` (for writers that stage
+    their files themselves, e.g. var_export.rewrite)."""
+    return OutputError(_explain(exc, [Path(t) for t in targets]))
+
+
+def claim(files: Iterable[str | os.PathLike[str]]) -> None:
+    """Record files var-export just wrote (atomically, by its own means) in their folder's marker."""
+    by_folder: dict[Path, set[str]] = {}
+    for f in files:
+        by_folder.setdefault(Path(f).parent, set()).add(Path(f).name)
+    for folder, names in by_folder.items():
+        _write_marker(folder, (owned_files(folder) or set()) | names)
 
 
 # ---------------------------------------------------------------------------------------------

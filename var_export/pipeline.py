@@ -42,6 +42,7 @@ class BuildOptions:
     triton: bool = False  # also write a Triton model repository beside the bundle
     allow_noop: bool = False  # accept a hybrid/static bundle whose calibration selected no head
     verify: bool = True  # strict shape inference + ORT load of every graph before it is written
+    layout: str = "bundle"  # "transformers.js": also write OUT-transformers.js (var_export.hf_layout)
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class BuildResult:
     files: dict[str, int]  # file name -> bytes
     timings: dict[str, float]  # step -> seconds
     triton_dir: Path | None = None
+    layout_dir: Path | None = None
 
 
 def _needs_calibration(opts: BuildOptions, preset: dict[str, Any] | None) -> bool:
@@ -80,7 +82,12 @@ def check_outputs(opts: BuildOptions) -> list[Path]:
         raise ConfigError(f"--head-threshold must be a number in [0, 1], found {opts.head_threshold!r}.")
     if opts.opset is not None and not (isinstance(opts.opset, int) and 14 <= opts.opset <= 25):
         raise ConfigError(f"--opset must be an ONNX opset in 14..25 (default 18; 23 with --fused), found {opts.opset!r}.")
+    if opts.layout not in ("bundle", "transformers.js"):
+        raise ConfigError(f"layout must be 'bundle' or 'transformers.js'; found {opts.layout!r}.")
     targets = [check_target(opts.out, "dir", what="bundle folder")]
+    if opts.layout == "transformers.js":
+        targets.append(check_target(Path(opts.out).with_name(Path(opts.out).name + "-transformers.js"), "dir",
+                                    what="transformers.js layout"))
     if opts.triton:
         targets.append(check_target(triton_dir_for(opts.out), "dir", what="Triton repository"))
     return targets
@@ -139,8 +146,8 @@ def _build(opts: BuildOptions, spec: Any, tx: Any, progress: Any) -> BuildResult
     settings, cal = _settings(opts, spec, loaded, fingerprint, num_layers, hidden, timings, progress)
 
     out = Path(opts.out)
-    graphs, opset, var_layers, heads = _graphs(opts, loaded, settings, cal, num_layers,
-                                               tx.scratch(out.parent), timings, progress)
+    work = tx.scratch(out.parent)
+    graphs, opset, var_layers, heads = _graphs(opts, loaded, settings, cal, num_layers, work, timings, progress)
     manifest_fields = {
         "model_id": spec.name,
         "fingerprint": fingerprint,
@@ -160,23 +167,31 @@ def _build(opts: BuildOptions, spec: Any, tx: Any, progress: Any) -> BuildResult
         timings["verify"] = time.perf_counter() - t
     t = time.perf_counter()
     stage = tx.stage_dir(out, what="bundle folder")
+    from var_export.hf_layout import hf_config_files
+
     fill_bundle(stage, graphs=graphs, manifest_fields=manifest_fields, calibration=cal,
-                processor=loaded.processor)
+                processor=loaded.processor,
+                extra_files=hf_config_files(loaded.config, work / "hf"))  # AutoConfig works on the bundle
     timings["bundle"] = time.perf_counter() - t
     triton_dir = None
-    if opts.triton:
+    if opts.triton:  # a self-contained repository (the bundle copied in), staged with the bundle
         from var_export.bundle import load_bundle
         from var_export.triton import write_triton_repository
 
         triton_dir = triton_dir_for(out)
         write_triton_repository(load_bundle(stage), tx.stage_dir(triton_dir, what="Triton repository"),
-                                overwrite=True)
+                                copy_bundle=True, overwrite=True)
     files = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
     tx.commit()  # the bundle and the Triton repository together, or neither
+    layout_dir = None
+    if opts.layout == "transformers.js":
+        from var_export.hf_layout import write_transformers_js_layout
+
+        layout_dir = write_transformers_js_layout(out, out.with_name(out.name + "-transformers.js"))
     timings["total"] = time.perf_counter() - t0
     return BuildResult(
         bundle_dir=out, settings=settings, calibration=cal, var_layers=var_layers, heads=heads,
-        files=files, timings=timings, triton_dir=triton_dir,
+        files=files, timings=timings, triton_dir=triton_dir, layout_dir=layout_dir,
     )
 
 

@@ -17,12 +17,20 @@
    * ``data="share"`` (default when ``out_path`` is in the input's folder): the new graph
      references the input's external data file(s) by the same relative location — no byte of
      weights is read or written. The output is valid as long as the input's data file stays.
-   * ``data="copy"`` (default for another folder): each data file is copied beside the output
-     as ``<out name>.data`` (several files: ``<out name>.data.d/<location>``) with a
-     sparse-aware, copy-offloading copy (``SEEK_DATA``/``copy_file_range``), then the graph
-     is relinked to the copies. Hard links and symlinks are not used: onnx-ir refuses data
-     files with several hard links, and a symlink out of the folder is what
-     :mod:`var_export.safety` refuses.
+   * ``data="copy"`` (default for another folder): each data file is cloned beside the output
+     as ``<out name>.data`` (several files: ``<out name>.data.d/<location>``): a reflink
+     (``FICLONE``: copy-on-write, instant, no byte copied) where the filesystem has them
+     (btrfs, XFS with reflink, bcachefs, ...), else a sparse-aware, copy-offloading copy
+     (``SEEK_DATA``/``copy_file_range``) reporting its progress to ``progress(done, total)``.
+     The graph is then relinked to the copies.
+   * ``data="link"``: a hard link (same inode, instant) where source and output share a
+     filesystem, else the copy above. Opt-in because onnx (``onnx.load``, ``onnx.checker``)
+     and onnx-ir refuse an external data file with several hard links (their hard-link attack
+     guard) — and that guard then refuses the *input* model too, whose data file now has two
+     links, until one of them is removed. ONNX Runtime loads both. The file is never written
+     through the link (no chmod either: it would change the input's mode).
+
+   Symlinks are never used: a symlink out of the folder is what :mod:`var_export.safety` refuses.
 
    Graphs without external data are written self-contained.
 
@@ -35,8 +43,9 @@ import dataclasses
 import logging
 import os
 import stat
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,13 +55,15 @@ import onnx_ir as ir
 from var_export.core import calibration_schema as schema
 from var_export.core import settings as settings_module
 from var_export.core.calibration_schema import calibration_heads
-from var_export.core.errors import CalibrationError, ConfigError, ModelLoadError
+from var_export.core.errors import CalibrationError, ConfigError, GraphPatternError, ModelLoadError
 from var_export.core.settings import VarSettings
 from var_export.passes.locate import PAST_KEY_RE
+from var_export.passes.unfuse_contrib import CONTRIB_DOMAIN
 from var_export.safety import ExternalDataRef, check_external_data
 
 __all__ = [
     "RewriteResult",
+    "graph_form",
     "load_calibration",
     "resolve_settings",
     "rewrite_decoder",
@@ -60,7 +71,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DataMode = Literal["auto", "share", "copy"]
+DataMode = Literal["auto", "share", "copy", "link"]
+Progress = Callable[[int, int], None]  # (bytes done, bytes total) of the weights being copied
+
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): reflink the whole file
 
 @dataclasses.dataclass
 class RewriteResult:
@@ -70,11 +84,13 @@ class RewriteResult:
     out_path: Path | None  # None for a dry run
     dry_run: bool
     report: Any  # passes.pipeline.VarReport: per-layer plan, ignored Softmax nodes
-    data_mode: str  # "inline" (no external data) | "share" | "copy"
+    data_mode: str  # "inline" (no external data) | "share" | "copy" | "link" (what was asked)
     data_files: list[Path]  # external data files the output reads (would read)
     added_inputs: list[str]
     added_outputs: list[str]
     seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)  # graph form, formulation, unfusing
+    data_how: list[str] = dataclasses.field(default_factory=list)  # per data file: share|link|reflink|copy
 
     def describe(self) -> str:
         """A human-readable plan: per decoder layer what is (would be) changed."""
@@ -91,6 +107,15 @@ class RewriteResult:
                 lines.append(f"  layer {layer}: untouched (not a VAR layer)")
                 continue
             found = lr.found
+            if "attention" in found:  # the fused formulation (ONNX Attention graphs)
+                lines.append(
+                    f"  layer {layer}: {verb}: sink detection"
+                    + (", class masses + score shift (" + str(found.get("formulation")) + ")"
+                       if lr.redistribution else ", no redistribution (no calibrated head in this layer)")
+                    + f"\n      Attention {found.get('attention')!r}; residual {found.get('residual')!r}; "
+                    f"heads {found.get('num_heads')}"
+                )
+                continue
             what = ["sink detection"]
             if lr.redistribution:
                 heads = "all heads (per-row test)" if lr.heads is None else f"heads {lr.heads}"
@@ -107,10 +132,12 @@ class RewriteResult:
             )
         for why in r.ignored:
             lines.append(f"  ignored Softmax {why}")
+        lines.extend(self.notes)
         lines.append(f"new inputs: {self.added_inputs}; new outputs: {self.added_outputs}; "
                      f"nodes added: {r.nodes_added}")
         if self.data_files:
-            lines.append(f"weights ({self.data_mode}): {[str(p) for p in self.data_files]}")
+            how = f" by {'/'.join(sorted(set(self.data_how)))}" if self.data_how else ""
+            lines.append(f"weights ({self.data_mode}{how}): {[str(p) for p in self.data_files]}")
         return "\n".join(lines)
 
 
@@ -195,9 +222,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _copy_sparse(src: Path, dst: Path) -> None:
+def _copy_sparse(src: Path, dst: Path, progress: Progress | None = None) -> None:
     """Copy ``src`` to ``dst`` keeping holes (SEEK_DATA/SEEK_HOLE) and letting the kernel
-    copy the data extents (``copy_file_range``: reflink or in-kernel copy where supported)."""
+    copy the data extents (``copy_file_range``: reflink or in-kernel copy where supported);
+    ``progress(done, total)`` after each chunk of at most 256 MB."""
     size = src.stat().st_size
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fd_in, fd_out = fin.fileno(), fout.fileno()
@@ -212,7 +240,7 @@ def _copy_sparse(src: Path, dst: Path) -> None:
             off = start
             while off < end:
                 try:
-                    n = os.copy_file_range(fd_in, fd_out, end - off, off, off)
+                    n = os.copy_file_range(fd_in, fd_out, min(end - off, 1 << 28), off, off)
                 except OSError:
                     os.lseek(fd_in, off, os.SEEK_SET)
                     os.lseek(fd_out, off, os.SEEK_SET)
@@ -220,8 +248,53 @@ def _copy_sparse(src: Path, dst: Path) -> None:
                 if n <= 0:
                     break
                 off += n
+                if progress is not None:
+                    progress(off, size)
             pos = end
         os.fsync(fd_out)
+    if progress is not None:
+        progress(size, size)
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """Clone ``src`` into the (empty) file ``dst`` with ``FICLONE``; False where unsupported."""
+    import fcntl
+
+    try:
+        with open(src, "rb") as fin, open(dst, "r+b") as fout:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        return True
+    except OSError as exc:
+        log.debug("no reflink %s -> %s (%s)", src, dst, exc)
+        return False
+
+
+def _stage_data(ref: ExternalDataRef, final: Path, link: bool, progress: Progress | None) -> tuple[Path, str]:
+    """A temporary file beside ``final`` with ``ref``'s bytes: (its path, how: link/reflink/copy)."""
+    if link and ref.path.stat().st_dev == final.parent.stat().st_dev:
+        tmp = final.parent / f".{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        try:
+            os.link(ref.path, tmp)
+            return tmp, "link"
+        except OSError as exc:  # EPERM (protected_hardlinks), EMLINK, filesystems without links
+            log.warning("cannot hard-link %s (%s); copying it", ref.path, exc)
+    elif link:
+        log.warning("%s is on another filesystem than %s: copying it", ref.path, final.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        if _reflink(ref.path, tmp):
+            how = "reflink"
+        else:
+            log.info("copying weights %s -> %s (%.1f MB apparent)", ref.path, final, ref.size / 1e6)
+            _copy_sparse(ref.path, tmp, progress)
+            how = "copy"
+        os.chmod(tmp, stat.S_IMODE(ref.path.stat().st_mode))  # our own new inode only
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, how
 
 
 def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
@@ -257,73 +330,173 @@ def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
     return count
 
 
-ORT_VERIFY_LIMIT = 4 << 30  # bytes of weights up to which the output is also loaded in ORT
-
-
 def _write(
     model: ir.Model, in_path: Path, out_path: Path, refs: list[ExternalDataRef], mode: str,
-    verify: bool = True,
-) -> list[Path]:
-    """Stage the graph (and copied data files) beside ``out_path``, verify, then swap in
-    (var_export.outputs); returns the data files the output references."""
-    from var_export.outputs import Outputs
-    from var_export.verify import verify_graph
-
+    progress: Progress | None = None,
+) -> tuple[list[Path], list[str]]:
+    """Save atomically; returns the data files the output references and how each got there."""
     out_dir = out_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []  # (temporary, final) data files
     data_files: list[Path] = []
-    links: list[Path] = []
-    with Outputs() as tx:
-        staged_model = tx.stage_file(out_path, what="rewrite output")
-        stage = staged_model.parent
-        if refs and mode == "copy":
+    how: list[str] = []
+    try:
+        if refs and mode in ("copy", "link"):
             mapping: dict[str, tuple[str, Path]] = {}
-            multi = len(refs) > 1
-            data_root = tx.stage_dir(out_dir / f"{out_path.name}.data.d") if multi else None
             for ref in refs:
-                location = (f"{out_path.name}.data.d/{os.path.normpath(ref.location)}" if multi
-                            else f"{out_path.name}.data")
+                location = (f"{out_path.name}.data" if len(refs) == 1
+                            else f"{out_path.name}.data.d/{os.path.normpath(ref.location)}")
                 final = out_dir / location
-                if any(_same_file(final, r.path) for r in refs if final.exists()):
+                if any(os.path.realpath(final) == os.path.realpath(r.path) for r in refs):
                     raise ConfigError(f"the copy of {ref.location!r} would overwrite the input's "
                                       f"data file {final}; choose another --out name.")
-                if multi:
-                    staged = data_root / os.path.normpath(ref.location)
-                    staged.parent.mkdir(parents=True, exist_ok=True)
-                else:
-                    staged = tx.stage_file(final, what="rewrite weights")
-                log.info("copying weights %s -> %s (%.1f MB apparent)", ref.path, final, ref.size / 1e6)
-                _copy_sparse(ref.path, staged)
-                os.chmod(staged, stat.S_IMODE(ref.path.stat().st_mode))
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp, done = _stage_data(ref, final, mode == "link", progress)
+                staged.append((tmp, final))
+                how.append(done)
                 mapping[os.path.normpath(os.path.abspath(ref.path))] = (location, out_dir)
                 data_files.append(final)
             _relink(model, mapping)
         elif refs:  # share: same folder, same relative locations
             data_files = [ref.path for ref in refs]
-        ir.save(model, os.fspath(staged_model), format="protobuf")  # external tensors keep their locations
-        os.chmod(staged_model, stat.S_IMODE(in_path.stat().st_mode))
-        if verify:
-            if mode == "share":  # the staged graph reads the shared data through links beside it
-                links = _link_shared(refs, stage)
-            weights = sum(r.size for r in refs)
-            verify_graph(staged_model, ort_load=weights <= ORT_VERIFY_LIMIT)
-            if weights > ORT_VERIFY_LIMIT:
-                log.info("%s: %.1f GB of weights; checked with strict shape inference, not loaded in "
-                         "ONNX Runtime", out_path.name, weights / 1e9)
-            for link in links:
-                link.unlink()
-        tx.commit()
-    return data_files
+            how = ["share"] * len(refs)
+        fd, tmp_model = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_dir)
+        os.close(fd)
+        staged_model = Path(tmp_model)
+        try:
+            ir.save(model, tmp_model, format="protobuf")  # external tensors keep their (new) locations; no data read
+            os.chmod(tmp_model, stat.S_IMODE(in_path.stat().st_mode))  # mkstemp made it 0600
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            staged = []
+            os.replace(tmp_model, out_path)
+        finally:
+            if staged_model.exists():
+                staged_model.unlink()
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return data_files, how
 
 
-def _link_shared(refs: list[ExternalDataRef], stage: Path) -> list[Path]:
-    """Hard links to the shared data files inside the staging folder (same filesystem)."""
-    links = []
-    for ref in refs:
-        link = stage / os.path.normpath(ref.location)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.link(ref.path, link)
-        links.append(link)
-    return links
+# ---------------------------------------------------------------------------------------------
+# Graph forms: which formulation a foreign graph gets
+
+
+def graph_form(model: ir.Model) -> str:
+    """``"onnx-attention"`` (ONNX ``Attention`` op, opset 23), ``"contrib"`` (ONNX Runtime
+    contrib ops: GroupQueryAttention / MultiHeadAttention / SkipSimplifiedLayerNormalization) or
+    ``"standard"`` (MatMul -> Softmax -> MatMul with plain residual Adds)."""
+    ops = {(n.domain or "", n.op_type) for n in model.graph}
+    if ("", "Attention") in ops or ("ai.onnx", "Attention") in ops:
+        return "onnx-attention"
+    if any(d == CONTRIB_DOMAIN and op in _CONTRIB_NORMALISED for d, op in ops):
+        return "contrib"
+    return "standard"
+
+
+_CONTRIB_NORMALISED = {"GroupQueryAttention", "MultiHeadAttention", "SkipSimplifiedLayerNormalization"}
+
+
+def _onnx_checkable(model: ir.Model) -> bool:
+    """onnx.checker knows every op (no ONNX Runtime-only op such as the default-domain
+    SimplifiedLayerNormalization, nor contrib ops)."""
+    return all((n.domain or "") in ("", "ai.onnx") and n.op_type not in _ORT_ONLY_DEFAULT_DOMAIN
+               for n in model.graph)
+
+
+_ORT_ONLY_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization", "LayerNormalization"}  # < opset 17 for the latter
+
+
+def _apply(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
+           num_layers: int | None, cal: dict[str, Any] | None) -> tuple[Any, list[str]]:
+    """Route the graph to its formulation (in place); returns the VarReport and notes."""
+    from var_export.passes.pipeline import apply_var
+
+    form = graph_form(model)
+    notes = [f"graph form: {form}"]
+    if form == "onnx-attention":
+        notes.append("formulation: fused-qk (passes.fused_var; each Attention op stays one op)")
+        return _apply_fused(model, settings, heads, num_layers, cal), notes
+    before = model.graph.num_nodes()
+    replaced = []
+    if form == "contrib":
+        from var_export.passes.unfuse_contrib import normalize_contrib
+
+        n = num_layers if num_layers is not None else len(contrib_layers(model)) or None
+        if n is None:
+            raise ModelLoadError("no past_key_values.{i}.key inputs: cannot tell the decoder's layers.")
+        replaced = normalize_contrib(model, settings.var_layers(n))
+    if cal:
+        from var_export.passes.locate import locate_layers
+
+        matches = locate_layers(model).matches
+        hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
+                       and isinstance(m.residual.shape[-1], int)), None)
+        _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
+    checkable = _onnx_checkable(model)
+    _, report = apply_var(model, settings, heads, num_layers=num_layers, inplace=True, check=checkable)
+    if replaced:
+        from var_export.passes.unfuse_contrib import restore
+
+        changed = {lr.layer for lr in report.layers if lr.redistribution}
+        kept = [r for r in replaced if r.layer not in changed]
+        restore(model, kept)
+        notes.append(
+            "contrib ops: unfused on layers "
+            f"{sorted({r.layer for r in replaced} & changed)}, fused ops kept on "
+            f"{sorted({r.layer for r in kept})} (VAR changes nothing there)"
+        )
+        model.metadata_props["var_export.formulation"] = "naive-unfused-contrib"
+    report.nodes_added = model.graph.num_nodes() - before
+    if not checkable:
+        notes.append("onnx.checker skipped: the graph has ONNX Runtime-only ops (loads in ONNX Runtime only)")
+    return report, notes
+
+
+def _check_loads_in_ort(model: ir.Model) -> None:
+    """Graphs onnx.checker cannot check (ORT-only ops): an ONNX Runtime session must accept them
+    (only for self-contained graphs: a session would read external weights)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                             providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure is the same refusal
+        raise GraphPatternError(
+            f"the rewritten graph does not load in ONNX Runtime ({type(exc).__name__}: {exc}); "
+            "nothing was written. Please report this graph form."
+        ) from exc
+
+
+def contrib_layers(model: ir.Model) -> dict[int, Any]:
+    from var_export.passes.unfuse_contrib import contrib_attention_layers
+
+    return contrib_attention_layers(model)
+
+
+def _apply_fused(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
+                 num_layers: int | None, cal: dict[str, Any] | None) -> Any:
+    """ONNX ``Attention`` graphs: the fused formulation (attention stays one op)."""
+    from var_export.passes.fused_var import apply_fused_var, locate_fused_layers
+    from var_export.passes.pipeline import LayerReport, VarReport
+
+    if cal:
+        matches = locate_fused_layers(model)
+        hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
+                       and isinstance(m.residual.shape[-1], int)), None)
+        _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
+    log.info("ONNX Attention ops: the fused formulation (passes.fused_var, shift qk)")
+    _, fr = apply_fused_var(model, settings, heads, num_layers=num_layers, inplace=True)
+    by_layer = {int(d["layer"]): d for d in fr.layers}  # type: ignore[call-overload]
+    layers = [
+        LayerReport(layer=la, found={**by_layer[la], "formulation": f"fused-{fr.shift}"}, sink_detection=True,
+                    redistribution=la in fr.changed_layers,
+                    heads=None if settings.heads == "dynamic" else sorted(h for l2, h in heads or [] if l2 == la))
+        for la in fr.var_layers
+    ]
+    return VarReport(var_layers=fr.var_layers, num_layers=fr.num_layers, head_mode=fr.head_mode,
+                     layers=layers, ignored=[], nodes_added=fr.nodes_added)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,21 +512,17 @@ def rewrite_decoder(
     calibration: str | os.PathLike[str] | dict[str, Any] | None = None,
     dry_run: bool = False,
     data: DataMode = "auto",
-    verify: bool = True,
+    progress: Progress | None = None,
 ) -> RewriteResult:
     """Bake VAR into the decoder graph ``in_path`` and write it to ``out_path``.
 
     ``heads``: calibrated (layer, head) pairs for static/hybrid; default: the calibration's
     ``heads``. ``calibration``: a ``calibration.json`` path or its parsed dict (heads and a
     fingerprint check against the graph). ``dry_run``: plan only, nothing written.
-    ``verify``: strict shape inference and (up to ``ORT_VERIFY_LIMIT`` of weights) an ONNX Runtime
-    load of the output before it replaces anything. The output path follows
-    :func:`var_export.outputs.check_target` (never replaces a file var-export did not write).
     ``data``: how external weights reach the output (module docstring); ``auto`` shares them
-    when ``out_path`` is in the input's folder and copies them otherwise.
+    when ``out_path`` is in the input's folder and copies (reflinks where possible) them
+    otherwise; ``link`` hard-links them. ``progress(done, total)``: bytes of a weight copy.
     """
-    from var_export.passes.pipeline import apply_var
-
     t0 = time.perf_counter()
     in_path = Path(in_path)
     if not in_path.is_file():
@@ -391,15 +560,7 @@ def rewrite_decoder(
     num_layers = graph_num_layers(model)
     inputs_before = [v.name for v in model.graph.inputs]
     outputs_before = [v.name for v in model.graph.outputs]
-    if cal:
-        from var_export.passes.locate import locate_layers
-
-        matches = locate_layers(model).matches
-        hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
-                       and isinstance(m.residual.shape[-1], int)), None)
-        _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
-
-    model, report = apply_var(model, settings, head_list, num_layers=num_layers, inplace=True)
+    report, notes = _apply(model, settings, head_list, num_layers, cal)
     added_in = [v.name for v in model.graph.inputs if v.name not in inputs_before]
     added_out = [v.name for v in model.graph.outputs if v.name not in outputs_before]
 
@@ -418,12 +579,21 @@ def rewrite_decoder(
                 f"by relative location); {out.parent} is another folder. Use data='copy'."
             )
     data_files = [r.path for r in refs]
+    data_how: list[str] = []
+    if not refs and not _onnx_checkable(model):
+        _check_loads_in_ort(model)
     if not dry_run:
         assert out is not None
-        data_files = _write(model, in_path, out, refs, mode, verify=verify)
+        from var_export.outputs import claim, write_error
+
+        try:
+            data_files, data_how = _write(model, in_path, out, refs, mode, progress)
+        except OSError as exc:  # disk full, read-only, ...: a clear error; _write removed its temp files
+            raise write_error(exc, [out]) from exc
+        claim([out, *(p for p in data_files if p.parent == out.parent)])  # ours: replaceable next time
         log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,
         data_mode=mode, data_files=data_files, added_inputs=added_in,
-        added_outputs=added_out, seconds=time.perf_counter() - t0,
+        added_outputs=added_out, seconds=time.perf_counter() - t0, notes=notes, data_how=data_how,
     )

@@ -1,218 +1,177 @@
-"""Write a bundle as a Triton Inference Server model repository (ONNX Runtime backend).
+"""A Triton Inference Server model repository that serves generation from a bundle.
 
-Layout (one Triton model per graph of DESIGN.md §3)::
+Layout::
 
-    OUT/
-      vision_encoder/config.pbtxt   vision_encoder/1/model.onnx
-      embed_tokens/config.pbtxt     embed_tokens/1/model.onnx
-      decoder/config.pbtxt          decoder/1/model.onnx  [+ external data, same file name]
-      manifest.json                 (copied from the bundle, for reference)
+    REPO/
+      var_llava/
+        config.pbtxt        Python backend, decoupled (one streamed response per text piece)
+        1/model.py          var_export/triton_model.py: the Triton glue, nothing else
+        1/environment.json  the Python that runs the generation worker; the stub's extra sys.path
+        1/bundle/           the bundle (copied), or config parameter bundle_dir -> elsewhere
 
-Every config lists every graph input and output with its ONNX data type (``TYPE_FP32``,
-``TYPE_INT64``, ``TYPE_BOOL`` ...) and its dims, ``-1`` for a dynamic axis.
-``max_batch_size: 0``: the batch axis is part of ``dims`` (the decoder's KV cache and
-sink-mask cache are explicit inputs, so the client keeps the state and Triton must not
-batch requests together). The caller drives the loop exactly as ``var_export.runtime`` does.
+``var_llava`` runs the whole generation inside the server with ``var_export.runtime`` (ONNX
+Runtime) and ``var_export.engine`` (continuous batching), in a worker process the model starts
+(var_export/serve_worker.py): the KV cache and the sink-mask cache never leave it. Inputs: ``prompt`` TYPE_STRING [1], ``image`` TYPE_STRING [1] (base64 of an
+encoded PNG/JPEG, so HTTP JSON works), optional ``max_new_tokens`` TYPE_INT32 [1] (default 32)
+and ``var`` TYPE_BOOL [1] (default true; false = ``var-export run --no-var``). Output ``text``
+TYPE_STRING [1], one response per new piece of text, then the final flag.
+
+The config is built as Triton's own protobuf (``tritonclient``'s ``model_config_pb2``) and
+written with ``google.protobuf.text_format``. The repository needs a Triton with the Python
+backend (``var-export serve`` runs the one in ``nvidia-pytriton``); docs/serving.md says what
+an NGC container needs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
-
-from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
 from var_export.core.errors import BundleError, ConfigError
+
+if TYPE_CHECKING:
+    from var_export.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
-# bundle graph file -> Triton model name
-MODEL_NAMES: dict[str, str] = {
-    VISION_ENCODER: "vision_encoder",
-    EMBED_TOKENS: "embed_tokens",
-    DECODER: "decoder",
-}
-
-ONNX_TO_TRITON: dict[int, str] = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32",
-    onnx.TensorProto.FLOAT16: "TYPE_FP16",
-    onnx.TensorProto.BFLOAT16: "TYPE_BF16",
-    onnx.TensorProto.DOUBLE: "TYPE_FP64",
-    onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.INT32: "TYPE_INT32",
-    onnx.TensorProto.INT16: "TYPE_INT16",
-    onnx.TensorProto.INT8: "TYPE_INT8",
-    onnx.TensorProto.UINT8: "TYPE_UINT8",
-    onnx.TensorProto.UINT16: "TYPE_UINT16",
-    onnx.TensorProto.UINT32: "TYPE_UINT32",
-    onnx.TensorProto.UINT64: "TYPE_UINT64",
-    onnx.TensorProto.BOOL: "TYPE_BOOL",
-    onnx.TensorProto.STRING: "TYPE_STRING",
-}
+MODEL_NAME = "var_llava"
+MODEL_FILE = Path(__file__).with_name("triton_model.py")  # copied as model.py
+ENVIRONMENT = "environment.json"  # beside model.py: the worker's Python, the stub's extra sys.path
+BUNDLE_SUBDIR = "bundle"
+DEFAULT_MAX_BATCH = 16  # sequences decoded together by the engine
 
 
-def _io(vi: onnx.ValueInfoProto) -> tuple[str, str, list[int]]:
-    """(name, Triton data type, dims with -1 for dynamic axes)."""
-    tt = vi.type.tensor_type
-    dtype = ONNX_TO_TRITON.get(int(tt.elem_type))
-    if dtype is None:
-        raise BundleError(
-            f"graph I/O {vi.name} has ONNX type {onnx.TensorProto.DataType.Name(tt.elem_type)}, "
-            "which Triton has no TYPE_ for; expected a numeric or bool tensor. Re-export it."
-        )
-    if not tt.HasField("shape"):
-        raise BundleError(
-            f"graph I/O {vi.name} has no shape; Triton needs the rank. Re-export the graph."
-        )
-    dims = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-    return vi.name, dtype, dims
+def _pb() -> Any:
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise ConfigError(
+            "writing a Triton config needs tritonclient (its model_config_pb2 is Triton's schema); "
+            "found it missing. pip install 'tritonclient[grpc,http]' (or var-export[serve])."
+        ) from exc
+    return model_config_pb2
 
 
-def graph_io(model: onnx.ModelProto) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
-    """Inputs (initializers excluded) and outputs of a graph as (name, Triton type, dims)."""
-    init = {t.name for t in model.graph.initializer}
-    inputs = [_io(vi) for vi in model.graph.input if vi.name not in init]
-    outputs = [_io(vi) for vi in model.graph.output]
-    return inputs, outputs
-
-
-def config_pbtxt(
-    name: str,
-    inputs: list[tuple[str, str, list[int]]],
-    outputs: list[tuple[str, str, list[int]]],
+def model_config(
     *,
-    instance_kind: str | None = None,
-) -> str:
-    """The text of a Triton ``config.pbtxt`` for an ONNX Runtime model."""
+    bundle_dir: str = BUNDLE_SUBDIR,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    instance_kind: str = "KIND_CPU",
+) -> Any:
+    """The ``var_llava`` ModelConfig protobuf (module doc). ``bundle_dir`` is absolute or relative
+    to the model's version folder; ``max_batch`` bounds the engine's running batch."""
+    pb = _pb()
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1, found {max_batch}.")
+    kinds = {"KIND_CPU": pb.ModelInstanceGroup.KIND_CPU, "KIND_GPU": pb.ModelInstanceGroup.KIND_GPU}
+    if instance_kind not in kinds:
+        raise ConfigError(f"instance_kind must be one of {sorted(kinds)}; found {instance_kind!r}.")
 
-    def block(items: list[tuple[str, str, list[int]]]) -> str:
-        entries = []
-        for io_name, dtype, dims in items:
-            entries.append(
-                "  {\n"
-                f'    name: "{io_name}"\n'
-                f"    data_type: {dtype}\n"
-                f"    dims: [ {', '.join(str(d) for d in dims)} ]\n"
-                "  }"
-            )
-        return ",\n".join(entries)
+    def tensor(cls: Any, name: str, dtype: str, optional: bool = False) -> Any:
+        kw = {"optional": True} if optional else {}
+        return cls(name=name, data_type=pb.DataType.Value(dtype), dims=[1], **kw)
 
-    lines = [
-        f'name: "{name}"',
-        'backend: "onnxruntime"',
-        "max_batch_size: 0",
-        'default_model_filename: "model.onnx"',
-        f"input [\n{block(inputs)}\n]",
-        f"output [\n{block(outputs)}\n]",
-    ]
-    if instance_kind is not None:
-        lines.append(f"instance_group [\n  {{\n    count: 1\n    kind: {instance_kind}\n  }}\n]")
-    return "\n".join(lines) + "\n"
-
-
-def _bundle_graphs(bundle: Any) -> tuple[Path, dict[str, Path]]:
-    """(bundle dir, graph file name -> path) from a Bundle object or a directory."""
-    if isinstance(bundle, (str, os.PathLike)):
-        try:
-            from var_export.bundle import load_bundle
-        except ImportError:  # pragma: no cover - bundle module always ships
-            load_bundle = None
-        if load_bundle is not None:
-            bundle = load_bundle(Path(bundle))
-        else:
-            root = Path(bundle)
-            return root, {f: root / f for f in MODEL_NAMES}
-    root = Path(bundle.path)
-    paths = getattr(bundle, "graphs", None) or getattr(bundle, "paths", None)
-    if not isinstance(paths, Mapping):
-        paths = {f: root / f for f in MODEL_NAMES}
-    return root, {str(k): Path(v) for k, v in paths.items()}
-
-
-def _external_files(model: onnx.ModelProto) -> list[str]:
-    return sorted(
-        {
-            e.value
-            for t in model.graph.initializer
-            for e in t.external_data
-            if t.data_location == onnx.TensorProto.EXTERNAL and e.key == "location"
-        }
+    return pb.ModelConfig(
+        name=MODEL_NAME,
+        backend="python",
+        max_batch_size=0,  # the engine batches itself (continuous batching), not Triton
+        input=[
+            tensor(pb.ModelInput, "prompt", "TYPE_STRING"),
+            tensor(pb.ModelInput, "image", "TYPE_STRING"),
+            tensor(pb.ModelInput, "max_new_tokens", "TYPE_INT32", optional=True),
+            tensor(pb.ModelInput, "var", "TYPE_BOOL", optional=True),
+        ],
+        output=[tensor(pb.ModelOutput, "text", "TYPE_STRING")],
+        model_transaction_policy=pb.ModelTransactionPolicy(decoupled=True),
+        instance_group=[pb.ModelInstanceGroup(count=1, kind=kinds[instance_kind])],
+        parameters={
+            "bundle_dir": pb.ModelParameter(string_value=bundle_dir),
+            "max_batch": pb.ModelParameter(string_value=str(max_batch)),
+        },
     )
 
 
-def _place(src: Path, dst: Path, link: bool) -> None:
-    if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
-    shutil.copy2(src, dst)
+def config_text(config: Any) -> str:
+    """``config.pbtxt`` text of a ModelConfig (protobuf text format)."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> Any:
+    """A ``config.pbtxt`` read back into a ModelConfig (a protobuf ParseError when it is not one)."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, _pb().ModelConfig())
+
+
+def environment(stub_sys_path: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """``environment.json`` for this interpreter: ``python`` runs the generation worker (it must
+    import var_export), ``stub_sys_path`` goes first on the Triton stub's sys.path (a private
+    numpy<2 when needed), ``worker_pythonpath`` is the worker's PYTHONPATH (empty: installed)."""
+    return {"python": sys.executable, "stub_sys_path": list(stub_sys_path), "worker_pythonpath": []}
 
 
 def write_triton_repository(
-    bundle: Any,
+    bundle: Bundle | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    instance_kind: str | None = None,
-    link: bool = False,
+    copy_bundle: bool = True,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    instance_kind: str = "KIND_CPU",
+    stub_sys_path: list[str] | tuple[str, ...] = (),
     overwrite: bool = False,
 ) -> Path:
-    """Write the bundle's three graphs as a Triton model repository in ``out_dir``.
+    """Write the ``var_llava`` repository (module doc) for ``bundle`` into ``out_dir``.
 
-    ``bundle``: a ``var_export.bundle.Bundle`` or a bundle directory (checked by load_bundle).
-    ``instance_kind``: None (Triton's default), ``"KIND_GPU"`` or ``"KIND_CPU"``.
-    ``link``: hard-link the graph and weight files instead of copying (same filesystem).
-    Returns ``out_dir``. Writes into a temporary sibling and renames it into place.
+    ``copy_bundle``: copy the bundle into the repository (self-contained, movable); False
+    records the bundle's absolute path instead (``var-export serve`` does that).
+    ``stub_sys_path``: folders the model puts first on the stub's sys.path (:func:`environment`).
+    ``overwrite``: replace an existing repository written by this function.
+    Writes into a temporary sibling and renames it into place: never half a repository.
     """
-    if instance_kind not in (None, "KIND_GPU", "KIND_CPU"):
-        raise ConfigError(f"instance_kind must be None, KIND_GPU or KIND_CPU; found {instance_kind!r}.")
-    root, graphs = _bundle_graphs(bundle)
+    from var_export.bundle import load_bundle
+
+    loaded = bundle if hasattr(bundle, "manifest") else load_bundle(Path(bundle), verify=False)
+    config = model_config(
+        bundle_dir=BUNDLE_SUBDIR if copy_bundle else str(Path(loaded.path).resolve()),
+        max_batch=max_batch,
+        instance_kind=instance_kind,
+    )
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(
-            f"expected an empty or new directory for the Triton repository; {out} has files. "
-            "Choose another --out or remove it."
+            f"expected an empty or new directory for the Triton repository; {out} has files "
+            "(pass overwrite to replace a repository written here). Choose another --out or remove it."
         )
     from var_export.outputs import Outputs, check_target
 
     check_target(out, "dir", what="Triton repository")  # replaced only when var-export wrote it
     with Outputs() as tx:
         tmp = tx.stage_dir(out, what="Triton repository")
-        for file_name, model_name in MODEL_NAMES.items():
-            src = graphs.get(file_name, root / file_name)
-            if not src.is_file():
-                raise BundleError(
-                    f"expected {file_name} in the bundle {root}; found nothing at {src}. "
-                    "Re-run `var-export export`."
-                )
-            model = onnx.load(str(src), load_external_data=False)
-            inputs, outputs = graph_io(model)
-            version = tmp / model_name / "1"
-            version.mkdir(parents=True)
-            (tmp / model_name / "config.pbtxt").write_text(
-                config_pbtxt(model_name, inputs, outputs, instance_kind=instance_kind)
-            )
-            _place(src, version / "model.onnx", link)
-            # External data is referenced by a path relative to the .onnx: keep its name.
-            for rel in _external_files(model):
-                data = src.parent / rel
-                if not data.is_file():
-                    raise BundleError(
-                        f"{file_name} references external data {rel}; expected it at {data}, "
-                        "found nothing. Copy the whole bundle directory."
-                    )
-                (version / rel).parent.mkdir(parents=True, exist_ok=True)
-                _place(data, version / rel, link)
-            log.info("triton: %s (%d inputs, %d outputs)", model_name, len(inputs), len(outputs))
-        manifest = root / "manifest.json"
-        if manifest.is_file():
-            shutil.copy2(manifest, tmp / "manifest.json")
+        version = tmp / MODEL_NAME / "1"
+        version.mkdir(parents=True)
+        (tmp / MODEL_NAME / "config.pbtxt").write_text(config_text(config))
+        shutil.copyfile(MODEL_FILE, version / "model.py")
+        (version / ENVIRONMENT).write_text(json.dumps(environment(stub_sys_path), indent=2) + "\n")
+        if copy_bundle:
+            _copy_bundle(Path(loaded.path), loaded.manifest, version / BUNDLE_SUBDIR)
         tx.commit()
-    log.info("wrote Triton model repository %s", out)
+    log.info("wrote Triton model repository %s (model %s)", out, MODEL_NAME)
     return out
+
+
+def _copy_bundle(src: Path, manifest: dict[str, Any], dst: Path) -> None:
+    """The bundle's manifest and every file it lists (nothing else of the folder)."""
+    from var_export.core.contract import MANIFEST
+
+    for name in [*manifest["files"], MANIFEST]:
+        if not (src / name).is_file():
+            raise BundleError(f"bundle {src} lacks {name}, listed in its manifest. Re-export the bundle.")
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / name, dst / name)

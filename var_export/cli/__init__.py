@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, str] = {
     "run": "run",
     "inspect": "inspect",
     "bench": "bench",
+    "triton": "triton",
+    "serve": "serve",
 }
 
 log = logging.getLogger("var_export")

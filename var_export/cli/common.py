@@ -219,6 +219,8 @@ def print_build_summary(result) -> None:
     t.add_row("time", "  ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     if result.triton_dir:
         t.add_row("triton repository", str(result.triton_dir))
+    if getattr(result, "layout_dir", None):
+        t.add_row("transformers.js layout", str(result.layout_dir))
     out.print(t)
 
 

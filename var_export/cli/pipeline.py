@@ -21,7 +21,8 @@ def add_build_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (VAR arithmetic stays fp32; default fp32)")
     g.add_argument("--opset", type=int, help="ONNX opset of the exported graphs (default 18; 23 with --fused)")
     g.add_argument("--fused", action="store_true", help="export SDPA attention as the fused ONNX Attention op (opset 23) and bake VAR around it (class masses + shifted scores); the TensorRT lint warns that it needs a parser with opset-23 Attention")
-    g.add_argument("--format", choices=("onnx", "triton"), default="onnx", help="triton: also write a Triton model repository (ORT backend) beside the bundle")
+    g.add_argument("--format", choices=("onnx", "triton"), default="onnx", help="triton: also write OUT-triton, a Triton model repository whose var_llava model (Python backend, decoupled) streams generations from the bundle (see var-export triton / serve)")
+    g.add_argument("--layout", choices=("bundle", "transformers.js"), default="bundle", help="transformers.js: also write OUT-transformers.js, the onnx-community layout (onnx/*.onnx, preprocessor_config.json; the sink cache named so transformers.js feeds it back; docs/serving.md)")
     common.add_var_args(parser)
 
 
@@ -46,6 +47,7 @@ def options_from_args(args: argparse.Namespace, *, no_var: bool = False):
         allow_pickle=args.allow_pickle,
         triton=args.format == "triton",
         allow_noop=args.allow_noop,
+        layout=args.layout,
     )
 
 

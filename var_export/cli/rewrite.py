@@ -25,9 +25,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    help="calibration.json: sink dims, settings and the head list for static/hybrid")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would change per layer; write nothing")
-    p.add_argument("--data", choices=("auto", "share", "copy"), default="auto",
+    p.add_argument("--data", choices=("auto", "share", "copy", "link"), default="auto",
                    help="external weights: share the input's data file (output in the same folder), "
-                   "copy it beside the output, or auto (share if same folder, else copy)")
+                   "copy it beside the output (a reflink where the filesystem has them), link it "
+                   "(hard link on the same filesystem, else copy; onnx.load and onnx-ir then refuse "
+                   "both data files as multiply linked, ONNX Runtime loads them), or auto (share if "
+                   "same folder, else copy)")
     common.add_var_args(p)
 
 
@@ -41,9 +44,17 @@ def run(args: argparse.Namespace) -> int:
         exclude_last_layer=True if args.exclude_last_layer else None,
         sink_scope=args.sink_scope, heads=args.heads,
     )
-    result = rewrite_decoder(
-        args.input, args.out, settings, calibration=calibration,
-        dry_run=args.dry_run, data=args.data,
-    )
+    with common.progress(args) as bar:
+        task: list = []
+
+        def copied(done: int, total: int) -> None:  # bytes of the weights being copied
+            if not task:
+                task.append(bar.add_task("copying weights (MB)", total=max(total >> 20, 1)))
+            bar.update(task[0], completed=done >> 20)
+
+        result = rewrite_decoder(
+            args.input, args.out, settings, calibration=calibration,
+            dry_run=args.dry_run, data=args.data, progress=copied,
+        )
     print(result.describe())
     return 0

@@ -62,3 +62,11 @@ class TensorRTUnavailableError(VarExportError):
     """TensorRT or a CUDA GPU is not available on this machine."""
 
     exit_code = 3
+
+
+class ServeError(VarExportError):
+    """The Triton server cannot be found, started or reached (var-export serve / triton)."""
+
+
+class RequestCancelled(VarExportError):
+    """A served request's client went away (disconnect, cancellation) or the server stopped."""

@@ -1,0 +1,122 @@
+"""``rewrite_decoder`` on the fastest foreign graph forms, against the PyTorch reference.
+
+Graphs (tests/fixtures/foreign, made by make_fixtures.py from the same committed weights):
+
+* ``sdpa23``: torch dynamo export at opset 23 (ONNX ``Attention``) -> routed to the fused
+  formulation (``passes.fused_var``, shift qk). Follows HF left padding: batch 2, left-padded.
+* ``ortopt``: the Optimum graph after ONNX Runtime's transformers optimizer
+  (``SkipSimplifiedLayerNormalization`` holds the residual, ``com.microsoft::RotaryEmbedding``)
+  -> the skip norm after each VAR layer's attention is split. Batch 2, left-padded.
+* ``genai``: onnxruntime-genai's model builder (``GroupQueryAttention`` with rotary inside,
+  packed QKV, no ``position_ids`` input) -> GQA unfused on the layers VAR changes, kept fused
+  elsewhere. GQA on CPU does not follow HF left padding (it reads ``seqlens_k`` as a
+  right-padded length and starts the first prompt's rotary positions at 0 on every row), so
+  this form is tested with batch 1 and with batch 2 of unpadded rows.
+
+Prefill + 4 decode steps each; |Δlogits| < 1e-4 and VAR moves the logits by > 1e-2.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+
+from tests.fixtures.foreign import tiny_llama as tl
+from tests.fixtures.foreign.make_fixtures import GRAPHS
+from tests.test_rewrite_foreign import IDS, MASK, MIN_VAR_EFFECT, TOL, VISUAL, compare, settings
+from var_export.rewrite import graph_form, rewrite_decoder
+
+STEPS = 4
+# batch 2 without padding (the rows genai's CPU GQA handles exactly); image tokens 3..9 / 2..8
+IDS_FULL = torch.tensor([
+    [1, 20, 25, 7, 30, 11, 31, 32, 33, 34, 21, 22],
+    [1, 21, 7, 30, 31, 11, 32, 33, 20, 23, 24, 25],
+])
+VISUAL_FULL = torch.zeros(2, 12, dtype=torch.bool)
+VISUAL_FULL[0, 3:10] = True
+VISUAL_FULL[1, 2:9] = True
+BATCHES = {
+    "b2-left-padded": (IDS, MASK, VISUAL),
+    "b1": (IDS[1:], MASK[1:], VISUAL[1:]),
+    "b2-unpadded": (IDS_FULL, torch.ones_like(IDS_FULL), VISUAL_FULL),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"base": tl.load_model("eager"), "wide": tl.load_wide_vocab_model("eager")}
+
+
+def _ops(path) -> list[tuple[str, str]]:
+    return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+SLOW = pytest.mark.slow  # covered form by form by a fast case; the second head mode / batch
+CASES = [
+    # (graph, head mode, heads, batch, expected form)
+    pytest.param("sdpa23", "dynamic", None, "b2-left-padded", "onnx-attention"),
+    pytest.param("sdpa23", "hybrid", [(1, 0), (1, 3), (2, 1), (2, 2)], "b2-left-padded", "onnx-attention",
+                 marks=SLOW),
+    pytest.param("ortopt", "dynamic", None, "b2-left-padded", "contrib"),
+    pytest.param("ortopt", "static", [(1, 1), (2, 0), (2, 3)], "b2-left-padded", "contrib", marks=SLOW),
+    pytest.param("genai", "dynamic", None, "b1", "contrib"),
+    pytest.param("genai", "dynamic", None, "b2-unpadded", "contrib", marks=SLOW),
+    pytest.param("genai", "hybrid", [(2, 1), (2, 2)], "b1", "contrib"),
+]
+
+
+@pytest.mark.parametrize(("graph", "mode", "heads", "batch", "form"), CASES,
+                         ids=[f"{c.values[0]}-{c.values[1]}-{c.values[3]}" for c in CASES])
+def test_parity_with_reference(models, tmp_path, graph, mode, heads, batch, form):
+    src = GRAPHS[graph]
+    assert graph_form(ir.load(str(src))) == form
+    out = tmp_path / f"{graph}_var.onnx"
+    s = settings(heads=mode)
+    result = rewrite_decoder(src, out, s, heads=heads)
+    assert result.added_inputs == ["visual_token_mask", "past_sink_mask"]
+    assert result.added_outputs == ["present_sink_mask"]
+    assert result.report.var_layers == [1, 2]
+    ids, mask, visual = BATCHES[batch]
+    model = models["wide" if graph == "genai" else "base"]
+    got = compare(model, out, s, heads, steps=STEPS, ids=ids, mask=mask, visual=visual)
+    print(f"{graph} {mode} {batch}: max|dlogits| per step {got['delta']}, VAR effect {got['effect']}")
+    assert got["n_sinks"] == ids.shape[0] * 2 * 3  # samples x 2 VAR layers x tokens 1, 7, 11
+    assert all(got["sinks_equal"])
+    assert max(got["delta"]) < TOL
+    assert got["effect"][0] > MIN_VAR_EFFECT
+    assert max(got["effect"][1:]) > MIN_VAR_EFFECT
+
+
+def test_genai_keeps_fused_attention_where_var_changes_nothing(tmp_path):
+    """hybrid with heads only in layer 2: GQA stays fused on layers 0 and 1 (and their skip
+    norms too); only layer 2 is unfused, and its post-attention skip norm split."""
+    out = tmp_path / "genai_var.onnx"
+    result = rewrite_decoder(GRAPHS["genai"], out, settings(heads="hybrid"), heads=[(2, 1)])
+    ops = _ops(out)
+    gqa = [n for n in onnx.load(str(out)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert sorted(i for n in gqa for i in n.input if i.startswith("past_key_values") and i.endswith("key")) == [
+        "past_key_values.0.key", "past_key_values.1.key"]
+    before = _ops(GRAPHS["genai"])
+    count = lambda ops, op: sum(1 for _, o in ops if o == op)  # noqa: E731
+    assert count(ops, "SkipSimplifiedLayerNormalization") == count(before, "SkipSimplifiedLayerNormalization") - 1
+    assert count(ops, "Softmax") == 1  # layer 2 only
+    assert any("fused ops kept on [1]" in n for n in result.notes)
+
+
+def test_genai_dynamic_unfuses_every_var_layer_only(tmp_path):
+    out = tmp_path / "genai_var.onnx"
+    rewrite_decoder(GRAPHS["genai"], out, settings(heads="dynamic"))
+    gqa = [n for n in onnx.load(str(out)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert [i for n in gqa for i in n.input if i.endswith(".key")] == ["past_key_values.0.key"]  # layer 0: not VAR
+
+
+def test_fixture_graphs_are_what_the_docstring_says():
+    ops = {g: {o for _, o in _ops(GRAPHS[g])} for g in ("sdpa23", "ortopt", "genai")}
+    assert "Attention" in ops["sdpa23"] and "Softmax" not in ops["sdpa23"]
+    assert {"SkipSimplifiedLayerNormalization", "RotaryEmbedding", "Softmax"} <= ops["ortopt"]
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops["genai"]
+    assert "Softmax" not in ops["genai"]
+    genai_inputs = [i.name for i in onnx.load(str(GRAPHS["genai"])).graph.input]
+    assert "position_ids" not in genai_inputs and "past_key_values.0.key" in genai_inputs
