@@ -262,6 +262,12 @@ def unsqueeze(b: Builder, x: ir.Value, axes: Sequence[int], name: str) -> ir.Val
     return b.op("Unsqueeze", [x], name, {"axes": list(axes)})
 
 
+def squeeze(b: Builder, x: ir.Value, axes: Sequence[int], name: str) -> ir.Value:
+    if opset(b.graph) >= 13:
+        return b.op("Squeeze", [x, b.const(f"{name}_axes", list(axes), np.int64)], name)
+    return b.op("Squeeze", [x], name, {"axes": list(axes)})
+
+
 def shared(b: Builder, name: str) -> ir.Value | None:
     """A value an earlier VAR pass already made (``var/<name>``), if any."""
     return value_map(b.graph).get(f"{VAR_PREFIX}{name}")

@@ -36,7 +36,7 @@ from var_export.core.errors import ConfigError, GraphPatternError
 from var_export.core.settings import PORTION_EPS, RMS_EPS, VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.locate import PAST_KEY_RE, static_dim
+from var_export.passes.locate import PAST_KEY_RE
 
 __all__ = [
     "CLASS_COLUMNS",
@@ -233,13 +233,11 @@ def build_sink_inputs(
 def _sink_threshold(b: Builder, x: ir.Value, tau: float) -> ir.Value:
     """tau^2 (mean(x^2 over D) + eps), (B, S): ``|n_d| > tau`` is ``x_d^2 >`` this."""
     tau2 = np.float32(tau) ** 2
-    width = static_dim(x, 2)
-    if width:
-        sum_sq = _ir.reduce(b, "ReduceSumSquare", x, [-1], "sum_sq", keepdims=False)  # (B, S)
-        scaled = b.op("Mul", [sum_sq, b.const("tau2_over_d", tau2 / np.float32(width))], "tau2_mean_sq")
-    else:  # hidden size not static: mean over the run-time width
-        mean_sq = _ir.reduce(b, "ReduceMean", b.op("Mul", [x, x], "x_sq"), [-1], "mean_sq", keepdims=False)
-        scaled = b.op("Mul", [mean_sq, b.const("tau2", tau2)], "tau2_mean_sq")
+    # ReduceMean with keepdims + Squeeze, not ReduceSumSquare / keepdims=0: ORT's symbolic shape
+    # inference (quantization preprocess, the transformers optimizer) infers only this form
+    mean_sq = _ir.reduce(b, "ReduceMean", b.op("Mul", [x, x], "x_sq"), [-1], "mean_sq", keepdims=True)
+    mean_sq = _ir.squeeze(b, mean_sq, [-1], "mean_sq_bs")  # (B, S)
+    scaled = b.op("Mul", [mean_sq, b.const("tau2", tau2)], "tau2_mean_sq")
     return b.op("Add", [scaled, b.const("tau2_eps", tau2 * np.float32(RMS_EPS))], "sink_threshold")
 
 
@@ -252,10 +250,14 @@ def build_sink_flags(b: Builder, si: SinkInputs, residual: ir.Value, cache_index
     """
     x = _ir.cast(b, residual, ir.DataType.FLOAT, "residual_f32")  # (B, S, D)
     threshold = _sink_threshold(b, x, si.settings.tau)  # (B, S)
-    dims = b.const("sink_dims", list(si.settings.sink_dims), np.int64)
-    picked = b.op("Gather", [x, dims], "sink_dim_values", {"axis": -1})  # (B, S, k)
-    squares = b.op("Mul", [picked, picked], "sink_dim_sq")
-    peak = _ir.reduce(b, "ReduceMax", squares, [-1], "sink_dim_peak", keepdims=False)  # (B, S)
+    # max over the k sink dims as an elementwise Max of scalar Gathers, not ReduceMax without
+    # keepdims: ORT's symbolic shape inference (quantization preprocess, the transformers
+    # optimizer) cannot infer that one's rank.
+    squares = []
+    for j, d in enumerate(si.settings.sink_dims):
+        picked = b.op("Gather", [x, b.const(f"sink_dim_{j}", np.int64(d))], f"sink_dim_{j}_value", {"axis": -1})
+        squares.append(b.op("Mul", [picked, picked], f"sink_dim_{j}_sq"))  # (B, S)
+    peak = b.op("Max", squares, "sink_dim_peak")  # (B, S)
     new = b.op("Greater", [peak, threshold], "new_sink_raw")
     new = b.op("And", [new, si.allowed], "new_sink")  # (B, S)
     new = _ir.unsqueeze(b, new, [1], "new_sink_row")  # (B, 1, S)
@@ -343,8 +345,11 @@ def build_selection(
     """``var/L{l}/selected`` (B, H, S, 1) bool (DESIGN.md §1): eligible AND a visual sink in the
     sample AND visual_nonsink_mass > 0, AND the per-row test (dynamic/hybrid), AND ``head_mask``
     (static/hybrid; None for dynamic)."""
-    peak_code = _ir.reduce(b, "ReduceMax", code, [2], "key_code_peak", keepdims=True)  # (B, 1, 1, 1)
-    has_visual_sink = b.op("Greater", [peak_code, b.const("two_and_half", np.float32(2.5))], "has_visual_sink")
+    # a count of visual sinks (code 3), not ReduceMax: ORT's symbolic shape inference knows ReduceSum
+    is_visual_sink = b.op("Greater", [code, b.const("two_and_half", np.float32(2.5))], "is_visual_sink_key")
+    visual_sink_f = b.op("Cast", [is_visual_sink], "is_visual_sink_f", {"to": ir.DataType.FLOAT})  # (B, 1, T, 1)
+    visual_sinks = _ir.reduce(b, "ReduceSum", visual_sink_f, [2], "visual_sink_count", keepdims=True)  # (B, 1, 1, 1)
+    has_visual_sink = b.op("Greater", [visual_sinks, b.const("half", np.float32(0.5))], "has_visual_sink")
     zero = b.const("zero_f32", np.float32(0.0))
     tests = [
         b.op("And", [el.eligible, has_visual_sink], "eligible_with_sink"),  # (B, 1, S, 1)

@@ -41,6 +41,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from var_export.core.errors import GraphPatternError
@@ -318,6 +319,43 @@ def _q_width(q: ir.Value | None) -> int | None:
     return None
 
 
+def _fused_q_width(q: ir.Value | None, projection_width: int | None) -> int | None:
+    """Width of Q cut from a fused q/k/v projection (Phi-3 ``qkv_proj``): the Slice or Split
+    feeding the Q Reshape (constant bounds on the last axis), else None."""
+
+    def follow(node: ir.Node) -> Sequence[ir.Value | None]:
+        if node.op_type in ("Transpose", "Mul", "Div", "Cast", "Concat", "Neg", "Slice"):
+            return node.inputs[:1]
+        return node.inputs if node.op_type == "Add" else ()
+
+    reshape = next((n for n in _upstream(q, follow, 33) if n.op_type == "Reshape"), None)
+    data = None if reshape is None else reshape.inputs[0]
+    cut = None if data is None else data.producer()
+    if cut is None or cut.op_type not in ("Slice", "Split"):
+        return None
+    # the projection output is (B, S, width) when the graph does not record its rank
+    rank = 3 if cut.inputs[0] is None or cut.inputs[0].shape is None else len(cut.inputs[0].shape)
+    if cut.op_type == "Split":
+        axis = cut.attributes.get_int("axis", 0)
+        sizes = constant_array(cut.inputs[1]) if len(cut.inputs) > 1 else None
+        if sizes is None and "split" in cut.attributes:
+            sizes = np.asarray(cut.attributes.get_ints("split"))
+        if sizes is None or axis not in (-1, rank - 1):
+            return None
+        return int(sizes.reshape(-1)[list(cut.outputs).index(data)])
+    starts, ends = constant_array(cut.inputs[1]), constant_array(cut.inputs[2])
+    axes = constant_array(cut.inputs[3]) if len(cut.inputs) > 3 else None
+    if starts is None or ends is None or starts.size != 1 or (axes is not None and axes.size != 1):
+        return None
+    axis = int(axes.reshape(-1)[0]) if axes is not None else 0
+    if axis not in (-1, rank - 1):
+        return None
+    start, end = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+    if projection_width is not None:
+        start, end = (x + projection_width if x < 0 else min(x, projection_width) for x in (start, end))
+    return end - start if 0 <= start < end < 2**31 else None
+
+
 def _num_heads(
     probs: ir.Value, score_matmul: ir.Node, softmax: ir.Node, past_key: ir.Value | None
 ) -> tuple[int | None, str]:
@@ -332,6 +370,9 @@ def _num_heads(
     # Optimum / TorchScript build the Q Reshape target at run time: Q projection width / hd.
     head_dim = static_dim(past_key, 3)
     width = _q_width(score_matmul.inputs[0])
+    fused = _fused_q_width(score_matmul.inputs[0], width)  # Q cut from a fused q/k/v projection
+    if head_dim and fused and fused % head_dim == 0:
+        return fused // head_dim, f"Q slice width {fused} of a fused q/k/v projection / head dim {head_dim}"
     if head_dim and width and width % head_dim == 0:
         return width // head_dim, f"Q projection width {width} / head dim {head_dim} of {past_key.name!r}"  # type: ignore[union-attr]
     return None, "not found (no static dim 1, no constant Q Reshape target, no Q projection width)"

@@ -22,12 +22,12 @@ from var_export.bundle import (
     load_bundle,
     write_bundle,
 )
-from var_export.core.errors import BundleError, UnsafeInputError
+from var_export.core.errors import BundleError, OutputError, UnsafeInputError
 
 FIELDS = {
     "model_id": "test/tiny",
     "fingerprint": "abc123",
-    "var": {"sink_dims": [1, 2], "tau": 20.0},
+    "var": {"sink_dims": [1, 2], "tau": 20.0, "rho": 0.5, "summ": 0.2, "p": 0.6, "heads": "hybrid"},
     "var_layers": [2, 3],
     "head_mode": "hybrid",
 }
@@ -90,7 +90,7 @@ def _write(out: Path, graphs, **kw) -> Path:
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+    return [p.name for p in parent.iterdir() if p.name.startswith((f".{name}.", ".var-export-tmp-"))]
 
 
 def test_roundtrip(tmp_path, graphs):
@@ -188,10 +188,13 @@ def test_failure_keeps_previous_bundle_and_success_replaces_it(tmp_path, graphs)
         _write(out, graphs, processor=FakeProcessor(fail=True))
     assert (out / MANIFEST).read_text() == before
     load_bundle(out)
-    (out / "stale.txt").write_text("from an older export")
     _write(out, graphs, calibration=None)
-    assert not (out / "stale.txt").exists() and not (out / CALIBRATION).exists()
+    assert not (out / CALIBRATION).exists()
     load_bundle(out)
+    (out / "notes.txt").write_text("the user's own file")  # no longer provably ours: refused
+    with pytest.raises(OutputError, match="notes.txt"):
+        _write(out, graphs)
+    assert (out / "notes.txt").read_text() == "the user's own file"
     assert _leftovers(tmp_path, "bundle") == []
 
 
@@ -199,9 +202,13 @@ def test_refuses_to_replace_a_non_bundle_directory(tmp_path, graphs):
     home = tmp_path / "home"
     home.mkdir()
     (home / "thesis.tex").write_text("precious")
-    with pytest.raises(BundleError, match="not a var-export bundle"):
+    with pytest.raises(OutputError, match="no .var-export-owned marker"):
         _write(home, graphs)
     assert (home / "thesis.tex").read_text() == "precious"
+    (home / MANIFEST).write_text('{"name": "app"}')  # a manifest.json alone proves nothing
+    with pytest.raises(OutputError, match="thesis.tex|manifest.json"):
+        _write(home, graphs)
+    assert sorted(p.name for p in home.iterdir()) == [MANIFEST, "thesis.tex"]
 
 
 def test_bad_arguments(tmp_path, graphs):

@@ -96,7 +96,7 @@ def test_cli_writes_valid_pngs_and_summary(cli_out):
     summary = json.loads((cli_out / SUMMARY).read_text())
     att = summary["attention"]
     names = [SINKS_PNG, SINK_COUNTS_PNG, HEAD_SCORES_PNG, f"attention_{att['layer']}_{att['head']}.png", SUMMARY]
-    assert sorted(p.name for p in cli_out.iterdir()) == sorted(names)
+    assert sorted(p.name for p in cli_out.iterdir()) == sorted([*names, ".var-export-owned"])
     assert summary["files"] == names
     for name in names[:-1]:
         check_png(cli_out / name)
@@ -219,13 +219,19 @@ def test_cli_errors_exit_non_zero(tmp_path, image_path, capsys, extra):
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_out_dir_keeps_other_files(tmp_path, tiny, image_path):
+def test_existing_out_dir_of_the_user_is_refused_ours_is_replaced(tmp_path, tiny, image_path):
+    from var_export.core.errors import OutputError
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     settings = VarSettings(sink_dims=TINY_SINK_DIMS, heads="dynamic")
-    result = inspect_model(tiny, image_path, PROMPT, settings, None, out, layer=2, head=6)
-    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="notes.txt"):
+        inspect_model(tiny, image_path, PROMPT, settings, None, out, layer=2, head=6)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    ours = tmp_path / "ours"
+    inspect_model(tiny, image_path, PROMPT, settings, None, ours, layer=2, head=6)
+    result = inspect_model(tiny, image_path, PROMPT, settings, None, ours, layer=2, head=6)  # replaced
     assert all(p.is_file() for p in result.files)
     assert result.summary["head_scores"]["source"] is None
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -25,8 +25,8 @@ from var_export.passes import (
 SETTINGS = VarSettings(sink_dims=(1, 6), tau=3.0, heads="dynamic", layers="0:")
 ALLOWED_VAR_OPS = {
     "Abs", "Add", "And", "Cast", "Concat", "CumSum", "Div", "Equal", "Gather", "Greater",
-    "GreaterOrEqual", "Identity", "LessOrEqual", "MatMul", "Mul", "Not", "ReduceMax",
-    "ReduceMean", "ReduceSum", "ReduceSumSquare", "Shape", "Slice", "Split", "Sqrt", "Sub",
+    "GreaterOrEqual", "Identity", "LessOrEqual", "MatMul", "Max", "Mul", "Not", "ReduceMax",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "Shape", "Slice", "Split", "Sqrt", "Squeeze", "Sub",
     "Transpose", "Unsqueeze", "Where",
 }  # fmt: skip
 

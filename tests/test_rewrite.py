@@ -25,6 +25,7 @@ from var_export.core.errors import (
     CalibrationError,
     ConfigError,
     GraphPatternError,
+    OutputError,
 )
 from var_export.core.settings import VarSettings
 from var_export.rewrite import resolve_settings, rewrite_decoder
@@ -96,11 +97,17 @@ def test_failed_rewrite_writes_nothing_and_keeps_an_existing_output(tmp_path):
     src = tmp_path / "m.onnx"
     shutil.copyfile(GRAPHS["legacy"], src)
     out = tmp_path / "out.onnx"
-    out.write_bytes(b"previous")
+    rewrite_decoder(src, out, SETTINGS)  # ours: listed in the folder's .var-export-owned
+    previous = out.read_bytes()
     with pytest.raises(ConfigError):  # layer 7 does not exist in a 3-layer graph
         rewrite_decoder(src, out, SETTINGS.replace(layers="7"))
-    assert out.read_bytes() == b"previous"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]
+    assert out.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".var-export-owned", "m.onnx", "out.onnx"]
+    foreign = tmp_path / "theirs.onnx"
+    foreign.write_bytes(b"not ours")
+    with pytest.raises(OutputError, match="not written by var-export"):
+        rewrite_decoder(src, foreign, SETTINGS)
+    assert foreign.read_bytes() == b"not ours"
 
 
 def test_output_is_written_atomically_with_the_input_permissions(tmp_path):
@@ -110,7 +117,7 @@ def test_output_is_written_atomically_with_the_input_permissions(tmp_path):
     out = tmp_path / "var.onnx"
     result = rewrite_decoder(src, out, SETTINGS)
     assert result.out_path == out and result.data_mode == "inline" and result.data_files == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "var.onnx"]  # no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".var-export-owned", "m.onnx", "var.onnx"]  # no temp left
     assert (out.stat().st_mode & 0o777) == 0o640
     names = [i.name for i in onnx.load(str(out)).graph.input]
     assert names[-2:] == ["visual_token_mask", "past_sink_mask"]
@@ -132,7 +139,7 @@ def test_external_weights_are_shared_in_the_same_folder_never_read(tmp_path, no_
     before = (sha(data), os.stat(data).st_ino)
     result = rewrite_decoder(src, tmp_path / "m" / "var.onnx", SETTINGS)
     assert result.data_mode == "share"
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.onnx", "model.onnx.data", "var.onnx"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [".var-export-owned", "model.onnx", "model.onnx.data", "var.onnx"]
     refs = check_external_data(tmp_path / "m" / "var.onnx")
     assert [r.location for r in refs] == ["model.onnx.data"]
     assert (sha(data), os.stat(data).st_ino) == before
@@ -143,7 +150,7 @@ def test_external_weights_are_copied_to_another_folder_never_read(tmp_path, no_w
     out = tmp_path / "elsewhere" / "var.onnx"
     result = rewrite_decoder(src, out, SETTINGS)
     assert result.data_mode == "copy"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["var.onnx", "var.onnx.data"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [".var-export-owned", "var.onnx", "var.onnx.data"]
     assert sha(out.parent / "var.onnx.data") == sha(tmp_path / "m" / "model.onnx.data")
     assert [r.location for r in check_external_data(out)] == ["var.onnx.data"]
 
@@ -154,12 +161,12 @@ def test_sharded_external_data_is_copied_file_by_file(tmp_path, no_weight_reads)
     folder.mkdir()
     ir.save(ir.load(str(GRAPHS["legacy"])), str(folder / "model.onnx"), external_data="w.data",
             size_threshold_bytes=1024, max_shard_size_bytes=100_000)
-    shards = sorted(p.name for p in folder.iterdir() if p.name != "model.onnx")
+    shards = sorted(p.name for p in folder.iterdir() if p.name not in ("model.onnx", ".var-export-owned"))
     assert len(shards) > 2
     out = tmp_path / "other" / "var.onnx"
     result = rewrite_decoder(folder / "model.onnx", out, SETTINGS)
     assert result.data_mode == "copy"
-    copied = sorted(p.name for p in (out.parent / "var.onnx.data.d").iterdir())
+    copied = sorted(p.name for p in (out.parent / "var.onnx.data.d").iterdir() if p.name != ".var-export-owned")
     assert copied == shards
     assert len(check_external_data(out)) == len(shards)
     for name in shards:

@@ -7,9 +7,12 @@
       manifest.json        schema_version, files {name: {sha256, bytes}}, io, model_id,
                            fingerprint, var, var_layers, head_mode, opset, tool_versions, created
 
-``write_bundle`` builds the bundle in a temporary directory beside ``out_dir`` and renames it
-into place; an existing bundle at ``out_dir`` is replaced only after the new one is complete.
-``load_bundle`` checks every file listed in the manifest (presence, size, SHA-256).
+``write_bundle`` builds the bundle in a staging folder beside ``out_dir`` and renames it into
+place (:mod:`var_export.outputs`): an existing ``out_dir`` is replaced only when var-export wrote
+it (its ``.var-export-owned`` marker lists every file in it), and only after the new bundle is
+complete. ``load_bundle`` validates manifest.json (:class:`var_export.core.schemas.BundleManifest`)
+and checks every file it lists (presence, size, SHA-256), external data files included: a graph
+that refers to a data file the manifest does not list is refused.
 
 Torch-free: only onnx (graph headers, never the weights) and the standard library.
 """
@@ -23,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -199,11 +201,6 @@ def _opset_of(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _looks_replaceable(out_dir: Path) -> bool:
-    """Only an empty directory or a previous bundle may be replaced (never e.g. a home dir)."""
-    return out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / MANIFEST).is_file())
-
-
 # ---------------------------------------------------------------------------------------------
 # Write
 
@@ -247,34 +244,32 @@ def write_bundle(
             raise BundleError(
                 f"graph {name}: expected a file at {src}, found none. Export it first."
             )
-    if out_dir.exists() and not _looks_replaceable(out_dir):
-        raise BundleError(
-            f"{out_dir} exists and is not a var-export bundle (no {MANIFEST}) nor empty; refusing "
-            "to replace it. Choose another --out or remove it yourself."
-        )
+    from var_export.outputs import Outputs, check_target
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{token}"
-    tmp.mkdir()
-    try:
-        _fill(tmp, graphs, manifest_fields, calibration, processor, extra_files)
-        _swap_into_place(tmp, out_dir, token)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    check_target(out_dir, "dir", what="bundle folder")
+    with Outputs() as tx:
+        stage = tx.stage_dir(out_dir, what="bundle folder")
+        fill_bundle(stage, graphs=graphs, manifest_fields=manifest_fields, calibration=calibration,
+                    processor=processor, extra_files=extra_files)
+        tx.commit()
     log.info("wrote bundle %s", out_dir)
     return out_dir
 
 
-def _fill(
+def fill_bundle(
     tmp: Path,
+    *,
     graphs: Mapping[str, Path],
     manifest_fields: Mapping[str, Any],
     calibration: Mapping[str, Any] | None,
-    processor: Any,
-    extra_files: Iterable[Path | tuple[str, Path]],
+    processor: Any = None,
+    extra_files: Iterable[Path | tuple[str, Path]] = (),
 ) -> None:
+    """Write the bundle files into the (empty, staged) folder ``tmp``; see :func:`write_bundle`.
+
+    The caller owns ``tmp`` (a :class:`var_export.outputs.Outputs` staging folder): pipelines
+    that write several outputs stage the bundle with the others and commit them together.
+    """
     io: dict[str, dict[str, list[str]]] = {}
     for name, src in graphs.items():
         src = Path(src)
@@ -327,24 +322,22 @@ def _fill(
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _swap_into_place(tmp: Path, out_dir: Path, token: str) -> None:
-    """Rename ``tmp`` to ``out_dir``; an old ``out_dir`` is removed only after that succeeded."""
-    old = out_dir.parent / f".{out_dir.name}.old-{token}"
-    had_old = out_dir.exists()
-    if had_old:
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if had_old:
-            os.rename(old, out_dir)
-        raise
-    if had_old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Load
+
+
+def _check_graph_data(root: Path, name: str, graph: Path, files: Mapping[str, Any]) -> None:
+    """Every external data file ``graph`` refers to stays inside the bundle and is listed in the
+    manifest (so it was size- and SHA-checked like the graphs)."""
+    from var_export.safety import check_external_data
+
+    for ref in check_external_data(graph):
+        rel = PurePosixPath(os.path.relpath(ref.path, os.path.abspath(root))).as_posix()
+        if rel not in files:
+            raise BundleError(
+                f"bundle {root}: {name} stores weights in {ref.location!r}, which {MANIFEST} does "
+                "not list (so it is not verified). Re-export the bundle."
+            )
 
 
 def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
@@ -363,27 +356,23 @@ def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
             f"{path} has no {MANIFEST}; expected a bundle written by var-export. Re-export it "
             "(var-export export --out DIR)."
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(
-            f"{manifest_path} is not valid JSON ({exc}); re-export the bundle."
-        ) from exc
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise BundleError(
-            f"{manifest_path}: expected schema_version {SCHEMA_VERSION}, found {version!r}. "
-            "Re-export the bundle with this version of var-export."
-        )
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise BundleError(f"{manifest_path} has no 'files' table; re-export the bundle.")
+    from var_export.core.schemas import BundleManifest, load_json_object, validate_document
+
+    fix = "Re-export the bundle with this version of var-export (var-export export --out DIR)."
+    manifest = load_json_object(manifest_path, BundleError, fix=fix)
+    if isinstance(manifest.get("files"), dict):  # unsafe names first: they are an attack, not a typo
+        for name in manifest["files"]:
+            _check_relative(name, str(manifest_path))
+    parsed = validate_document(manifest, BundleManifest, BundleError, where=str(manifest_path), fix=fix)
+    files = manifest["files"]
     missing_graphs = [g for g in REQUIRED_GRAPHS if g not in files]
     if missing_graphs:
         raise BundleError(
-            f"{manifest_path} lists no {missing_graphs}; a bundle has {list(REQUIRED_GRAPHS)}. "
-            "Re-export the bundle."
+            f"{manifest_path} lists no {missing_graphs}; a bundle has {list(REQUIRED_GRAPHS)}. {fix}"
         )
+    missing_io = [g for g in REQUIRED_GRAPHS if g not in parsed.io]
+    if missing_io:
+        raise BundleError(f"{manifest_path}: io has no entry for {missing_io}. {fix}")
     root = path.resolve()
     for name, entry in files.items():
         _check_relative(name, str(manifest_path))
@@ -408,4 +397,6 @@ def load_bundle(path: Path, *, verify: bool = True) -> Bundle:
                 "corrupt or was changed. Re-export the bundle."
             )
     graphs = {g: path / g for g in files if g.endswith(".onnx")}
+    for name, graph in graphs.items():
+        _check_graph_data(path, name, graph, files)
     return Bundle(path=path, manifest=manifest, graphs=graphs)

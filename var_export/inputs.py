@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from var_export.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
+MAX_IMAGE_PIXELS = 64_000_000  # 64 MP: larger images are refused before decoding
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_TOKEN = "<image>"
 # LLaVA-1.5 (llava-hf) conversation format, used when neither processor nor preset has one
@@ -29,15 +31,32 @@ DEFAULT_PROMPT_FORMAT = "USER: <image>\n{prompt} ASSISTANT:"
 def load_image(image: Image.Image | str | Path) -> Image.Image:
     """One RGB PIL image from a PIL image or a path; DataError when it is missing or unreadable."""
     if isinstance(image, Image.Image):
+        w, h = image.size
+        if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
+            raise DataError(f"the image is {w}x{h} pixels; expected 1..{MAX_IMAGE_PIXELS} pixels. Resize it.")
         return image.convert("RGB")
+    if not isinstance(image, (str, os.PathLike)):
+        raise DataError(f"expected an image path or a PIL image, found {type(image).__name__}.")
     path = Path(image)
     if not path.is_file():
         raise DataError(f"expected an image file at {path}; it does not exist or is not a file. Pass a PNG/JPEG path.")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():  # a DecompressionBombWarning is an error here, not a print
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
+                    raise DataError(
+                        f"image {path} is {w}x{h} pixels; expected 1..{MAX_IMAGE_PIXELS} pixels "
+                        "(a decompression bomb or an absurd size). Resize it before use."
+                    )
+                im.load()
+                return im.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"image {path} is too large to decode safely ({exc}). Resize it before use."
+        ) from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataError(
             f"cannot read image {path}: it is corrupt or not an image ({type(exc).__name__}: {exc}). "
             "Replace the file with a readable JPEG/PNG/..."

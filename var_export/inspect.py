@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -342,8 +340,10 @@ def inspect_bundle(
     """``inspect BUNDLE``: the bundle's model (its ``model_id``), VAR settings and calibration.json."""
     from var_export.bundle import load_bundle
     from var_export.models import load_llava, model_fingerprint
+    from var_export.outputs import check_target
 
     pil = load_image(image)  # a bad image fails before a model is loaded
+    check_target(out_dir, "dir", what="inspect folder")
     bundle = load_bundle(Path(bundle_dir), verify=False)  # the graphs are not used: sizes only
     if not bundle.var:
         raise BundleError(
@@ -351,7 +351,8 @@ def inspect_bundle(
             "Use a VAR bundle or `var-export inspect --model M`."
         )
     model_id = bundle.manifest["model_id"]
-    loaded = load_llava(model_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    # a hub id read from a file is never downloaded: only a local copy (HF cache) is used
+    loaded = load_llava(model_id, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, offline=True)
     fingerprint = model_fingerprint(loaded.config)
     if bundle.manifest.get("fingerprint") not in (None, fingerprint):
         raise BundleError(
@@ -388,8 +389,10 @@ def inspect_pretrained(
     scores computed on the fly from this (image, prompt) with ``calibrate``."""
     from var_export.core.settings import resolve_settings
     from var_export.models import load_llava, resolve_model
+    from var_export.outputs import check_target
 
     pil = load_image(image)
+    check_target(out_dir, "dir", what="inspect folder")  # before the model loads
     spec = resolve_model(model)
     loaded = load_llava(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     overrides = dict(overrides or {})
@@ -776,24 +779,16 @@ def _write(out_dir: Path, summary: dict[str, Any], image: np.ndarray) -> Inspect
     attention_png = f"attention_{layer}_{head}.png"
     names = [SINKS_PNG, SINK_COUNTS_PNG, HEAD_SCORES_PNG, attention_png, SUMMARY]
     summary["files"] = names
-    out_dir = out_dir.resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {str(out_dir)!r} is a file; expected a directory (new or existing).")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.inspect-", dir=out_dir.parent))
-    try:
+    from var_export.outputs import Outputs
+
+    out_dir = Path(os.path.abspath(out_dir))
+    with Outputs() as tx:  # an existing folder is replaced only when var-export wrote it
+        tmp = tx.stage_dir(out_dir, what="inspect folder")
         plot_sinks(tmp / SINKS_PNG, summary, image)
         plot_sink_counts(tmp / SINK_COUNTS_PNG, summary)
         plot_head_scores(tmp / HEAD_SCORES_PNG, summary)
         plot_attention(tmp / attention_png, summary, image)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=1))
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-        else:  # an existing directory: replace our files one by one (each rename is atomic)
-            for name in names:
-                os.replace(tmp / name, out_dir / name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        tx.commit()
     log.info("wrote %s to %s", ", ".join(names), out_dir)
     return InspectResult(out_dir=out_dir, files=[out_dir / n for n in names], layer=layer, head=head, summary=summary)

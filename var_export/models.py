@@ -185,7 +185,7 @@ def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> tuple
         return False, f"{host}:{port}: {exc or type(exc).__name__}"
 
 
-def _hub_dir(hf_id: str) -> Path:
+def _hub_dir(hf_id: str, *, offline: bool = False) -> Path:
     """The local snapshot of ``hf_id``: from the HF cache, else downloaded if the hub answers."""
     from huggingface_hub import snapshot_download
 
@@ -198,8 +198,11 @@ def _hub_dir(hf_id: str) -> Path:
         f"Download it on a machine with access (`hf download {hf_id}`; add --local-dir DIR to get a "
         f"plain directory), copy it here and pass --model DIR, or put it in the HF cache ({cache})."
     )
-    if _offline():
-        raise ModelLoadError(f"{hf_id} is not in the local HF cache and HF_HUB_OFFLINE is set. {how}")
+    if _offline() or offline:
+        why = "HF_HUB_OFFLINE is set" if _offline() else (
+            "it was named by a file (a bundle's model_id), which never triggers a download; pass "
+            f"--model {hf_id} explicitly to allow it")
+        raise ModelLoadError(f"{hf_id} is not in the local HF cache and {why}. {how}")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     ok, why = _hub_reachable(endpoint)
     if not ok:
@@ -280,12 +283,16 @@ def load_llava(
     attn_implementation: str = "eager",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    offline: bool = False,
 ) -> LoadedModel:
-    """Load a LLaVA model (eval mode) and its processor from a preset, hub id or directory."""
+    """Load a LLaVA model (eval mode) and its processor from a preset, hub id or directory.
+
+    ``offline``: a hub id is taken from the local HF cache only, never downloaded (for ids read
+    from files, e.g. a bundle's model_id)."""
     if not isinstance(spec, ModelSpec):
         spec = resolve_model(spec)
     torch_dtype = _torch_dtype(dtype)
-    path = _hub_dir(spec.hf_id) if spec.kind == "hub" and spec.hf_id else spec.path
+    path = _hub_dir(spec.hf_id, offline=offline) if spec.kind == "hub" and spec.hf_id else spec.path
     if path is None:
         raise ModelLoadError(f"model {spec.name!r} resolved to no directory; this is a bug.")
     path = Path(path)

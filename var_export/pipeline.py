@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,9 @@ class BuildOptions:
     fused: bool = False  # SDPA export (ONNX Attention op) + the fused VAR formulation (passes.fused_var)
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    triton: bool = False  # also write OUT-triton, the var_llava Triton repository (var_export.triton)
+    triton: bool = False  # also write a Triton model repository beside the bundle
+    allow_noop: bool = False  # accept a hybrid/static bundle whose calibration selected no head
+    verify: bool = True  # strict shape inference + ORT load of every graph before it is written
     layout: str = "bundle"  # "transformers.js": also write OUT-transformers.js (var_export.hf_layout)
 
     def __post_init__(self) -> None:
@@ -69,23 +70,74 @@ def _needs_calibration(opts: BuildOptions, preset: dict[str, Any] | None) -> boo
     return mode != "dynamic" or not sink_dims_known
 
 
-def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
-    """Calibrate (when needed), export the three graphs, bake VAR, write the bundle atomically."""
-    require_extra("torch", "exporting a model (`var-export export`, `var-export --model M --out X`)")
-    import onnx_ir as ir
+def triton_dir_for(out: Path) -> Path:
+    """Where ``--format triton`` writes the Triton repository: beside the bundle."""
+    return Path(out).with_name(Path(out).name + "-triton")
 
-    from var_export.bundle import write_bundle
-    from var_export.calibration.calibrate import calibrate, load_calibration
-    from var_export.export import export_graphs
-    from var_export.hf_layout import hf_config_files
-    from var_export.inputs import calibration_samples
-    from var_export.models import load_llava, model_fingerprint, resolve_model, text_config_dims
-    from var_export.passes.fused_var import apply_fused_var
-    from var_export.passes.pipeline import apply_var, save_model
+
+def check_outputs(opts: BuildOptions) -> list[Path]:
+    """Refuse, before any work, outputs that may not be written (var_export.outputs rules) and
+    option values out of range."""
+    from var_export.outputs import check_target
+
+    if opts.out is None or not str(opts.out).strip():
+        raise ConfigError("no output: pass --out DIR (the bundle folder to write).")
+    if not (isinstance(opts.head_threshold, (int, float)) and 0.0 <= opts.head_threshold <= 1.0):
+        raise ConfigError(f"--head-threshold must be a number in [0, 1], found {opts.head_threshold!r}.")
+    if opts.opset is not None and not (isinstance(opts.opset, int) and 14 <= opts.opset <= 25):
+        raise ConfigError(f"--opset must be an ONNX opset in 14..25 (default 18; 23 with --fused), found {opts.opset!r}.")
+    if opts.layout not in ("bundle", "transformers.js"):
+        raise ConfigError(f"layout must be 'bundle' or 'transformers.js'; found {opts.layout!r}.")
+    targets = [check_target(opts.out, "dir", what="bundle folder")]
+    if opts.layout == "transformers.js":
+        targets.append(check_target(Path(opts.out).with_name(Path(opts.out).name + "-transformers.js"), "dir",
+                                    what="transformers.js layout"))
+    if opts.triton:
+        targets.append(check_target(triton_dir_for(opts.out), "dir", what="Triton repository"))
+    return targets
+
+
+def refuse_noop(cal: dict[str, Any] | None, mode: str, head_threshold: float) -> None:
+    """A hybrid/static bundle from a calibration with no selected head changes nothing: refuse,
+    with the best head scores found and what to do (DESIGN.md §5)."""
+    scored = []
+    for layer in (cal or {}).get("layers", []) or []:
+        if isinstance(layer, dict):
+            for head, score in enumerate(layer.get("image_centric_score") or []):
+                if isinstance(score, (int, float)):
+                    scored.append((float(score), int(layer.get("layer", -1)), head))
+    best = ", ".join(f"L{la}H{h}={sc:.3f}" for sc, la, h in sorted(scored, reverse=True)[:5]) or "none scored"
+    raise CalibrationError(
+        f"calibration selected no image-centric head (threshold {head_threshold}; best scores: {best}), "
+        f"so a --heads {mode} graph would change nothing. Use --heads dynamic (per-row test on every "
+        "head), a lower --head-threshold, or more/other calibration data (--data DIR); pass "
+        "--allow-noop to write the unchanged graph anyway."
+    )
+
+
+def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
+    """Calibrate (when needed), export the three graphs, bake VAR, write the bundle atomically.
+
+    Outputs (the bundle, and the Triton repository with ``triton``) are checked before any work
+    and replaced together or not at all (:mod:`var_export.outputs`).
+    """
+    from var_export.models import resolve_model
+    from var_export.outputs import Outputs
+
+    check_outputs(opts)
+    require_extra("torch", "exporting a model (`var-export export`, `var-export --model M --out X`)")
+    spec = resolve_model(opts.model)
+    with Outputs() as tx:
+        return _build(opts, spec, tx, progress)
+
+
+def _build(opts: BuildOptions, spec: Any, tx: Any, progress: Any) -> BuildResult:
+    from var_export.bundle import fill_bundle
+    from var_export.models import load_llava, model_fingerprint, text_config_dims
+    from var_export.verify import verify_graph
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    spec = resolve_model(opts.model)
     loaded = load_llava(
         spec,
         dtype=opts.dtype,
@@ -96,6 +148,66 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     num_layers, _, _, _, hidden = text_config_dims(loaded.config)
     fingerprint = model_fingerprint(loaded.config)
     timings["load"] = time.perf_counter() - t0
+    settings, cal = _settings(opts, spec, loaded, fingerprint, num_layers, hidden, timings, progress)
+
+    out = Path(opts.out)
+    work = tx.scratch(out.parent)
+    graphs, opset, var_layers, heads = _graphs(opts, loaded, settings, cal, num_layers, work, timings, progress)
+    manifest_fields = {
+        "model_id": spec.name,
+        "fingerprint": fingerprint,
+        "var": settings.to_dict() if settings else None,
+        "var_layers": var_layers,
+        "head_mode": settings.heads if settings else None,
+        "heads": heads,
+        "opset": opset,
+        "dtype": opts.dtype,
+        "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
+        **_token_facts(loaded.config),
+        **_family_facts(loaded.config),
+    }
+    if opts.verify:  # never write a graph that does not load
+        t = time.perf_counter()
+        for path in graphs.values():
+            verify_graph(path)
+        timings["verify"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stage = tx.stage_dir(out, what="bundle folder")
+    from var_export.hf_layout import hf_config_files
+
+    fill_bundle(stage, graphs=graphs, manifest_fields=manifest_fields, calibration=cal,
+                processor=loaded.processor,
+                extra_files=hf_config_files(loaded.config, work / "hf"))  # AutoConfig works on the bundle
+    timings["bundle"] = time.perf_counter() - t
+    triton_dir = None
+    if opts.triton:  # a self-contained repository (the bundle copied in), staged with the bundle
+        from var_export.bundle import load_bundle
+        from var_export.triton import write_triton_repository
+
+        triton_dir = triton_dir_for(out)
+        write_triton_repository(load_bundle(stage), tx.stage_dir(triton_dir, what="Triton repository"),
+                                copy_bundle=True, overwrite=True)
+    files = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
+    tx.commit()  # the bundle and the Triton repository together, or neither
+    layout_dir = None
+    if opts.layout == "transformers.js":
+        from var_export.hf_layout import write_transformers_js_layout
+
+        layout_dir = write_transformers_js_layout(out, out.with_name(out.name + "-transformers.js"))
+    timings["total"] = time.perf_counter() - t0
+    return BuildResult(
+        bundle_dir=out, settings=settings, calibration=cal, var_layers=var_layers, heads=heads,
+        files=files, timings=timings, triton_dir=triton_dir, layout_dir=layout_dir,
+    )
+
+
+def _settings(
+    opts: BuildOptions, spec: Any, loaded: Any, fingerprint: Any, num_layers: int, hidden: int,
+    timings: dict[str, float], progress: Any,
+) -> tuple[VarSettings | None, dict[str, Any] | None]:
+    """The VAR settings and the calibration (loaded, or computed when needed)."""
+    from var_export.calibration.calibrate import calibrate, load_calibration
+    from var_export.inputs import calibration_samples
 
     cal = None
     if opts.calibration is not None:
@@ -103,112 +215,78 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
     overrides = dict(opts.overrides)
     if opts.heads:
         overrides["heads"] = opts.heads
-    settings = None
-    if not opts.no_var:
-        if _needs_calibration(opts, spec.preset):
-            t = time.perf_counter()
-            # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
-            # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
-            # (a preset may leave sink_dims null: unpublished for the model, calibration finds them)
-            preset = dict(spec.preset or {})
-            preset["sink_dims"] = preset.get("sink_dims") or [0]
-            base = resolve_settings(preset=preset, overrides=overrides, convention=opts.convention)
-            cal = calibrate(
-                loaded,
-                calibration_samples(opts.data),
-                base,
-                head_threshold=opts.head_threshold,
-                preset_sink_dims=(spec.preset or {}).get("sink_dims"),
-                user_sink_dims=overrides.get("sink_dims"),
-                progress=progress,
-            )
-            timings["calibrate"] = time.perf_counter() - t
-        settings = resolve_settings(
-            preset=spec.preset, calibration=cal, overrides=overrides, convention=opts.convention
-        )
-        settings.check_model(num_layers, hidden)
-        if settings.heads != "dynamic":
-            if cal is None:
-                raise CalibrationError(
-                    f"--heads {settings.heads} bakes calibrated heads, but no calibration is available: "
-                    "pass --calibration calibration.json or let the command calibrate (omit --calibration)."
-                )
-            if not cal.get("heads") and settings.heads == "static":
-                log.warning("calibration selected no image-centric head: the static graph changes nothing")
-
-    out = Path(opts.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".var-export-", dir=out.parent) as tmp:
-        work = Path(tmp)
+    if opts.no_var:
+        return None, cal
+    if _needs_calibration(opts, spec.preset):
         t = time.perf_counter()
-        exported = export_graphs(
-            loaded.model, work / "graphs", dtype=opts.dtype, opset=opts.opset, fused=opts.fused,
-            progress=_export_progress(progress),
+        # calibrate() takes the knobs from `base` but not its sink dims (user > data > preset);
+        # the placeholder only satisfies VarSettings for a model with no preset and no --sink-dims
+        # (a preset may leave sink_dims null: unpublished for the model, calibration finds them)
+        preset = dict(spec.preset or {})
+        preset["sink_dims"] = preset.get("sink_dims") or [0]
+        base = resolve_settings(preset=preset, overrides=overrides, convention=opts.convention)
+        cal = calibrate(
+            loaded,
+            calibration_samples(opts.data),
+            base,
+            head_threshold=opts.head_threshold,
+            preset_sink_dims=(spec.preset or {}).get("sink_dims"),
+            user_sink_dims=overrides.get("sink_dims"),
+            progress=progress,
         )
-        timings["export"] = time.perf_counter() - t
-        graphs = dict(exported.paths)
-        var_layers: list[int] = []
-        heads: list[list[int]] = []
-        if settings is not None:
-            t = time.perf_counter()
-            heads = [list(map(int, h)) for h in (cal or {}).get("heads", [])] if settings.heads != "dynamic" else []
-            model = ir.load(graphs[DECODER])
-            apply = apply_fused_var if opts.fused else apply_var
-            model, report = apply(
-                model, settings, [tuple(h) for h in heads] if settings.heads != "dynamic" else None,
-                num_layers=num_layers,
+        timings["calibrate"] = time.perf_counter() - t
+    settings = resolve_settings(preset=spec.preset, calibration=cal, overrides=overrides, convention=opts.convention)
+    settings.check_model(num_layers, hidden)
+    if settings.heads != "dynamic":
+        if cal is None:
+            raise CalibrationError(
+                f"--heads {settings.heads} bakes calibrated heads, but no calibration is available: "
+                "pass --calibration calibration.json or let the command calibrate (omit --calibration)."
             )
-            var_path = work / "var" / DECODER
-            var_path.parent.mkdir()
-            save_model(model, var_path)
-            graphs[DECODER] = var_path
-            var_layers = list(report.var_layers)
-            timings["passes"] = time.perf_counter() - t
-        manifest_fields = {
-            "model_id": spec.name,
-            "fingerprint": fingerprint,
-            "var": settings.to_dict() if settings else None,
-            "var_layers": var_layers,
-            "head_mode": settings.heads if settings else None,
-            "heads": heads,
-            "opset": exported.opset,
-            "dtype": opts.dtype,
-            "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
-            **_token_facts(loaded.config),
-            **_family_facts(loaded.config),
-        }
-        t = time.perf_counter()
-        bundle_dir = write_bundle(
-            out, graphs=graphs, manifest_fields=manifest_fields, calibration=cal, processor=loaded.processor,
-            extra_files=hf_config_files(loaded.config, work / "hf"),  # AutoConfig works on the bundle
-        )
-        timings["bundle"] = time.perf_counter() - t
-    triton_dir = None
-    if opts.triton:
-        from var_export.bundle import load_bundle
-        from var_export.triton import write_triton_repository
+        if not cal.get("heads"):  # never a silent no-op
+            if not opts.allow_noop:
+                refuse_noop(cal, settings.heads, opts.head_threshold)
+            log.warning("calibration selected no image-centric head: the %s graph changes nothing "
+                        "(--allow-noop)", settings.heads)
+    return settings, cal
 
-        triton_dir = write_triton_repository(load_bundle(bundle_dir), out.with_name(out.name + "-triton"))
-    layout_dir = None
-    if opts.layout == "transformers.js":
-        from var_export.hf_layout import write_transformers_js_layout
 
-        layout_dir = write_transformers_js_layout(bundle_dir, out.with_name(out.name + "-transformers.js"))
-    elif opts.layout != "bundle":
-        raise ConfigError(f"layout must be 'bundle' or 'transformers.js'; found {opts.layout!r}.")
-    files = {p.name: p.stat().st_size for p in sorted(Path(bundle_dir).iterdir()) if p.is_file()}
-    timings["total"] = time.perf_counter() - t0
-    return BuildResult(
-        bundle_dir=Path(bundle_dir),
-        settings=settings,
-        calibration=cal,
-        var_layers=var_layers,
-        heads=heads,
-        files=files,
-        timings=timings,
-        triton_dir=triton_dir,
-        layout_dir=layout_dir,
+def _graphs(
+    opts: BuildOptions, loaded: Any, settings: VarSettings | None, cal: dict[str, Any] | None,
+    num_layers: int, work: Path, timings: dict[str, float], progress: Any,
+) -> tuple[dict[str, Path], int, list[int], list[list[int]]]:
+    """Export the three graphs into ``work`` and bake VAR into the decoder.
+
+    Returns (bundle file name -> graph path, opset, VAR layers, baked heads)."""
+    import onnx_ir as ir
+
+    from var_export.export import export_graphs
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import apply_var, save_model
+
+    t = time.perf_counter()
+    exported = export_graphs(
+        loaded.model, work / "graphs", dtype=opts.dtype, opset=opts.opset, fused=opts.fused,
+        progress=_export_progress(progress),
     )
+    timings["export"] = time.perf_counter() - t
+    graphs = dict(exported.paths)
+    if settings is None:
+        return graphs, exported.opset, [], []
+    t = time.perf_counter()
+    heads = [list(map(int, h)) for h in (cal or {}).get("heads", [])] if settings.heads != "dynamic" else []
+    model = ir.load(graphs[DECODER])
+    apply = apply_fused_var if opts.fused else apply_var
+    model, report = apply(
+        model, settings, [tuple(h) for h in heads] if settings.heads != "dynamic" else None,
+        num_layers=num_layers,
+    )
+    var_path = work / "var" / DECODER
+    var_path.parent.mkdir()
+    save_model(model, var_path)
+    graphs[DECODER] = var_path
+    timings["passes"] = time.perf_counter() - t
+    return graphs, exported.opset, list(report.var_layers), heads
 
 
 def _token_facts(config: Any) -> dict[str, Any]:
@@ -267,7 +345,9 @@ def build_plan(
     from var_export.trt.build import check_replaceable
 
     plan, bundle_dir = plan_paths(opts.out)
+    # before the minutes of bundle work: engines this tool did not write, and the bundle folder
     check_replaceable(engine_paths(plan, list(GRAPH_FILES)), engine_manifest_path(plan))
+    check_outputs(dataclasses.replace(opts, out=bundle_dir))
     result = build_bundle(dataclasses.replace(opts, out=bundle_dir), progress=progress)
     try:
         engines = build_engines(result.bundle_dir, plan, engine or BuildConfig(), progress=engine_progress)

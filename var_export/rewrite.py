@@ -545,6 +545,10 @@ def rewrite_decoder(
         for ref in refs:
             if out.exists() and _same_file(out, ref.path) or os.path.abspath(out) == os.path.abspath(ref.path):
                 raise ConfigError(f"--out {str(out)!r} is the input's external data file; refusing.")
+    if out is not None and not dry_run:  # before the passes run: refuse what we may not replace
+        from var_export.outputs import check_target
+
+        check_target(out, "file", what="rewrite output")
 
     model = ir.serde.deserialize_model(proto)
     del proto
@@ -580,7 +584,13 @@ def rewrite_decoder(
         _check_loads_in_ort(model)
     if not dry_run:
         assert out is not None
-        data_files, data_how = _write(model, in_path, out, refs, mode, progress)
+        from var_export.outputs import claim, write_error
+
+        try:
+            data_files, data_how = _write(model, in_path, out, refs, mode, progress)
+        except OSError as exc:  # disk full, read-only, ...: a clear error; _write removed its temp files
+            raise write_error(exc, [out]) from exc
+        claim([out, *(p for p in data_files if p.parent == out.parent)])  # ours: replaceable next time
         log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,

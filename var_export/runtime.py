@@ -52,7 +52,7 @@ from var_export.core.contract import (
     VISION_ENCODER,
     VISUAL_MASK,
 )
-from var_export.core.errors import BundleError, ConfigError, DataError
+from var_export.core.errors import BundleError, ConfigError, DataError, InputValidationError
 from var_export.inputs import load_image  # noqa: F401 - part of this module's API
 
 if TYPE_CHECKING:
@@ -145,6 +145,160 @@ def empty_past(decoder: ort.InferenceSession, batch: int) -> dict[str, np.ndarra
     return past
 
 
+# Input validation: every tensor is checked against the graph before ONNX Runtime sees it.
+
+MAX_PROMPT_CHARS = 1_000_000  # longer prompts are refused before tokenisation
+
+
+def _bad(name: str, expected: str, found: str, fix: str = "") -> InputValidationError:
+    return InputValidationError(f"{name}: expected {expected}, found {found}.{' ' + fix if fix else ''}")
+
+
+def _array(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray):
+        raise _bad(name, "a numpy array", type(value).__name__)
+    return value
+
+
+def _integer(name: str, value: Any, shape_text: str) -> np.ndarray:
+    value = _array(name, value)
+    if value.dtype == np.bool_ or not np.issubdtype(value.dtype, np.integer):
+        raise _bad(name, f"an integer array {shape_text}", f"dtype {value.dtype}")
+    return value.astype(np.int64, copy=False)
+
+
+def _static(meta: Any, axis: int) -> int | None:
+    shape = list(getattr(meta, "shape", None) or [])
+    return shape[axis] if len(shape) > axis and isinstance(shape[axis], int) else None
+
+
+def check_step_inputs(
+    meta: Mapping[str, Any],
+    inputs_embeds: Any,
+    attention_mask: Any,
+    position_ids: Any,
+    past: Mapping[str, Any],
+    visual_token_mask: Any,
+) -> dict[str, np.ndarray]:
+    """The feeds of one decoder call, checked against the graph's inputs ``meta`` (name ->
+    NodeArg): ranks, dtypes, static dims, batch and length consistency, mask values.
+    ``InputValidationError`` names the tensor, what was expected and what was found."""
+    embeds = _array("inputs_embeds", inputs_embeds)
+    if embeds.ndim != 3 or not np.issubdtype(embeds.dtype, np.floating):
+        raise _bad("inputs_embeds", "a float array (B, S, D)", f"shape {embeds.shape} dtype {embeds.dtype}")
+    b, s, d = embeds.shape
+    hidden = _static(meta.get("inputs_embeds"), 2)
+    if hidden is not None and d != hidden:
+        raise _bad("inputs_embeds", f"hidden size D = {hidden} (the decoder's)", f"D = {d}")
+    if b == 0 or s == 0:
+        raise _bad("inputs_embeds", "at least one sample and one position", f"shape {embeds.shape}")
+    want = _ORT_DTYPES.get(getattr(meta.get("inputs_embeds"), "type", ""), embeds.dtype)
+    embeds = embeds.astype(want, copy=False)
+    if not np.isfinite(embeds).all():
+        raise _bad("inputs_embeds", "finite values", "NaN or infinity")
+    mask = _integer("attention_mask", attention_mask, "(B, T) of 0/1")
+    if mask.ndim != 2 or mask.shape[0] != b:
+        raise _bad("attention_mask", f"shape (B={b}, T)", f"shape {mask.shape}")
+    if not np.isin(mask, (0, 1)).all():
+        raise _bad("attention_mask", "only 0 and 1", f"values {np.unique(mask)[:6].tolist()}")
+    past_len = mask.shape[1] - s
+    if past_len < 0:
+        raise _bad("attention_mask", f"T >= S = {s} (past + current positions)", f"T = {mask.shape[1]}")
+    pos = _integer("position_ids", position_ids, "(B, S)")
+    pos_rank = len(getattr(meta.get("position_ids"), "shape", None) or [None, None])
+    want_pos = (3, b, s) if pos_rank == 3 else (b, s)
+    if pos.shape != want_pos:
+        raise _bad("position_ids", f"shape {want_pos}", f"shape {pos.shape}")
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+    feeds.update(_check_past(meta, past, b, past_len))
+    if VISUAL_MASK in meta:
+        if visual_token_mask is None:
+            visual = np.zeros(mask.shape, dtype=np.bool_)
+        else:
+            visual = _array(VISUAL_MASK, visual_token_mask)
+            if visual.dtype != np.bool_:
+                raise _bad(VISUAL_MASK, "a bool array (True = image token)", f"dtype {visual.dtype}",
+                           "Pass input_ids == image_token_id, not a float or int mask.")
+            if visual.shape != mask.shape:
+                raise _bad(VISUAL_MASK, f"the attention mask's shape {mask.shape}", f"shape {visual.shape}")
+        feeds[VISUAL_MASK] = visual
+    return feeds
+
+
+def _check_past(meta: Mapping[str, Any], past: Mapping[str, Any], batch: int, past_len: int) -> dict[str, np.ndarray]:
+    """The KV and sink-mask caches: one per graph input, batch B, length P = T - S."""
+    if not isinstance(past, Mapping):
+        raise _bad("past", "a mapping of past_key_values.* (empty_past() for prefill)", type(past).__name__)
+    wanted = [n for n in meta if n.startswith("past_key_values.") or n == PAST_SINK_MASK]
+    missing = [n for n in wanted if n not in past]
+    if missing:
+        raise _bad("past", f"every cache input of the decoder ({len(wanted)})", f"{missing[:3]} missing",
+                   "For prefill pass empty_past(decoder, batch); decode steps feed the previous step's past.")
+    unknown = sorted(set(past) - set(meta))
+    if unknown:
+        raise _bad("past", "only the decoder's cache inputs", f"unknown {unknown[:3]}")
+    out = {}
+    for name in wanted:
+        value = _array(name, past[name])
+        is_sink = name == PAST_SINK_MASK
+        rank = 3 if is_sink else 4
+        if value.ndim != rank:
+            raise _bad(name, f"rank {rank}", f"shape {value.shape}")
+        if value.shape[0] != batch or value.shape[2] != past_len:
+            raise _bad(name, f"batch {batch} and past length P = T - S = {past_len}", f"shape {value.shape}",
+                       "A decode step needs the past of the previous step (decode before prefill?).")
+        for axis in ((1,) if is_sink else (1, 3)):
+            dim = _static(meta[name], axis)
+            if dim is not None and value.shape[axis] != dim:
+                raise _bad(name, f"dim {axis} = {dim}", f"shape {value.shape}")
+        if is_sink and value.dtype != np.bool_:
+            raise _bad(name, "a bool array", f"dtype {value.dtype}")
+        if not is_sink:
+            want = _ORT_DTYPES.get(getattr(meta[name], "type", ""), value.dtype)
+            if not np.issubdtype(value.dtype, np.floating):
+                raise _bad(name, "a float array", f"dtype {value.dtype}")
+            value = value.astype(want, copy=False)
+        out[name] = value
+    return out
+
+
+def check_token_budget(max_new_tokens: Any) -> int:
+    """``max_new_tokens`` as an int >= 1 (bools, floats, strings are refused, not rounded)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, found {max_new_tokens!r} "
+                          f"({type(max_new_tokens).__name__}).")
+    if max_new_tokens < 1 or max_new_tokens > 1_000_000:
+        raise ConfigError(f"max_new_tokens must be in 1..1000000, found {max_new_tokens}.")
+    return int(max_new_tokens)
+
+
+def check_prompt(prompt: Any) -> str:
+    """A non-empty str prompt of valid UTF-8 text (bytes are decoded strictly)."""
+    if isinstance(prompt, (bytes, bytearray)):
+        try:
+            prompt = bytes(prompt).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"the prompt is not valid UTF-8 ({exc}); pass text in UTF-8.") from None
+    if not isinstance(prompt, str):
+        raise DataError(f"expected the prompt as text (str), found {type(prompt).__name__}.")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: undecodable bytes from the command line
+        raise DataError(
+            f"the prompt is not valid UTF-8 text (undecodable bytes at position {exc.start}); pass "
+            "UTF-8 text (check the terminal's or file's encoding)."
+        ) from None
+    if not prompt.strip():
+        raise DataError("expected a non-empty prompt; found an empty one. Pass --prompt TEXT.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise DataError(f"the prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted.")
+    if "\x00" in prompt:
+        raise DataError("the prompt contains a NUL character; pass plain text.")
+    return prompt
+
+
 def decode_step_numpy(
     decoder: ort.InferenceSession,
     inputs_embeds: np.ndarray,
@@ -162,16 +316,7 @@ def decode_step_numpy(
     ``present.*`` / ``present_sink_mask`` output back to its input name.
     """
     meta = _input_meta(decoder)
-    feeds: dict[str, np.ndarray] = {
-        "inputs_embeds": inputs_embeds,
-        "attention_mask": np.asarray(attention_mask, dtype=np.int64),
-        "position_ids": np.asarray(position_ids, dtype=np.int64),
-    }
-    feeds.update(past)
-    if VISUAL_MASK in meta:
-        if visual_token_mask is None:
-            visual_token_mask = np.zeros(feeds["attention_mask"].shape, dtype=np.bool_)
-        feeds[VISUAL_MASK] = np.asarray(visual_token_mask, dtype=np.bool_)
+    feeds = check_step_inputs(meta, inputs_embeds, attention_mask, position_ids, past, visual_token_mask)
     missing = sorted(set(meta) - set(feeds))
     if missing:
         raise BundleError(
@@ -222,13 +367,17 @@ def greedy_decode_numpy(
     [3, B, S]); ``next_positions(mask (B, T))``: the newest token's positions (default: the
     previous + 1; Qwen-VL: ``cumsum(mask) - 1 + rope_deltas``, see var_export.families.qwen).
     """
+    max_new_tokens = check_token_budget(max_new_tokens)
+    inputs_embeds = _array("inputs_embeds", inputs_embeds)
     b = inputs_embeds.shape[0]
-    mask = np.asarray(attention_mask, dtype=np.int64)
-    visual = (
-        np.zeros(mask.shape, dtype=np.bool_)
-        if visual_token_mask is None
-        else np.asarray(visual_token_mask, dtype=np.bool_) & (mask != 0)
-    )
+    mask = _integer("attention_mask", attention_mask, "(B, T) of 0/1")
+    if visual_token_mask is not None:
+        visual_token_mask = _array(VISUAL_MASK, visual_token_mask)
+        if visual_token_mask.dtype != np.bool_:
+            raise _bad(VISUAL_MASK, "a bool array (True = image token)", f"dtype {visual_token_mask.dtype}")
+        if visual_token_mask.shape != mask.shape:
+            raise _bad(VISUAL_MASK, f"the attention mask's shape {mask.shape}", f"shape {visual_token_mask.shape}")
+    visual = np.zeros(mask.shape, dtype=np.bool_) if visual_token_mask is None else visual_token_mask & (mask != 0)
     if position_ids is None:
         position_ids = prefill_position_ids(mask)
     past = empty_past(decoder, b)
@@ -349,8 +498,13 @@ class VarRuntime:
     def _load_processor(self) -> Any:
         from var_export.core.errors import VarExportError
         from var_export.core.extras import require_extra
+        from var_export.core.schemas import ProcessorFiles, parse_json_file
         from var_export.processor import torch_free_processor  # LLaVA-1.5 bundles, no torch
 
+        for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+            if (self.bundle.path / name).is_file():  # typed check of the keys we rely on
+                parse_json_file(self.bundle.path / name, ProcessorFiles, BundleError,
+                                fix="Re-export the bundle (its processor files are damaged).")
         try:
             processor = torch_free_processor(self.bundle.path)
             if processor is not None:
@@ -400,8 +554,7 @@ class VarRuntime:
 
     def prepare(self, image: Image.Image | str | os.PathLike[str], prompt: str) -> dict[str, np.ndarray]:
         """Processor outputs for one image and prompt: input_ids, attention_mask, pixel_values."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise DataError("expected a non-empty prompt; found an empty one. Pass --prompt TEXT.")
+        prompt = check_prompt(prompt)
         img = load_image(image)
         text = format_prompt(self.processor, prompt)
         try:
@@ -472,8 +625,8 @@ class VarRuntime:
     ) -> GenerationResult:
         """Greedy generation for one image and prompt. ``stream(text_piece)`` gets the new text as
         it is generated (pieces concatenate to ``result.text``)."""
-        if max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be >= 1, found {max_new_tokens}.")
+        max_new_tokens = check_token_budget(max_new_tokens)
+        prompt = check_prompt(prompt)
         t0 = time.perf_counter()
         batch = self.prepare(image, prompt)
         prompt_len = int(batch["input_ids"].shape[1])

@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,16 +144,16 @@ def write_triton_repository(
         instance_kind=instance_kind,
     )
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not (overwrite and (out / MODEL_NAME / "config.pbtxt").is_file()):
-            raise ConfigError(
-                f"expected an empty or new directory for the Triton repository; {out} has files"
-                + ("" if overwrite else " (pass overwrite to replace a repository written here)")
-                + ". Choose another --out or remove it."
-            )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"expected an empty or new directory for the Triton repository; {out} has files "
+            "(pass overwrite to replace a repository written here). Choose another --out or remove it."
+        )
+    from var_export.outputs import Outputs, check_target
+
+    check_target(out, "dir", what="Triton repository")  # replaced only when var-export wrote it
+    with Outputs() as tx:
+        tmp = tx.stage_dir(out, what="Triton repository")
         version = tmp / MODEL_NAME / "1"
         version.mkdir(parents=True)
         (tmp / MODEL_NAME / "config.pbtxt").write_text(config_text(config))
@@ -162,12 +161,7 @@ def write_triton_repository(
         (version / ENVIRONMENT).write_text(json.dumps(environment(stub_sys_path), indent=2) + "\n")
         if copy_bundle:
             _copy_bundle(Path(loaded.path), loaded.manifest, version / BUNDLE_SUBDIR)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tx.commit()
     log.info("wrote Triton model repository %s (model %s)", out, MODEL_NAME)
     return out
 

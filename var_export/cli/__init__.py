@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_global_args(parser)
     pipeline.add_arguments(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=common.NoAbbrevParser)
     for name, module in SUBCOMMANDS.items():
         _load(module).add_parser(sub, name)
     return parser
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except VarExportError as exc:
         common.print_error(exc)
         return exc.exit_code
+    except OSError as exc:  # a filesystem problem of the user's machine, not a bug of ours
+        common.print_error(f"{type(exc).__name__}: {exc}")
+        return 2
     except KeyboardInterrupt:
         common.print_error("interrupted")
         return 130

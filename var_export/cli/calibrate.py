@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--head-threshold must be in [0, 1], found {args.head_threshold}.")
     if args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a directory; expected a file path like calibration.json.")
+    from var_export.outputs import Outputs, check_target
+
+    check_target(args.out, "file", what="calibration file")  # before the model loads
     user_dims = parse_sink_dims(args.sink_dims) if args.sink_dims else None
     overrides = dict(common.var_overrides(args), sink_dims=user_dims)
     spec = resolve_model(args.model)
@@ -72,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
             user_sink_dims=user_dims,
             progress=progress,
         )
-    path = write_calibration(cal, args.out)
+    with Outputs() as tx:
+        write_calibration(cal, tx.stage_file(args.out, what="calibration file"))
+        tx.commit()
+    path = args.out
     if not getattr(args, "quiet", False):
         from rich.console import Console
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -27,10 +28,54 @@ give the paper's numbers; they are converted and stored in the code convention.
 console = Console(stderr=True)
 
 
+class NoAbbrevParser(argparse.ArgumentParser):
+    """Every subcommand parser: no option abbreviations (``--out`` only, never ``--ou``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("var-export")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"
+
+
 def add_global_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
-    g.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="only var-export's warnings and errors: no progress bars, no third-party warnings")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+
+
+def quiet_third_party() -> None:
+    """Silence what other libraries print on their own: Python warnings (torch.onnx,
+    torchvision, PIL), transformers' logging and weight-loading bars, huggingface_hub bars."""
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch.onnx's "torchvision is not installed" lines
+    import sys
+
+    if "torch" in sys.modules:
+        import torch._logging
+
+        torch._logging.set_logs(onnx=logging.ERROR)
+
+    if "transformers" in sys.modules:  # already imported: tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -46,6 +91,10 @@ def setup_logging(args: argparse.Namespace) -> None:
     # third-party exporters and optimizers log at INFO per node; keep them to warnings
     for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING if not getattr(args, "verbose", False) else logging.INFO)
+    if getattr(args, "quiet", False):
+        quiet_third_party()
+        for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch", "transformers", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def print_error(exc: BaseException | str) -> None:

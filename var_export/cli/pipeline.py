@@ -16,6 +16,7 @@ def add_build_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
     g.add_argument("--calibration", type=Path, help="use this calibration.json instead of calibrating")
     g.add_argument("--data", type=Path, help="calibration images folder (+ optional prompts.txt); default: built-in synthetic images")
     g.add_argument("--head-threshold", type=float, default=0.5, help="image-centric score a head needs to be selected (default 0.5)")
+    g.add_argument("--allow-noop", action="store_true", help="write a hybrid/static bundle even when calibration selected no head (it then changes nothing); refused by default")
     g = parser.add_argument_group("graphs")
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (VAR arithmetic stays fp32; default fp32)")
     g.add_argument("--opset", type=int, help="ONNX opset of the exported graphs (default 18; 23 with --fused)")
@@ -45,6 +46,7 @@ def options_from_args(args: argparse.Namespace, *, no_var: bool = False):
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         triton=args.format == "triton",
+        allow_noop=args.allow_noop,
         layout=args.layout,
     )
 

@@ -57,33 +57,20 @@ def load_calibration(
     ``strict=False`` (graph rewriting, where no HF config exists to fingerprint) accepts a partial
     file: only the fields present are checked.
     """
+    from var_export.core.schemas import (
+        CalibrationFile,
+        PartialCalibrationFile,
+        load_json_object,
+        validate_document,
+    )
+
     path = Path(path)
-    try:
-        cal = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CalibrationError(f"calibration file {path} does not exist; run `var-export calibrate`.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CalibrationError(
-            f"{path} is not a readable JSON calibration file ({exc}); expected one written by "
-            "`var-export calibrate`."
-        ) from None
-    if not isinstance(cal, dict):
-        raise CalibrationError(f"{path}: expected a JSON object, found {type(cal).__name__}.")
-    if strict and cal.get("schema_version") != SCHEMA_VERSION:
-        raise CalibrationError(
-            f"{path}: expected calibration schema_version {SCHEMA_VERSION}, found {cal.get('schema_version')!r}. "
-            "Re-run `var-export calibrate` with this version of var-export."
-        )
-    missing = [k for k in REQUIRED_FIELDS if k not in cal]
-    if strict and missing:
-        raise CalibrationError(f"{path}: missing fields {missing}; re-run `var-export calibrate`.")
-    dims, heads = cal.get("sink_dims", []), cal.get("heads", [])
-    if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
-        raise CalibrationError(f"{path}: sink_dims must be a list of non-negative ints, found {dims!r}.")
-    if heads is not None and (not isinstance(heads, list) or not all(
-        isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads
-    )):
-        raise CalibrationError(f"{path}: heads must be a list of [layer, head] int pairs, found {heads!r}.")
+    fix = "Re-run `var-export calibrate` with this version of var-export."
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist; run `var-export calibrate`.")
+    cal = load_json_object(path, CalibrationError, fix=fix)
+    validate_document(cal, CalibrationFile if strict else PartialCalibrationFile, CalibrationError,
+                      where=str(path), fix=fix)
     if fingerprint is not None and jsonable(dict(fingerprint)) != cal.get("fingerprint"):
         raise CalibrationError(
             f"{path} was made for model {cal.get('model_id')!r} ({_describe(cal.get('fingerprint'))}), "

@@ -13,6 +13,8 @@ DECODER = "decoder_model_merged.onnx"  # the language model + lm_head, KV and si
 GRAPH_FILES: tuple[str, ...] = (VISION_ENCODER, EMBED_TOKENS, DECODER)
 MANIFEST = "manifest.json"  # the bundle's manifest (schema version, io names, sha256)
 CALIBRATION = "calibration.json"  # the calibration the bundle was built from
+OWNED_MARKER = ".var-export-owned"  # lists the files var-export wrote in a folder (var_export.outputs)
+STAGE_PREFIX = ".var-export-tmp-"  # temporary siblings of outputs being written (pid-stamped)
 
 # Graph I/O names --------------------------------------------------------------------------
 PIXEL_VALUES = "pixel_values"

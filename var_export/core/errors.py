@@ -48,6 +48,18 @@ class BundleError(VarExportError):
     """A bundle directory is incomplete, corrupt or inconsistent with its manifest."""
 
 
+class GraphCheckError(VarExportError):
+    """A graph var-export produced fails strict shape inference or an ONNX Runtime load."""
+
+
+class OutputError(VarExportError):
+    """An output cannot be written or replaced (not ours, unwritable, disk full, ...)."""
+
+
+class InputValidationError(DataError):
+    """A tensor or value handed to the runtime API has the wrong shape, dtype or range."""
+
+
 class TensorRTUnavailableError(VarExportError):
     """TensorRT or a CUDA GPU is not available on this machine."""
 
