@@ -16,7 +16,7 @@ all over ``input_ids`` and from the same weights:
   calibrated heads per layer): ``genai+var-*`` (GQA unfused on the VAR layers that change),
   ``sdpa23+var-*`` (fused-qk formulation), ``eager+var-*`` (naive formulation).
 
-Protocol (as ``var_export.bench.interleaved``): all sessions loaded at once, plus a second session
+Protocol (as ``var_export.timing.interleaved``): all sessions loaded at once, plus a second session
 of the first baseline (``genai#aa``: the A/A pair); each round runs every session (prefill +
 ``--steps`` decode steps), the order reversed on odd rounds and rotated every two; medians of
 prefill time and of per-token decode time. Ratios are against the fastest baseline of the same

@@ -55,7 +55,7 @@ def tiny_llava_graphs(out: Path) -> dict[str, Path]:
 
 def slice_graphs(out: Path) -> dict[str, Path]:
     """The LLaMA-7B-width 2-layer slice of the VAR benchmark, exported in fp16."""
-    from var_export.bench import SliceSpec, slice_case
+    from benchmarks.bench_var import SliceSpec, slice_case
     from var_export.export import export_decoder
     from var_export.passes.pipeline import apply_var, save_model
 

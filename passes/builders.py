@@ -232,13 +232,13 @@ def build_sink_inputs(
 
 def _sink_threshold(b: Builder, x: ir.Value, tau: float) -> ir.Value:
     """tau^2 (mean(x^2 over D) + eps), (B, S): ``|n_d| > tau`` is ``x_d^2 >`` this."""
-    tau2 = np.float32(tau) ** 2
+    tau2 = np.float32(np.float32(tau) * np.float32(tau))  # fp32 under numpy 1.x value-based casting too
     # ReduceMean with keepdims + Squeeze, not ReduceSumSquare / keepdims=0: ORT's symbolic shape
     # inference (quantization preprocess, the transformers optimizer) infers only this form
     mean_sq = _ir.reduce(b, "ReduceMean", b.op("Mul", [x, x], "x_sq"), [-1], "mean_sq", keepdims=True)
     mean_sq = _ir.squeeze(b, mean_sq, [-1], "mean_sq_bs")  # (B, S)
     scaled = b.op("Mul", [mean_sq, b.const("tau2", tau2)], "tau2_mean_sq")
-    return b.op("Add", [scaled, b.const("tau2_eps", tau2 * np.float32(RMS_EPS))], "sink_threshold")
+    return b.op("Add", [scaled, b.const("tau2_eps", np.float32(tau2 * np.float32(RMS_EPS)))], "sink_threshold")
 
 
 def build_sink_flags(b: Builder, si: SinkInputs, residual: ir.Value, cache_index: int) -> ir.Value:

@@ -95,7 +95,7 @@ def test_fused_var_smoke_matches_reference_without_duplicates(tiny):
     """The default suite's fused parity: hybrid heads, qk shift, prefill + 2 decode steps."""
     from passes_fixtures import duplicates_added
 
-    from var_export.bench import ort_session, run_decode
+    from var_export.timing import ort_session, run_decode
     from var_export.calibration.reference import VarReference
     from var_export.passes.fused_var import apply_fused_var, fused_var_passes
 
@@ -183,7 +183,7 @@ def test_tensorrt_rtx_builds_fused_var(tiny, shift):
 
 
 def _prefill_fp16(model: ir.Model, case, var: bool) -> dict[str, np.ndarray]:
-    from var_export.bench import ort_session
+    from var_export.timing import ort_session
 
     session = ort_session(model)
     b = case.attention_mask.shape[0]
