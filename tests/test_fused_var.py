@@ -95,9 +95,9 @@ def test_fused_var_smoke_matches_reference_without_duplicates(tiny):
     """The default suite's fused parity: hybrid heads, qk shift, prefill + 2 decode steps."""
     from passes_fixtures import duplicates_added
 
-    from var_export.timing import ort_session, run_decode
     from var_export.calibration.reference import VarReference
     from var_export.passes.fused_var import apply_fused_var, fused_var_passes
+    from var_export.timing import ort_session, run_decode
 
     case, out, heads = tiny
     settings = _settings("hybrid")
