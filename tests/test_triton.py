@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from var_export.core.errors import BundleError, ConfigError
+from var_export.core.errors import BundleError, ConfigError, OutputError
 from var_export.triton import (
     MODEL_NAME,
     config_text,
@@ -85,7 +85,7 @@ def test_repository_is_self_contained(tiny_var_bundle, tmp_path):
 def test_repository_refuses_non_empty_out_and_bad_bundle(tiny_var_bundle, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("mine")
-    with pytest.raises(ConfigError, match="has files"):
+    with pytest.raises(OutputError, match="no .var-export-owned marker"):
         write_triton_repository(tiny_var_bundle["bundle"], tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "x").read_text() == "mine"
     with pytest.raises(BundleError):

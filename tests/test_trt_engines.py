@@ -57,6 +57,7 @@ def test_decoder_engine_builds(tiny_trt_graphs, tmp_path, graph):
 def var_bundle(tiny_trt_graphs, tiny_loaded, tmp_path_factory):
     from var_export.bundle import write_bundle
     from var_export.calibration import tiny_llava as tl
+    from var_export.core.settings import VarSettings
 
     graphs = {
         "vision_encoder.onnx": tiny_trt_graphs["vision_encoder"],
@@ -64,7 +65,7 @@ def var_bundle(tiny_trt_graphs, tiny_loaded, tmp_path_factory):
         "decoder_model_merged.onnx": tiny_trt_graphs["naive-var"],
     }
     fields = {"model_id": "tiny-llava", "fingerprint": {"test": 1}, "dtype": "fp32",
-              "var": {"sink_dims": list(tl.TINY_SINK_DIMS)}, "var_layers": [2, 3],
+              "var": VarSettings(sink_dims=tuple(tl.TINY_SINK_DIMS), heads="dynamic").to_dict(), "var_layers": [2, 3],
               "max_position_embeddings": 48}
     return write_bundle(tmp_path_factory.mktemp("trt_bundle") / "b", graphs=graphs,
                         manifest_fields=fields, calibration=None, processor=tiny_loaded.processor)
