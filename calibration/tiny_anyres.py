@@ -94,23 +94,7 @@ def synthetic_images(n: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = I
 def _text_config(variant: str) -> Any:
     from transformers import MistralConfig, Qwen2Config
 
-    vocab = _vocab()
-    common = dict(
-        vocab_size=len(vocab),
-        hidden_size=tl.HIDDEN_SIZE,
-        intermediate_size=tl.INTERMEDIATE_SIZE,
-        num_hidden_layers=tl.NUM_LAYERS,
-        num_attention_heads=tl.NUM_HEADS,
-        num_key_value_heads=tl.NUM_KV_HEADS,
-        head_dim=tl.HEAD_DIM,
-        max_position_embeddings=tl.MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": tl.ROPE_THETA},
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-        tie_word_embeddings=False,
-    )
+    common = tl.text_config_kwargs(_vocab())
     if variant == "tiny-llava-next":
         return MistralConfig(sliding_window=None, **common)
     return Qwen2Config(use_sliding_window=False, **common)

@@ -64,23 +64,7 @@ def _configs() -> Any:
     from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
     vocab = _vocab()
-    text = Qwen2Config(
-        vocab_size=len(vocab),
-        hidden_size=tl.HIDDEN_SIZE,
-        intermediate_size=tl.INTERMEDIATE_SIZE,
-        num_hidden_layers=tl.NUM_LAYERS,
-        num_attention_heads=tl.NUM_HEADS,
-        num_key_value_heads=tl.NUM_KV_HEADS,
-        head_dim=tl.HEAD_DIM,
-        max_position_embeddings=tl.MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": tl.ROPE_THETA},
-        use_sliding_window=False,
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-        tie_word_embeddings=False,
-    )
+    text = Qwen2Config(use_sliding_window=False, **tl.text_config_kwargs(vocab))
     vision = InternVLVisionConfig(
         hidden_size=tl.VISION_HIDDEN,
         intermediate_size=2 * tl.VISION_HIDDEN,

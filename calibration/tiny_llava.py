@@ -247,11 +247,10 @@ def patch_colourfulness(pixel_values: Any) -> Any:
 # building
 
 
-def _configs() -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vocab = _vocab()
-    text = LlamaConfig(
+def text_config_kwargs(vocab: dict[str, int]) -> dict[str, Any]:
+    """The tiny text model's config (sizes, rotary, special tokens), shared by the tiny models
+    whose decoder is tiny-llava's (tiny_anyres, tiny_internvl) whatever its HF class."""
+    return dict(
         vocab_size=len(vocab),
         hidden_size=HIDDEN_SIZE,
         intermediate_size=INTERMEDIATE_SIZE,
@@ -267,6 +266,13 @@ def _configs() -> Any:
         pad_token_id=vocab["<pad>"],
         tie_word_embeddings=False,
     )
+
+
+def _configs() -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vocab = _vocab()
+    text = LlamaConfig(**text_config_kwargs(vocab))
     vision = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=2 * VISION_HIDDEN,
