@@ -38,7 +38,8 @@ from var_export.passes.builders import (
     require,
     split_masses,
 )
-from var_export.passes.locate import static_dim
+from var_export.passes.locate import LayerMatch, static_dim
+from var_export.passes.locate_fused import FusedLayerMatch
 
 __all__ = ["HeadSelectionPass", "heads_by_layer"]
 
@@ -62,8 +63,10 @@ class HeadSelectionPass(CalibratedLayerPass):
         assert visual is not None and past_sink is not None
         return build_eligibility(Builder(graph, "var"), visual, past_sink)
 
-    def build_layer(self, b: Builder, match: object, values: dict[str, ir.Value], eligibility: Eligibility) -> None:
-        layer = match.layer  # type: ignore[attr-defined]  (locate.LayerMatch or FusedLayerMatch)
+    def build_layer(
+        self, b: Builder, match: LayerMatch | FusedLayerMatch, values: dict[str, ir.Value], eligibility: Eligibility
+    ) -> None:
+        layer = match.layer
         masses, code = require(values, layer, ["class_masses", "key_class_code"], "ClassMassesPass (FusedClassMassesPass on Attention graphs)")
         columns = split_masses(b, masses, static_dim(masses, 3) or 4)  # (B, H, S, 1) each
         mask = None if self.settings.heads == "dynamic" else self._head_mask(layer, match)
