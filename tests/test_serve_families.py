@@ -1,5 +1,6 @@
 """Continuous batching (var_export.engine) for the other families: tiny-qwen2.5-vl (M-RoPE,
-dynamic resolution, per-row rope_deltas) and tiny-llava-next (tiles + image_newline packing).
+dynamic resolution, per-row rope_deltas) and tiny-llava-next (tiles + image_newline packing);
+with ``-m slow`` also tiny-llava-onevision and tiny-internvl (each exports its decoder).
 
 Rows of one batch carry images of different sizes (different numbers of image tokens), VAR on and
 off, join a running batch and leave it at different steps; each request's text equals
@@ -14,38 +15,14 @@ import base64
 import numpy as np
 import pytest
 
+from tests.serve_fixtures import PROMPTS, family_bundle, family_images, family_params
 from var_export.engine import BatchedGenerator, GenRequest
 from var_export.runtime import VarRuntime
 
-PROMPTS = ("What is in the picture?", "Describe the red square and the picture in words.", "Colors?")
-# three image sizes per family: three different numbers of image tokens (asserted below)
-QWEN_SIZES = ((64, 64), (48, 80), (32, 96))  # (H, W)
-NEXT_SIZES = ((64, 64), (80, 48), (40, 32))  # (W, H)
 
-
-def family_images(name: str, folder):
-    """Three PNGs of different sizes for the family ``name`` ('qwen' | 'llava-next')."""
-    if name == "qwen":
-        from var_export.calibration import tiny_qwen as tq
-
-        images = tq.synthetic_images(3, seed=7, sizes=QWEN_SIZES)
-    else:
-        from var_export.calibration import tiny_anyres as ta
-
-        images = ta.synthetic_images(3, seed=7, sizes=NEXT_SIZES)
-    paths = []
-    for i, im in enumerate(images):
-        paths.append(folder / f"{name}-{i}.png")
-        im.save(paths[-1])
-    return paths
-
-
-@pytest.fixture(scope="module", params=["qwen", "llava-next"])
+@pytest.fixture(scope="module", params=family_params())
 def case(request, tmp_path_factory):
-    if request.param == "qwen":
-        bundle = request.getfixturevalue("tiny_qwen_bundle")
-    else:
-        bundle = request.getfixturevalue("tiled")("tiny-llava-next").bundle
+    bundle = family_bundle(request, request.param)
     images = family_images(request.param, tmp_path_factory.mktemp(request.param))
     runtimes = {v: VarRuntime(bundle, var=v) for v in (True, False)}
     return {"name": request.param, "bundle": bundle, "images": images, "rt": runtimes,

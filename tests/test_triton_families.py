@@ -11,25 +11,19 @@ import base64
 
 import pytest
 
-from tests.test_serve_families import PROMPTS, family_images
+from tests.serve_fixtures import DEFAULT_FAMILIES, FAMILIES, PROMPTS, family_bundle, family_images
 from tests.triton_client import grpc_stream, http_stream
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is in the dev extra")
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) is in the dev extra")
 
-FAMILIES = {"qwen": "qwen2_5_vl", "llava-next": "llava_next"}
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(DEFAULT_FAMILIES))
 def served(request, tmp_path_factory):
     """The family's bundle behind a started TritonServer, with run's texts (cached) to compare."""
     from var_export.runtime import VarRuntime
     from var_export.serve import TritonServer
 
-    if request.param == "qwen":
-        bundle = request.getfixturevalue("tiny_qwen_bundle")
-    else:
-        bundle = request.getfixturevalue("tiled")("tiny-llava-next").bundle
+    bundle = family_bundle(request, request.param)
     images = family_images(request.param, tmp_path_factory.mktemp(f"serve-{request.param}"))
     runtimes = {v: VarRuntime(bundle, var=v) for v in (True, False)}
     cache: dict = {}
