@@ -19,7 +19,8 @@ Every iteration of the worker:
 The KV cache, the sink-mask cache, ``attention_mask`` and ``visual_token_mask`` are batched
 (B, ..., T). Greedy argmax over a left-padded batch gives the tokens of a single-row run (masked
 keys contribute exactly 0), so each request's text is what ``var-export run`` prints for the
-same inputs.
+same inputs. ``var=False`` on a request feeds it an all-False ``visual_token_mask`` (VAR off,
+exactly ``run --no-var``); VAR-on and VAR-off requests share a batch.
 
 Families. Everything family-specific comes from the code ``var-export run`` uses: the processor,
 the visual token expansion and the vision inputs (:meth:`VarRuntime.prepare` and
@@ -29,9 +30,7 @@ image_newline packing, InternVL tiles), and the positions
 batch, then left-padded into the prefill batch; ``decode_positions`` of the running batch's mask
 with the rows' decode states joined by ``join_states``). Rows of one batch may have different
 image sizes and numbers of image tokens; each row keeps its own decode state (Qwen-VL's M-RoPE
-``rope_deltas``), so rows join and leave with theirs. ``var=False`` on a
-request feeds it an all-False ``visual_token_mask`` (VAR off, exactly ``run --no-var``); VAR-on
-and VAR-off requests share a batch.
+``rope_deltas``), so rows join and leave with theirs.
 
 A bad request (DataError: bad image, empty or too long prompt) fails alone; an unexpected
 error in a decoder call fails the requests of that call and the engine keeps serving.
@@ -297,7 +296,8 @@ class BatchedGenerator:
             _VISUAL: np.concatenate([self._masks[_VISUAL], np.zeros((b, 1), bool)], 1),
         }
         family = self.rt.family  # (B, 1) or M-RoPE (3, B, 1), each row with its own decode state
-        position_ids = family.decode_positions(self._masks[ATTENTION_MASK], family.join_states([s.state for s in seqs]))
+        state = family.join_states([s.state for s in seqs])
+        position_ids = family.decode_positions(self._masks[ATTENTION_MASK], state)
         logits, self._past = decode_step_numpy(
             self.rt.decoder, self.rt._embed(ids), self._masks[ATTENTION_MASK], position_ids,
             self._past, self._masks[_VISUAL],
