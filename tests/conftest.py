@@ -3,7 +3,9 @@
 * ``tiny_llava_path`` / ``tiny_loaded``: the embedded tiny-llava (built once per machine, cached);
 * ``parity_results``: max |Δlogits| per parity case, printed in the terminal summary;
 * ``tiny_bundles``: tiny-llava exported once into two bundles, VAR (hybrid, planted heads) and
-  ``--no-var``, with the torch model, its processor and a synthetic image (runtime, bench, ...).
+  ``--no-var``, with the torch model, its processor and a synthetic image (runtime, bench, ...);
+* ``tiny_qwen_graphs`` / ``tiny_qwen_bundle``: tiny-qwen2.5-vl's plain graphs and a hybrid VAR
+  bundle (runtime, serving); ``tiled``: the tiled families (tests/tiled_fixtures.py).
 """
 
 from __future__ import annotations
@@ -136,6 +138,43 @@ def tiny_qwen_graphs(tiny_qwen_loaded, tmp_path_factory):
     from var_export.export import export_graphs
 
     return export_graphs(tiny_qwen_loaded.model, tmp_path_factory.mktemp("tiny-qwen") / "graphs")
+
+
+def tiny_qwen_settings():
+    """VAR settings and heads of the tiny-qwen2.5-vl hybrid bundle (the planted sinks / heads)."""
+    from var_export.calibration import tiny_qwen as tq
+    from var_export.core.settings import VarSettings
+
+    return VarSettings(sink_dims=tq.TINY_SINK_DIMS, layers="2:", heads="hybrid"), list(tq.PLANTED_IMAGE_CENTRIC_HEADS)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_bundle(tiny_qwen_loaded, tiny_qwen_graphs, tmp_path_factory):
+    """A hybrid VAR bundle of tiny-qwen2.5-vl (family qwen2_5_vl, M-RoPE) from the session's plain
+    graphs, with the manifest facts the pipeline writes; written once per session."""
+    from var_export.bundle import write_bundle
+    from var_export.calibration import tiny_qwen as tq
+    from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
+    from var_export.models import model_fingerprint
+    from var_export.passes.pipeline import apply_var, load_model, save_model
+
+    settings, heads = tiny_qwen_settings()
+    tmp = tmp_path_factory.mktemp("tiny-qwen-bundle")
+    model, report = apply_var(load_model(tiny_qwen_graphs.paths[DECODER]), settings, heads, num_layers=tq.NUM_LAYERS)
+    (tmp / "var").mkdir()
+    save_model(model, tmp / "var" / DECODER)
+    cfg = tiny_qwen_loaded.config
+    graphs = {VISION_ENCODER: tiny_qwen_graphs.paths[VISION_ENCODER],
+              EMBED_TOKENS: tiny_qwen_graphs.paths[EMBED_TOKENS], DECODER: tmp / "var" / DECODER}
+    fields = {
+        "model_id": "tiny-qwen2.5-vl", "fingerprint": model_fingerprint(cfg),
+        "var": settings.to_dict(), "var_layers": list(report.var_layers), "head_mode": "hybrid",
+        "heads": [list(h) for h in heads], "family": "qwen2_5_vl", "mrope": True,
+        "image_token_id": cfg.image_token_id, "eos_token_id": cfg.text_config.eos_token_id,
+        "max_position_embeddings": cfg.text_config.max_position_embeddings,
+    }
+    return write_bundle(tmp / "bundle", graphs=graphs, manifest_fields=fields, calibration=None,
+                        processor=tiny_qwen_loaded.processor)
 
 
 @pytest.fixture(scope="session")
