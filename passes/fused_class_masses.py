@@ -2,22 +2,29 @@
 as its value, so the (B, H, S, T) probabilities are never materialised.
 
 Per changed layer ``l``, around its ``Attention(Q, K, V, mask)`` (Q (B, H, S, hd), K/V
-(B, Hk, T, hd)), from the sink flags ``var/L{l}/sink``:
+(B, Hk, T, hd)), from the sink flags ``var/L{l}/sink``, with W = ``padded_head_size(hd)``:
 
-    key_classes  = one-hot of 2 [k visual] + [k sink]    (B, 1, T, hd)  visual sink, text sink,
-                                                         visual non-sink, rest, then hd - 4 zeros
-    class_values = Expand(key_classes, shape(K))         (B, Hk, T, hd)
-    class_masses = Attention(Q, K, class_values, mask)   (B, H, S, hd)  same attributes
+    key_classes  = one-hot of 2 [k visual] + [k sink]    (B, 1, T, W)   visual sink, text sink,
+                                                         visual non-sink, rest, then W - 4 zeros
+    query_padded = [Q, 0]   key_padded = [K, 0]          (B, H|Hk, S|T, W)  W - hd zero columns
+    class_values = Expand(key_classes, shape(key_padded)) (B, Hk, T, W)
+    class_masses = Attention(query_padded, key_padded, class_values, mask)   (B, H, S, W)
+                   same attributes, the layer's scale made explicit
 
-The class indicators are padded to the head size so that Q, K and V share one head
-dimension (TensorRT's attention requires it); only the first three columns are read. The
-masses are fp32 on fp16 graphs too (Q, K and a float mask are cast for this Attention).
-``var/L{l}/class_masses`` and ``var/L{l}/key_class_code`` are what ``HeadSelectionPass``
+The zero columns leave every score unchanged. They make Q, K and V share one head size (TensorRT's
+attention requires it) that is a multiple of 8 (TensorRT-RTX's fp16 attention requires it), and
+they give this Attention other Q/K tensors than the layer's own: TensorRT-RTX 1.7's builder
+segfaults when one Attention's output reaches another's mask and both read the same Q or K
+tensor (docs/tensorrt.md). The Attention runs in the graph's dtype (TensorRT-RTX 1.7 cannot build
+an fp32 Attention on fp16 Q/K casts inside an fp16 network); the masses are cast to fp32 after it,
+so on fp16 graphs they carry fp16 rounding (relative 2^-11). Only the first three columns are
+read. ``var/L{l}/class_masses`` and ``var/L{l}/key_class_code`` are what ``HeadSelectionPass``
 reads, as for the unfused ``ClassMassesPass``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from var_export.core.errors import ConfigError, GraphPatternError
@@ -27,13 +34,24 @@ from var_export.passes.analysis import CalibratedLayerPass, VarAnalysis
 from var_export.passes.builders import build_key_classes, require
 from var_export.passes.locate_fused import FusedLayerMatch
 
-__all__ = ["FusedClassMassesPass", "attention_attributes"]
+__all__ = ["FusedClassMassesPass", "additive_mask", "attention_attributes", "padded_head_size"]
+
+_CLASSES = 4  # key class columns (builders.CLASS_COLUMNS)
+_ALIGN = 8  # TensorRT-RTX's fp16 attention needs a head size that is a multiple of 8
+
+
+def padded_head_size(head_dim: int) -> int:
+    """The head size of VAR's Attention inputs: ``head_dim`` + the 4 class columns, rounded up
+    to a multiple of 8 (128 -> 136), for the class masses and the ``qk`` score shift alike."""
+    return -(-(head_dim + _CLASSES) // _ALIGN) * _ALIGN
 
 
 def attention_attributes(match: FusedLayerMatch) -> dict[str, object]:
-    """The layer's Attention attributes for another Attention on the same Q/K (no extra output)."""
+    """The layer's Attention attributes for another Attention on the same scores (no extra
+    output; the scale explicit, as the head size of its inputs differs)."""
     attrs = {name: attr.value for name, attr in match.attention.attributes.items()}
     attrs.pop("qk_matmul_output_mode", None)
+    attrs["scale"] = float(match.scale)
     return attrs
 
 
@@ -63,19 +81,39 @@ class FusedClassMassesPass(CalibratedLayerPass):
                 f"layer {match.layer}: the fused VAR formulation is built for fp32 and fp16 graphs, found "
                 f"{_ir.resolve_dtype(q)}. Use passes.pipeline.apply_var on an eager export."
             )
-        if match.head_dim is None or match.head_dim < 4:
+        if match.head_dim is None:
             raise GraphPatternError(
-                f"layer {match.layer}: Attention {att.name!r} has no static head size >= 4 (found "
-                f"{match.head_dim}); the class indicators are padded to it."
+                f"layer {match.layer}: Attention {att.name!r} has no static head size (dim 3 of its "
+                "query); the class indicators are padded beyond it. Export with static head sizes."
             )
-        keys = build_key_classes(b, sink, visual, width=match.head_dim)  # (B, 1, T, hd)
-        key_shape = b.op("Shape", [k], "key_shape", dtype=ir.DataType.INT64)  # [B, Hk, T, hd]
-        class_values = b.op("Expand", [keys.onehot, key_shape], "class_values")  # (B, Hk, T, hd)
-        # fp32 masses whatever the graph's dtype (fp16 graphs: Q, K and a float mask cast up)
-        q32 = _ir.cast(b, q, ir.DataType.FLOAT, "query_f32")
-        k32 = _ir.cast(b, k, ir.DataType.FLOAT, "key_f32")
-        if mask is not None and _ir.resolve_dtype(mask) != ir.DataType.BOOL:
-            mask = _ir.cast(b, mask, ir.DataType.FLOAT, "mask_f32")
-        masses = b.op("Attention", [q32, k32, class_values, mask], "class_masses", attention_attributes(match))
-        masses.dtype = ir.DataType.FLOAT
-        masses.shape = ir.Shape([None, None, None, match.head_dim])  # (B, H, S, hd)
+        dtype = _ir.resolve_dtype(q)
+        width = padded_head_size(match.head_dim)
+        keys = build_key_classes(b, sink, visual, width=width)  # (B, 1, T, W) fp32
+        pads = b.const(f"pads_{width - match.head_dim}", [0, 0, 0, 0, 0, 0, 0, width - match.head_dim], np.int64)
+        q_pad = b.op("Pad", [q, pads], "query_padded")  # (B, H, S, W), zeros appended
+        k_pad = b.op("Pad", [k, pads], "key_padded")  # (B, Hk, T, W)
+        q_pad.dtype = k_pad.dtype = dtype
+        key_shape = b.op("Shape", [k_pad], "key_shape", dtype=ir.DataType.INT64)  # [B, Hk, T, W]
+        class_values = b.op("Expand", [keys.onehot, key_shape], "class_values")  # (B, Hk, T, W) fp32
+        class_values.dtype = ir.DataType.FLOAT
+        values = _ir.cast(b, class_values, dtype, "class_values_cast")  # exact: 0 and 1
+        if mask is not None and _ir.resolve_dtype(mask) == ir.DataType.BOOL:
+            mask = additive_mask(b.graph, mask, dtype)  # (module doc)
+        # in the graph's dtype (module doc), the masses cast to fp32 after it
+        name = "class_masses" if dtype == ir.DataType.FLOAT else f"class_masses_{dtype.name.lower()}"
+        raw = b.op("Attention", [q_pad, k_pad, values, mask], name, attention_attributes(match))
+        raw.dtype, raw.shape = dtype, ir.Shape([None, None, None, width])
+        masses = _ir.cast(b, raw, ir.DataType.FLOAT, "class_masses")
+        masses.shape = ir.Shape([None, None, None, width])  # (B, H, S, W)
+
+
+def additive_mask(graph: ir.Graph, mask: ir.Value, dtype: ir.DataType) -> ir.Value:
+    """A bool Attention mask as the additive float mask it stands for, per graph: 0 where True,
+    the dtype's lowest value where False (as ``MaskShiftPass`` writes its masks)."""
+    b = Builder(graph, "var")
+    np_dtype = dtype.numpy()
+    zero = b.const(f"zero_{dtype.name.lower()}", np.zeros((), np_dtype))
+    lowest = b.const(f"lowest_{dtype.name.lower()}", np.array(np.finfo(np_dtype).min, np_dtype))
+    additive = b.op("Where", [mask, zero, lowest], f"attention_mask_additive_{dtype.name.lower()}")
+    additive.dtype = dtype
+    return additive

@@ -5,12 +5,13 @@ On a selected row VAR multiplies the key classes by the row constants ``row_scal
 with ``log m = log(row_scale) @ key_classes^T``: exactly 0 on rows that are not selected.
 Two forms, one pass each:
 
-``QKShiftPass``    the shift as extra Q/K columns (FLOP-neutral, no (B, H, S, T) tensor):
-                   Q' = [Q, log(row_scale) / scale]                  (B, H, S, hd + 4)
-                   K' = [K, class_values[..., :4]]                   (B, Hk, T, hd + 4)
-                   V' = [V, 0]                                       (B, Hk, T, hd + 4)
+``QKShiftPass``    the shift as extra Q/K columns (no (B, H, S, T) tensor), W = padded_head_size(hd):
+                   Q' = [Q, log(row_scale) / scale, 0]               (B, H, S, W)
+                   K' = [K, class_values[..., :W - hd]]              (B, Hk, T, W)
+                   V' = [V, 0]                                       (B, Hk, T, W)
                    out = Attention(Q', K', V')[..., :hd], scale attribute made explicit
-                   (V is padded so Q, K and V share one head size, as TensorRT requires).
+                   (Q, K and V share one head size, as TensorRT requires, a multiple of 8 as
+                   TensorRT-RTX's fp16 attention requires: 4 class columns, then zeros).
 ``MaskShiftPass``  the shift added to the mask, a float (B, H, S, T) tensor:
                    Where(mask, shift, lowest) for a bool mask, mask + shift for a float one.
 
@@ -26,6 +27,7 @@ from var_export.passes import _ir
 from var_export.passes._ir import Builder
 from var_export.passes.analysis import VarAnalysis, VarLayerPass
 from var_export.passes.builders import ClassMasses, build_row_scale, require
+from var_export.passes.fused_class_masses import additive_mask, padded_head_size
 from var_export.passes.locate_fused import FusedLayerMatch
 
 __all__ = ["MaskShiftPass", "QKShiftPass"]
@@ -76,20 +78,27 @@ class QKShiftPass(_ScoreShiftPass):
         assert q is not None and k is not None and v is not None and hd is not None
         (class_values,) = require(values, match.layer, ["class_values"], "FusedClassMassesPass")
         dtype = _ir.resolve_dtype(q)  # fp32, or fp16: the extra columns in the graph's dtype
+        extra = padded_head_size(hd) - hd  # 4 class columns, then zeros
         shift_q = b.op("Mul", [log_m, b.const("inv_scale", np.float32(1.0 / match.scale))], "log_m_over_scale")
         shift_q = _ir.cast(b, shift_q, dtype, "log_m_over_scale_cast")
-        q_aug = b.op("Concat", [q, shift_q], "query_var", {"axis": -1})  # (B, H, S, hd + 4)
-        key_cols = _columns(b, class_values, 0, 4, "key_class_cols")  # (B, Hk, T, 4)
+        if extra > 4:
+            zeros = b.const(f"query_pads_{extra - 4}", [0, 0, 0, 0, 0, 0, 0, extra - 4], np.int64)
+            shift_q = b.op("Pad", [shift_q, zeros], "log_m_over_scale_padded")  # (B, H, S, extra)
+        q_aug = b.op("Concat", [q, shift_q], "query_var", {"axis": -1})  # (B, H, S, W)
+        key_cols = _columns(b, class_values, 0, extra, "key_class_cols")  # (B, Hk, T, extra)
         key_cols = _ir.cast(b, key_cols, dtype, "key_class_cols_cast")
-        k_aug = b.op("Concat", [k, key_cols], "key_var", {"axis": -1})  # (B, Hk, T, hd + 4)
-        pads = b.const("value_pads", [0, 0, 0, 0, 0, 0, 0, 4], np.int64)
-        v_aug = b.op("Pad", [v, pads], "value_var")  # (B, Hk, T, hd + 4), zeros appended
+        k_aug = b.op("Concat", [k, key_cols], "key_var", {"axis": -1})  # (B, Hk, T, W)
+        pads = b.const(f"value_pads_{extra}", [0, 0, 0, 0, 0, 0, 0, extra], np.int64)
+        v_aug = b.op("Pad", [v, pads], "value_var")  # (B, Hk, T, W), zeros appended
         for x in (q_aug, k_aug, v_aug):
             x.dtype = dtype
         out = att.outputs[0]
         uses = list(out.uses())
         for i, x in enumerate((q_aug, k_aug, v_aug)):
             att.replace_input_with(i, x)
+        mask = att.inputs[3] if len(att.inputs) > 3 else None
+        if mask is not None and _ir.resolve_dtype(mask) == ir.DataType.BOOL:
+            att.replace_input_with(3, additive_mask(b.graph, mask, dtype))  # the class masses' mask
         att.attributes["scale"] = ir.AttrFloat32("scale", match.scale)
         sliced = _columns(b, out, 0, hd, "attention_var")  # (B, H, S, hd)
         sliced.dtype, sliced.shape = out.dtype, out.shape
