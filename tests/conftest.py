@@ -53,8 +53,17 @@ def tiny_loaded(tiny_llava_path):
 
 class _TinyTrtGraphs:
     """tiny-llava graphs for the TensorRT tests, each exported on first use (then shared):
-    ``vision_encoder``, ``embed_tokens`` (fp32) and the decoders ``{naive, fused, fp16}-{novar,
-    var}`` (VAR hybrid with the planted heads; fused = SDPA export, ONNX Attention, opset 23)."""
+    ``vision_encoder``, ``embed_tokens`` (fp32) and the decoders ``<form>-novar`` / ``<form>-<var>``
+    (VAR hybrid with the planted heads): ``naive`` and ``fp16`` (eager export, ``-var``), ``fused``
+    and ``fused16`` (SDPA export, ONNX Attention, opset 23, fp32 / fp16; ``-qk`` and ``-mask``:
+    the fused formulation with either score shift)."""
+
+    FORMS = {  # form -> (export_decoder options, VAR variants)
+        "naive": ({}, ("var",)),
+        "fp16": ({"dtype": "fp16"}, ("var",)),
+        "fused": ({"fused": True}, ("qk", "mask")),
+        "fused16": ({"fused": True, "dtype": "fp16"}, ("qk", "mask")),
+    }
 
     def __init__(self, out, model):
         self.out, self.model, self.paths = out, model, {}
@@ -84,18 +93,22 @@ class _TinyTrtGraphs:
         from var_export.passes.fused_var import apply_fused_var
         from var_export.passes.pipeline import apply_var, save_model
 
-        kw = {"naive": {}, "fused": {"fused": True}, "fp16": {"dtype": "fp16"}}[form]
+        options, variants = self.FORMS[form]
         base = self.out / f"{form}-novar" / "decoder_model_merged.onnx"
         base.parent.mkdir()
-        export_decoder(self.model, base, **kw)
+        export_decoder(self.model, base, **options)
+        self.paths[f"{form}-novar"] = base
         settings = VarSettings(sink_dims=tl.TINY_SINK_DIMS, heads="hybrid", layers="2:")
         heads = sorted(set(tl.PLANTED_IMAGE_CENTRIC_HEADS) | set(tl.PLANTED_MIXED_HEADS))
-        apply = apply_fused_var if form == "fused" else apply_var
-        var_model, _ = apply(ir.load(str(base)), settings, heads, num_layers=4)
-        var = self.out / f"{form}-var" / "decoder_model_merged.onnx"
-        var.parent.mkdir()
-        save_model(var_model, var)
-        self.paths[f"{form}-novar"], self.paths[f"{form}-var"] = base, var
+        for variant in variants:
+            if options.get("fused"):
+                var_model, _ = apply_fused_var(ir.load(str(base)), settings, heads, num_layers=4, shift=variant)
+            else:
+                var_model, _ = apply_var(ir.load(str(base)), settings, heads, num_layers=4)
+            path = self.out / f"{form}-{variant}" / "decoder_model_merged.onnx"
+            path.parent.mkdir()
+            save_model(var_model, path)
+            self.paths[f"{form}-{variant}"] = path
 
 
 @pytest.fixture(scope="session")

@@ -407,3 +407,22 @@ def test_real_engine_for_a_var_decoder(var_decoder, tmp_path):
     assert entry["profiles"][0]["attention_mask"] == [[1, 1], [1, 9], [2, 24]]
     outputs = {o["name"]: o for o in entry["io"]["outputs"]}
     assert outputs["present_sink_mask"]["dtype"] == "bool" and outputs["logits"]["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("level", [-1, 6, 2.5, True, "0"])
+def test_builder_optimization_level_out_of_range_is_refused(level):
+    with pytest.raises(trt.build.ConfigError, match=r"optimization level 0\.\.5.*--trt-opt-level"):
+        trt.BuildConfig(opt_level=level)
+
+
+def test_cli_trt_opt_level_is_parsed_and_checked():
+    import argparse
+
+    from var_export.cli.build_trt import add_trt_args, build_config
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_trt_args(parser)
+    assert build_config(parser.parse_args(["--trt-opt-level", "0"])).opt_level == 0
+    assert build_config(parser.parse_args([])).opt_level is None  # TensorRT's default
+    with pytest.raises(argparse.ArgumentError, match="invalid choice: 7"):
+        parser.parse_args(["--trt-opt-level", "7"])

@@ -38,6 +38,7 @@ def add_trt_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=None, help="largest batch of the profile (default 4)")
     g.add_argument("--max-seq", type=int, default=None, help="most new tokens per call, i.e. the longest prompt (default: the model's max positions)")
     g.add_argument("--max-past", type=int, default=None, help="most cached tokens (default: the model's max positions - 1)")
+    g.add_argument("--trt-opt-level", type=int, default=None, choices=range(6), metavar="0..5", help="builder optimization level (default: TensorRT's, 3); 0 builds fastest, for tests and trials, 5 searches longest")
     g.add_argument("--workspace-gb", type=float, default=None, help="builder workspace cap in GiB (default: TensorRT's)")
 
 
@@ -66,6 +67,7 @@ def build_config(args: argparse.Namespace):
         max_seq=args.max_seq,
         max_past=args.max_past,
         workspace_gb=args.workspace_gb,
+        opt_level=args.trt_opt_level,
     )
 
 

@@ -36,6 +36,7 @@ from var_export.core.contract import DECODER, GRAPH_FILES
 from var_export.core.errors import BundleError, ConfigError, TensorRTBuildError
 from var_export.safety import check_external_data
 from var_export.trt.flavour import Flavour, compute_capabilities, resolve_flavour, target_names
+from var_export.trt.isolated import build_isolated
 from var_export.trt.lint import LintReport, TensorRTLintError, load_graph
 from var_export.trt.parser import mark_attention_decomposable, parse
 from var_export.trt.profiles import ProfileLimits, graph_input_shapes, make_profiles
@@ -58,6 +59,16 @@ class BuildConfig:
     max_seq: int | None = None
     max_past: int | None = None
     workspace_gb: float | None = None  # builder workspace cap (default: TensorRT's)
+    opt_level: int | None = None  # IBuilderConfig.builder_optimization_level 0..5 (default: TensorRT's, 3)
+    isolate: bool = True  # each engine built in a child process: a builder crash is a TensorRTBuildError
+
+    def __post_init__(self) -> None:
+        level = self.opt_level
+        if level is not None and (isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 5):
+            raise ConfigError(
+                f"expected a TensorRT builder optimization level 0..5 (0 builds fastest, 5 searches "
+                f"longest for the fastest engine), found {level!r}. Fix --trt-opt-level."
+            )
 
 
 @dataclasses.dataclass
@@ -184,9 +195,11 @@ def serialize_engine(
     capabilities: Sequence[Any] = (),
     *,
     workspace_gb: float | None = None,
+    opt_level: int | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Parse ``graph`` and build one serialized engine; returns (host memory, facts)."""
+    """Parse ``graph`` and build one serialized engine; returns (host memory, facts).
+    ``opt_level``: the builder optimization level (None: TensorRT's default)."""
     trt = flavour.trt
     parsed = parse(flavour, graph)
     if not parsed.ok:
@@ -198,6 +211,8 @@ def serialize_engine(
     config = parsed.builder.create_builder_config()
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if opt_level is not None:
+        config.builder_optimization_level = int(opt_level)
     if capabilities:
         config.num_compute_capabilities = len(capabilities)
         for i, cap in enumerate(capabilities):
@@ -222,6 +237,7 @@ def serialize_engine(
         "profiles": [{k: [list(v) for v in r] for k, r in p.items()} for p in profiles],
         "io": _tensor_specs(flavour, parsed.network),
         "attention_decomposable": decomposable,
+        "builder_optimization_level": int(config.builder_optimization_level),
         "build_seconds": round(seconds, 3),
     }
     return serialized, facts
@@ -266,13 +282,22 @@ def _precision(manifest: Mapping[str, Any] | None, graph: Path) -> str:
     return {10: "fp16", 16: "bf16"}.get(next(iter(floats), 1), "fp32")
 
 
-def _write_temp(path: Path, data: Any, token: str) -> Path:
+def _temp_path(path: Path, token: str) -> Path:
+    return path.with_name(f".{path.name}.tmp-{token}")
+
+
+def write_file(path: Path, data: Any) -> None:
+    """``data`` (bytes, TensorRT host memory) to ``path``, flushed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{token}")
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         f.write(memoryview(data))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_temp(path: Path, data: Any, token: str) -> Path:
+    tmp = _temp_path(path, token)
+    write_file(tmp, data)
     return tmp
 
 
@@ -291,7 +316,9 @@ def build_engines(
 ) -> EngineSet:
     """Build engines for a bundle's three graphs (or one ``.onnx``) and the engine manifest.
 
-    Raises TensorRTUnavailableError without a usable TensorRT, UnsafeInputError for external
+    With ``config.isolate`` each engine is built in a child process
+    (:mod:`var_export.trt.isolated`), so a crash inside TensorRT's builder is a
+    TensorRTBuildError here. Raises TensorRTUnavailableError without a usable TensorRT, UnsafeInputError for external
     data outside a graph's folder (before any parser reads it), TensorRTLintError when the
     parser rejects a graph, TensorRTBuildError when the builder fails, ConfigError for bad
     limits/targets or an ``--out`` that would replace files this tool did not write.
@@ -313,12 +340,14 @@ def build_engines(
     try:
         for name, graph in graphs.items():
             log.info("building %s engine from %s with %s", name, graph, flavour.label)
-            data, facts = serialize_engine(
-                flavour, graph, limits, capabilities, workspace_gb=config.workspace_gb,
-                progress=progress,
-            )
-            temps[targets[name]] = tmp = _write_temp(targets[name], data, token)
-            del data
+            temps[targets[name]] = tmp = _temp_path(targets[name], token)
+            options = {"workspace_gb": config.workspace_gb, "opt_level": config.opt_level, "progress": progress}
+            if config.isolate:  # a crash inside TensorRT's builder is a TensorRTBuildError
+                facts = build_isolated(flavour, graph, tmp, limits, capabilities, **options)
+            else:
+                data, facts = serialize_engine(flavour, graph, limits, capabilities, **options)
+                write_file(tmp, data)
+                del data
             entries[name] = {"file": targets[name].name, "sha256": _sha256(tmp),
                              "bytes": tmp.stat().st_size,
                              "source": name if bundle_dir is not None else str(graph),
