@@ -3,10 +3,11 @@
 Per graph: the real parser's verdict (and the hand lint's), build seconds and engine size, for
 every flavour importable on this machine (TensorRT-RTX builds without a GPU; datacenter
 TensorRT only with one). Graphs: tiny-llava's vision encoder and embedding, its decoder naive
-VAR / no-VAR, fused no-VAR / fused VAR, fp16 VAR / no-VAR; with ``--slice``, a LLaMA-7B-width
-2-layer decoder slice (hidden 4096, 32 heads, fp16 to keep it small), VAR and no-VAR.
-Profiles: batch 1..2, 128 new tokens, 1024 cached (the slice), tiny-llava from its manifest.
-Prints a markdown table; writes DIR/trt_table.md and DIR/trt.json.
+VAR / no-VAR, fused no-VAR / fused VAR (``qk`` and ``mask`` shift), in fp32 and fp16; with
+``--slice``, a LLaMA-7B-width 2-layer decoder slice (hidden 4096, 32 heads, fp16 to keep it
+small), VAR and no-VAR. ``--opt-levels default,0`` builds each graph at each builder
+optimization level. Profiles: batch 1..2, 128 new tokens, 1024 cached (the slice), 64 / 64
+(tiny-llava). Prints a markdown table; writes DIR/trt_table.md and DIR/trt.json.
 """
 
 from __future__ import annotations
@@ -40,16 +41,24 @@ def tiny_llava_graphs(out: Path) -> dict[str, Path]:
     export_vision_encoder(model, paths["tiny vision_encoder"])
     export_embed_tokens(model, paths["tiny embed_tokens"])
     settings = VarSettings(sink_dims=tl.TINY_SINK_DIMS, heads="dynamic", layers="2:")
-    for form, kw in (("naive", {}), ("fused", {"fused": True}), ("fp16", {"dtype": "fp16"})):
-        base = out / f"{form}-novar" / "decoder_model_merged.onnx"
+    forms = {"naive": ({}, [None]), "fused": ({"fused": True}, ["qk", "mask"]),
+             "fp16": ({"dtype": "fp16"}, [None]), "fused fp16": ({"fused": True, "dtype": "fp16"}, ["qk", "mask"])}
+    for form, (kw, shifts) in forms.items():
+        folder = form.replace(" ", "-")
+        base = out / f"{folder}-novar" / "decoder_model_merged.onnx"
         base.parent.mkdir(parents=True, exist_ok=True)
         export_decoder(model, base, **kw)
-        apply = apply_fused_var if form == "fused" else apply_var
-        var, _ = apply(ir.load(str(base)), settings, None, num_layers=4)
-        path = out / f"{form}-var" / "decoder_model_merged.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(var, path)
-        paths[f"tiny decoder {form} no-VAR"], paths[f"tiny decoder {form} VAR"] = base, path
+        paths[f"tiny decoder {form} no-VAR"] = base
+        for shift in shifts:
+            if shift is None:
+                var, _ = apply_var(ir.load(str(base)), settings, None, num_layers=4)
+            else:
+                var, _ = apply_fused_var(ir.load(str(base)), settings, None, num_layers=4, shift=shift)
+            label = "VAR" if shift is None else f"VAR ({shift} shift)"
+            path = out / f"{folder}-{shift or 'var'}" / "decoder_model_merged.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(var, path)
+            paths[f"tiny decoder {form} {label}"] = path
     return paths
 
 
@@ -82,7 +91,8 @@ def measure(name: str, graph: Path, flavour: str, out: Path, config: trt.BuildCo
         "parser_ok": real.ok, "hand_ok": hand.ok, "parse_s": round(parse_s, 2),
         "errors": [f.message[:160] for f in real.errors][:1],
     }
-    plan = out / "engines" / (name.replace(" ", "_") + ".plan")
+    row["opt_level"] = "default" if config.opt_level is None else config.opt_level
+    plan = out / "engines" / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".plan")
     try:
         engines = trt.build_engines(graph, plan, config)
         entry = next(iter(engines.manifest["engines"].values()))
@@ -95,14 +105,14 @@ def measure(name: str, graph: Path, flavour: str, out: Path, config: trt.BuildCo
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| graph | flavour | nodes | parser | hand lint | parse s | build s | engine MB |",
-             "|---|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| graph | flavour | nodes | parser | hand lint | parse s | opt level | build s | engine MB |",
+             "|---|---|---:|---|---|---:|---|---:|---:|"]
     for r in rows:
         verdict = "ok" if r["parser_ok"] else "rejected: " + (r["errors"][0] if r["errors"] else "?")
-        build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else "failed"
+        build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else "failed: " + r.get("build_error", "?")
         size = f"{r['engine_mb']:.1f}" if r.get("engine_mb") is not None else "-"
         lines.append(f"| {r['graph']} | {r['flavour']} | {r['nodes']} | {verdict} | "
-                     f"{'ok' if r['hand_ok'] else 'rejected'} | {r['parse_s']:.2f} | {build} | {size} |")
+                     f"{'ok' if r['hand_ok'] else 'rejected'} | {r['parse_s']:.2f} | {r['opt_level']} | {build} | {size} |")
     return "\n".join(lines)
 
 
@@ -111,20 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("build/bench_trt"))
     p.add_argument("--slice", action="store_true", help="also the LLaMA-7B-width slice (fp16, minutes, ~6 GB RAM)")
     p.add_argument("--targets", default="86", help="TensorRT-RTX targets (default 86)")
+    p.add_argument("--opt-levels", default="default", help="builder optimization levels, e.g. default,0 (default: TensorRT's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     graphs = tiny_llava_graphs(args.out / "tiny")
     if args.slice:
         graphs.update(slice_graphs(args.out / "slice"))
+    levels = [None if v == "default" else int(v) for v in args.opt_levels.split(",")]
     rows = []
     for flavour in trt.available_flavours():
         for name, graph in graphs.items():
             small = "slice" not in name
-            config = trt.BuildConfig(
-                flavour=flavour, targets=args.targets if flavour == "tensorrt-rtx" else None,
-                max_batch=2, max_seq=64 if small else 128, max_past=64 if small else 1024,
-            )
-            rows.append(measure(name, graph, flavour, args.out, config))
+            for level in levels:
+                config = trt.BuildConfig(
+                    flavour=flavour, targets=args.targets if flavour == "tensorrt-rtx" else None,
+                    max_batch=2, max_seq=64 if small else 128, max_past=64 if small else 1024, opt_level=level,
+                )
+                rows.append(measure(name, graph, flavour, args.out, config))
     text = table(rows)
     print(text)
     (args.out / "trt_table.md").write_text(text + "\n")
