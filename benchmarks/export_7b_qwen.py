@@ -101,10 +101,13 @@ def build_model_dir(out: Path, layers: int | None) -> Path:
         return out
     t = time.perf_counter()
     cls = tq.model_class("qwen2_5_vl")
-    with torch.device("meta"):
-        model = cls(_config(layers)).eval()
+    torch.set_default_dtype(torch.float16)  # parameters are created fp16: to_empty allocates 2 bytes each
+    try:
+        with torch.device("meta"):
+            model = cls(_config(layers)).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
     model.to_empty(device="cpu")
-    model.to(torch.float16)
     small = dict(cls(_config(layers, tiny_vocab=True)).named_buffers())
     gen = torch.Generator().manual_seed(0)
     block = (torch.randn(_BLOCK + 4099, generator=gen) * 0.02).to(torch.float16)
