@@ -23,7 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from var_export.calibration import released_port
 from var_export.calibration import tiny_qwen as tq
 from var_export.calibration.reference import VarReference, multimodal_embeds, prompt_positions
-from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
+from var_export.core.contract import DECODER, VISION_ENCODER
 from var_export.core.settings import VarSettings
 from var_export.families import family_of
 from var_export.families.qwen import rope_index
@@ -284,23 +284,11 @@ def test_calibration_finds_planted_sinks_and_heads(tiny_qwen_loaded):
 
 
 @pytest.fixture(scope="module")
-def qwen_bundle(tiny_qwen_loaded, tiny_qwen_graphs, var_decoders, tmp_path_factory):
-    from var_export.bundle import write_bundle
-    from var_export.models import model_fingerprint
-
-    cfg = tiny_qwen_loaded.config
-    graphs = {VISION_ENCODER: tiny_qwen_graphs.paths[VISION_ENCODER],
-              EMBED_TOKENS: tiny_qwen_graphs.paths[EMBED_TOKENS], DECODER: var_decoders["hybrid"]}
-    fields = {
-        "model_id": "tiny-qwen2.5-vl", "fingerprint": model_fingerprint(cfg),
-        "var": SETTINGS.replace(heads="hybrid").to_dict(), "var_layers": [2, 3], "head_mode": "hybrid",
-        "heads": [list(h) for h in HEADS], "family": "qwen2_5_vl", "mrope": True,
-        "image_token_id": cfg.image_token_id, "eos_token_id": cfg.text_config.eos_token_id,
-        "max_position_embeddings": cfg.text_config.max_position_embeddings,
-    }
-    out = tmp_path_factory.mktemp("qwen-bundle") / "bundle"
-    return write_bundle(out, graphs=graphs, manifest_fields=fields, calibration=None,
-                        processor=tiny_qwen_loaded.processor)
+def qwen_bundle(tiny_qwen_bundle):
+    """The session's hybrid VAR bundle of tiny-qwen2.5-vl (conftest; SETTINGS / HEADS here)."""
+    manifest = json.loads((tiny_qwen_bundle / "manifest.json").read_text())
+    assert manifest["var"] == SETTINGS.replace(heads="hybrid").to_dict() and manifest["heads"] == [list(h) for h in HEADS]
+    return tiny_qwen_bundle
 
 
 def test_runtime_matches_reference_and_generates(tiny_qwen_loaded, qwen_bundle, tmp_path):

@@ -38,7 +38,14 @@ from var_export.safety import check_external_data
 from var_export.trt.flavour import Flavour, compute_capabilities, resolve_flavour, target_names
 from var_export.trt.lint import LintReport, TensorRTLintError, load_graph
 from var_export.trt.parser import mark_attention_decomposable, parse
-from var_export.trt.profiles import ProfileLimits, graph_input_shapes, make_profiles
+from var_export.trt.profiles import (
+    AxisRanges,
+    ProfileLimits,
+    family_axes,
+    graph_input_shapes,
+    image_processor_config,
+    make_profiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,15 @@ class BuildConfig:
     max_batch: int | None = None  # overrides of the manifest's limits (when limits is None)
     max_seq: int | None = None
     max_past: int | None = None
+    max_images: int | None = None  # images per vision call (default: one per batch row)
     workspace_gb: float | None = None  # builder workspace cap (default: TensorRT's)
+    optimization_level: int | None = None  # builder optimization level 0..5 (default: TensorRT's)
+
+    def __post_init__(self) -> None:
+        if self.optimization_level is not None and not 0 <= int(self.optimization_level) <= 5:
+            raise ConfigError(
+                f"expected a TensorRT builder optimization level 0..5, found {self.optimization_level}."
+            )
 
 
 @dataclasses.dataclass
@@ -185,8 +200,13 @@ def serialize_engine(
     *,
     workspace_gb: float | None = None,
     progress: ProgressFn | None = None,
+    axes: Callable[[ProfileLimits], AxisRanges] | None = None,
+    optimization_level: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Parse ``graph`` and build one serialized engine; returns (host memory, facts)."""
+    """Parse ``graph`` and build one serialized engine; returns (host memory, facts).
+
+    ``axes``: the model family's ranges of the vision inputs (:func:`profiles.family_axes`);
+    ``optimization_level``: TensorRT's builder optimization level (None: its default)."""
     trt = flavour.trt
     parsed = parse(flavour, graph)
     if not parsed.ok:
@@ -194,8 +214,10 @@ def serialize_engine(
             LintReport(str(graph), None, {}, {}, parsed.errors, f"{flavour.label} ONNX parser")
         )
     decomposable = mark_attention_decomposable(flavour, parsed.network)
-    profiles = make_profiles(graph_input_shapes(graph), limits)
+    profiles = make_profiles(graph_input_shapes(graph), limits, axes)
     config = parsed.builder.create_builder_config()
+    if optimization_level is not None:
+        config.builder_optimization_level = int(optimization_level)
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if capabilities:
@@ -302,8 +324,10 @@ def build_engines(
     flavour = resolve_flavour(config.flavour)
     capabilities = compute_capabilities(flavour, config.targets)
     limits = config.limits or ProfileLimits.for_bundle(
-        manifest, max_batch=config.max_batch, max_seq=config.max_seq, max_past=config.max_past
+        manifest, max_batch=config.max_batch, max_seq=config.max_seq, max_past=config.max_past,
+        max_images=config.max_images,
     )
+    axes = family_axes(manifest, image_processor_config(bundle_dir))
     targets = engine_paths(Path(out_plan), list(graphs))
     manifest_path = engine_manifest_path(Path(out_plan))
     check_replaceable(targets, manifest_path)
@@ -315,7 +339,7 @@ def build_engines(
             log.info("building %s engine from %s with %s", name, graph, flavour.label)
             data, facts = serialize_engine(
                 flavour, graph, limits, capabilities, workspace_gb=config.workspace_gb,
-                progress=progress,
+                progress=progress, axes=axes, optimization_level=config.optimization_level,
             )
             temps[targets[name]] = tmp = _write_temp(targets[name], data, token)
             del data
