@@ -1,7 +1,7 @@
 """``var-export export --dtype fp16`` for the model families beyond LLaVA-1.5 (issue 14).
 
-The pipeline builds an fp16 bundle of tiny-qwen2.5-vl (M-RoPE, dynamic-resolution vision graph)
-and of tiny-llava-next (any-resolution tiles): all three graphs run in half precision, VAR's
+The pipeline builds an fp16 bundle of tiny-qwen2.5-vl (M-RoPE, dynamic-resolution vision graph),
+of tiny-llava-next (any-resolution tiles) and, ``-m slow``, of tiny-internvl (crops + thumbnail): all three graphs run in half precision, VAR's
 arithmetic in fp32 (as tiny-llava's fp16 bundle, tests/test_pipeline.py). Checked against the
 fp32 PyTorch reference:
 
@@ -45,10 +45,13 @@ def _image(variant):
         return tq.synthetic_images(1, seed=5, sizes=((48, 80),))[0]
     from var_export.calibration import tiny_anyres as ta
 
+    if variant == "tiny-internvl":
+        return ta.synthetic_images(1, seed=5, sizes=((128, 128),))[0]  # 4 crops + the thumbnail
     return ta.synthetic_images(1, seed=5, sizes=((64, 64),))[0]  # square: VAR moves the logits most
 
 
-@pytest.mark.parametrize("variant", ["tiny-qwen2.5-vl", "tiny-llava-next"])
+@pytest.mark.parametrize("variant", ["tiny-qwen2.5-vl", "tiny-llava-next",
+                                     pytest.param("tiny-internvl", marks=pytest.mark.slow)])
 def test_fp16_family_bundle_tracks_the_fp32_reference(request, tmp_path, variant):
     from var_export.pipeline import BuildOptions, build_bundle
     from var_export.runtime import VarRuntime, decode_step_numpy, empty_past
