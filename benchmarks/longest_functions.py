@@ -8,23 +8,33 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 
 from benchmarks.dependency_graph import library_files
 
 
 def long_functions(limit: int = 60) -> list[tuple[int, str, str, bool]]:
-    """(lines, module, qualified name, has a written reason), longest first."""
-    out = []
-    for module, path in library_files():
-        lines = path.read_text().splitlines()
-        tree = ast.parse("\n".join(lines))
-        for node, qual in _functions(tree, ""):
-            n = node.end_lineno - node.lineno + 1
-            if n > limit:
-                around = " ".join(lines[max(node.lineno - 4, 0) : node.lineno])
-                out.append((n, module, qual, "# long:" in around))
+    """(lines, module, qualified name, has a written reason) of the library, longest first."""
+    out = [
+        (n, module, qual, reason)
+        for module, path in library_files()
+        for n, qual, reason in long_functions_in(path.read_text(), limit)
+    ]
     return sorted(out, reverse=True)
+
+
+def long_functions_in(source: str, limit: int = 60) -> list[tuple[int, str, bool]]:
+    """(lines, qualified name, has a written reason) of the functions in ``source`` longer than
+    ``limit``; the reason is a non-empty ``# long: <reason>`` on the ``def`` line or the 3 above."""
+    lines = source.splitlines()
+    out = []
+    for node, qual in _functions(ast.parse(source), ""):
+        n = node.end_lineno - node.lineno + 1
+        if n > limit:
+            around = "\n".join(lines[max(node.lineno - 4, 0) : node.lineno])
+            out.append((n, qual, re.search(r"# long:\s*\S", around) is not None))
+    return out
 
 
 def _functions(tree: ast.AST, prefix: str):  # noqa: ANN202 - yields (node, qualified name)

@@ -158,6 +158,21 @@ class _Bar:
             self.progress.advance(self.task)
 
 
+def _check_against_model(model: Any, settings: VarSettings, user_dims: Sequence[int] | None) -> tuple[list[int], int]:
+    """Check ``settings`` (and the user's sink dims) against the text model's config; returns
+    (VAR layers, query heads per layer). Warns when ``tau`` cannot be reached."""
+    cfg = split_model(model)[0].config
+    num_layers, num_heads, hidden = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
+    settings.replace(sink_dims=user_dims or (0,)).check_model(num_layers, hidden)
+    var_layers = settings.var_layers(num_layers)
+    if settings.tau >= math.sqrt(hidden):
+        log.warning(
+            "tau=%s >= sqrt(hidden size %d): no token can exceed it after RMS normalisation, "
+            "so no sink will be found; lower --tau.", settings.tau, hidden,
+        )
+    return var_layers, num_heads
+
+
 def calibrate(
     loaded_model: Any,
     samples: Iterable[Any],
@@ -186,17 +201,9 @@ def calibrate(
     if not samples:
         raise DataError("no calibration samples: expected at least one image (+ prompt).")
     model = loaded_model.model
-    cfg = split_model(model)[0].config
-    num_layers, num_heads, hidden = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
     user_dims = parse_sink_dims(user_sink_dims) if user_sink_dims is not None else None
     preset_dims = tuple(int(d) for d in preset_sink_dims) if preset_sink_dims else None
-    settings.replace(sink_dims=user_dims or (0,)).check_model(num_layers, hidden)
-    var_layers = settings.var_layers(num_layers)
-    if settings.tau >= math.sqrt(hidden):
-        log.warning(
-            "tau=%s >= sqrt(hidden size %d): no token can exceed it after RMS normalisation, "
-            "so no sink will be found; lower --tau.", settings.tau, hidden,
-        )
+    var_layers, num_heads = _check_against_model(model, settings, user_dims)
     was_training = model.training
     model.eval()
     try:

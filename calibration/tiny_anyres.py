@@ -21,13 +21,9 @@ Text sink: BOS ``<s>`` (prepended by the tokenizer).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,23 +94,7 @@ def synthetic_images(n: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = I
 def _text_config(variant: str) -> Any:
     from transformers import MistralConfig, Qwen2Config
 
-    vocab = _vocab()
-    common = dict(
-        vocab_size=len(vocab),
-        hidden_size=tl.HIDDEN_SIZE,
-        intermediate_size=tl.INTERMEDIATE_SIZE,
-        num_hidden_layers=tl.NUM_LAYERS,
-        num_attention_heads=tl.NUM_HEADS,
-        num_key_value_heads=tl.NUM_KV_HEADS,
-        head_dim=tl.HEAD_DIM,
-        max_position_embeddings=tl.MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": tl.ROPE_THETA},
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-        tie_word_embeddings=False,
-    )
+    common = tl.text_config_kwargs(_vocab())
     if variant == "tiny-llava-next":
         return MistralConfig(sliding_window=None, **common)
     return Qwen2Config(use_sliding_window=False, **common)
@@ -187,15 +167,7 @@ def build_model(variant: str) -> Any:
     model = cls(cfg).eval()
     gen = torch.Generator().manual_seed(4321)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            elif name.endswith("image_newline"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * tl._init_std(name))
+        tl.init_parameters(model, gen, _init_std)
         if variant == "tiny-llava-next":
             _plant_clip(model)
         else:
@@ -204,6 +176,10 @@ def build_model(variant: str) -> Any:
         tl._plant_text(model)
         _plant_newline(model)
     return model
+
+
+def _init_std(name: str) -> float:
+    return 0.5 if name.endswith("image_newline") else tl._init_std(name)
 
 
 _DIFF_DIMS = (0, 1, 2)  # vision hidden dims carrying R-G, G-B, B-R of the patch mean
@@ -284,27 +260,7 @@ def _plant_newline(model: Any) -> None:
 
 
 def _build_tokenizer() -> Any:
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = _vocab()
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-        model_max_length=tl.MAX_POSITIONS,
-        padding_side="left",
-    )
+    return tl.word_tokenizer(_vocab(), {"image_token": "<image>", "video_token": "<video>"})
 
 
 def _build_processor(variant: str) -> Any:
@@ -348,10 +304,6 @@ def _build_processor(variant: str) -> Any:
 
 def build_tiny(variant: str, out_dir: Path) -> Path:
     """Write the ``variant`` HF directory (config, safetensors, tokenizer, processor) to ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_model(variant).save_pretrained(out_dir, safe_serialization=True)
-    _build_processor(variant).save_pretrained(out_dir)
     info = {
         "variant": variant,
         "version": TINY_ANYRES_VERSION,
@@ -359,50 +311,18 @@ def build_tiny(variant: str, out_dir: Path) -> Path:
         "planted_image_centric_heads": [list(h) for h in tl.PLANTED_IMAGE_CENTRIC_HEADS],
         "first_sink_layer": tl.FIRST_SINK_LAYER,
     }
-    (out_dir / _COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
-    logger.info("built %s v%d in %s", variant, TINY_ANYRES_VERSION, out_dir)
-    return out_dir
+    return tl.write_model_dir(out_dir, build_model(variant), _build_processor(variant), _COMPLETE_MARKER, info, variant)
 
 
 def _is_complete(path: Path, variant: str) -> bool:
-    marker = path / _COMPLETE_MARKER
-    if not marker.is_file() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        return False
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    return info.get("version") == TINY_ANYRES_VERSION and info.get("variant") == variant
-
-
-def cached_dir(name: str, complete: Callable[[Path], bool], build: Callable[[Path], Path]) -> Path:
-    """``$VAR_EXPORT_CACHE/<name>`` (or ~/.cache/var-export/<name>), built atomically on first use."""
-    root = tl._cache_root()
-    final = root / name
-    if complete(final):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
-    try:
-        build(tmp)
-        if final.exists() and not complete(final):
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not complete(final):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return tl.is_complete_dir(path, _COMPLETE_MARKER, version=TINY_ANYRES_VERSION, variant=variant)
 
 
 def tiny_dir(variant: str) -> Path:
     """The cached HF directory of ``variant`` (one of VARIANTS), built on first use."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny any-resolution variant {variant!r}; expected one of {VARIANTS}")
-    return cached_dir(
+    return tl.cached_model_dir(
         f"{variant}-v{TINY_ANYRES_VERSION}",
         lambda p: _is_complete(p, variant),
         lambda p: build_tiny(variant, p),

@@ -21,14 +21,13 @@ grey tokens sinks in decoder layers >= 2 (tiny-llava's layer-1 sink writer).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from var_export.calibration import tiny_llava as tl
-from var_export.calibration.tiny_anyres import cached_dir, synthetic_images  # noqa: F401 - re-exported
+from var_export.calibration.tiny_anyres import synthetic_images  # noqa: F401 - re-exported
 from var_export.families.processing import image_only_class
 
 logger = logging.getLogger(__name__)
@@ -65,23 +64,7 @@ def _configs() -> Any:
     from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
     vocab = _vocab()
-    text = Qwen2Config(
-        vocab_size=len(vocab),
-        hidden_size=tl.HIDDEN_SIZE,
-        intermediate_size=tl.INTERMEDIATE_SIZE,
-        num_hidden_layers=tl.NUM_LAYERS,
-        num_attention_heads=tl.NUM_HEADS,
-        num_key_value_heads=tl.NUM_KV_HEADS,
-        head_dim=tl.HEAD_DIM,
-        max_position_embeddings=tl.MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": tl.ROPE_THETA},
-        use_sliding_window=False,
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-        tie_word_embeddings=False,
-    )
+    text = Qwen2Config(use_sliding_window=False, **tl.text_config_kwargs(vocab))
     vision = InternVLVisionConfig(
         hidden_size=tl.VISION_HIDDEN,
         intermediate_size=2 * tl.VISION_HIDDEN,
@@ -115,13 +98,7 @@ def build_model() -> Any:
     model = InternVLForConditionalGeneration(_configs()).eval()
     gen = torch.Generator().manual_seed(2468)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * tl._init_std(name))
+        tl.init_parameters(model, gen, tl._init_std)
         _plant_vision(model)
         _plant_projector(model, gen)
         tl._plant_text(model)
@@ -184,27 +161,7 @@ def _plant_projector(model: Any, gen: Any) -> None:
 
 
 def _build_tokenizer() -> Any:
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = _vocab()
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens=dict(IMAGE_TOKENS),
-        model_max_length=tl.MAX_POSITIONS,
-        padding_side="left",
-    )
+    return tl.word_tokenizer(_vocab(), dict(IMAGE_TOKENS))
 
 
 def _build_processor() -> Any:
@@ -227,10 +184,6 @@ def _build_processor() -> Any:
 
 def build_tiny_internvl(out_dir: Path) -> Path:
     """Write the tiny-internvl HF directory (config, safetensors, tokenizer, processor)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_model().save_pretrained(out_dir, safe_serialization=True)
-    _build_processor().save_pretrained(out_dir)
     info = {
         "variant": NAME,
         "version": TINY_INTERNVL_VERSION,
@@ -239,21 +192,13 @@ def build_tiny_internvl(out_dir: Path) -> Path:
         "first_sink_layer": tl.FIRST_SINK_LAYER,
         "prompt_format": PROMPT_FORMAT,
     }
-    (out_dir / _COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
-    logger.info("built %s v%d in %s", NAME, TINY_INTERNVL_VERSION, out_dir)
-    return out_dir
+    return tl.write_model_dir(out_dir, build_model(), _build_processor(), _COMPLETE_MARKER, info, NAME)
 
 
 def _is_complete(path: Path) -> bool:
-    marker = path / _COMPLETE_MARKER
-    if not marker.is_file() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        return False
-    try:
-        return json.loads(marker.read_text()).get("version") == TINY_INTERNVL_VERSION
-    except (OSError, ValueError):
-        return False
+    return tl.is_complete_dir(path, _COMPLETE_MARKER, version=TINY_INTERNVL_VERSION)
 
 
 def tiny_internvl_dir() -> Path:
     """The cached tiny-internvl directory, built on first use."""
-    return cached_dir(f"{NAME}-v{TINY_INTERNVL_VERSION}", _is_complete, build_tiny_internvl)
+    return tl.cached_model_dir(f"{NAME}-v{TINY_INTERNVL_VERSION}", _is_complete, build_tiny_internvl)

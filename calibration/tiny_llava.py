@@ -44,6 +44,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,11 +247,10 @@ def patch_colourfulness(pixel_values: Any) -> Any:
 # building
 
 
-def _configs() -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vocab = _vocab()
-    text = LlamaConfig(
+def text_config_kwargs(vocab: dict[str, int]) -> dict[str, Any]:
+    """The tiny text model's config (sizes, rotary, special tokens), shared by the tiny models
+    whose decoder is tiny-llava's (tiny_anyres, tiny_internvl) whatever its HF class."""
+    return dict(
         vocab_size=len(vocab),
         hidden_size=HIDDEN_SIZE,
         intermediate_size=INTERMEDIATE_SIZE,
@@ -266,6 +266,13 @@ def _configs() -> Any:
         pad_token_id=vocab["<pad>"],
         tie_word_embeddings=False,
     )
+
+
+def _configs() -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vocab = _vocab()
+    text = LlamaConfig(**text_config_kwargs(vocab))
     vision = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=2 * VISION_HIDDEN,
@@ -300,17 +307,25 @@ def build_model() -> Any:
     model = LlavaForConditionalGeneration(cfg).eval()
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
-        # every parameter is overwritten deterministically (HF init may change between versions)
-        for name, p in sorted(model.named_parameters()):
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * _init_std(name))
+        init_parameters(model, gen, _init_std)
         _plant_vision(model, gen)
         _plant_text(model)
     return model
+
+
+def init_parameters(model: Any, gen: Any, init_std: Callable[[str], float], norms: tuple[str, ...] = ("norm",)) -> None:
+    """Overwrite every parameter deterministically, in name order (HF init may change between
+    versions): norm weights 1 and biases 0 (names containing one of ``norms``), other biases 0,
+    the rest ``N(0, init_std(name)^2)`` drawn from ``gen``. Call under ``torch.no_grad()``."""
+    import torch
+
+    for name, p in sorted(model.named_parameters()):
+        if any(n in name for n in norms):
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * init_std(name))
 
 
 def _init_std(name: str) -> float:
@@ -440,12 +455,13 @@ def plant_text_circuits(lm: Any, features: list[int]) -> None:
                 qw[head, _KEY_DIM_VISUAL, VISUAL_WORD_DIM] = visual_logit * scale / feat_norm
 
 
-def _build_tokenizer() -> Any:
+def word_tokenizer(vocab: dict[str, int], extra_special_tokens: dict[str, str]) -> Any:
+    """The tiny models' word-level tokenizer: lower-cased, whitespace-split, ``<s>`` prepended,
+    left padding; ``extra_special_tokens`` names the image (and video) tokens."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    vocab = _vocab()
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -458,10 +474,14 @@ def _build_tokenizer() -> Any:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=extra_special_tokens,
         model_max_length=MAX_POSITIONS,
         padding_side="left",
     )
+
+
+def _build_tokenizer() -> Any:
+    return word_tokenizer(_vocab(), {"image_token": "<image>"})
 
 
 def _build_processor() -> Any:
@@ -489,11 +509,6 @@ _COMPLETE_MARKER = "tiny_llava.json"
 
 def build_tiny_llava(out_dir: Path) -> Path:
     """Write the tiny-llava HF directory (config, safetensors, tokenizer, processor) to ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    _build_processor().save_pretrained(out_dir)
     info = {
         "version": TINY_LLAVA_VERSION,
         "sink_dims": list(TINY_SINK_DIMS),
@@ -501,26 +516,11 @@ def build_tiny_llava(out_dir: Path) -> Path:
         "first_sink_layer": FIRST_SINK_LAYER,
         "prompt_format": PROMPT_FORMAT,
     }
-    (out_dir / _COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
-    logger.info("built tiny-llava v%d in %s", TINY_LLAVA_VERSION, out_dir)
-    return out_dir
-
-
-def _cache_root() -> Path:
-    env = os.environ.get("VAR_EXPORT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "var-export"
+    return write_model_dir(out_dir, build_model(), _build_processor(), _COMPLETE_MARKER, info, "tiny-llava")
 
 
 def _is_complete(path: Path) -> bool:
-    marker = path / _COMPLETE_MARKER
-    if not marker.is_file() or not (path / "config.json").is_file():
-        return False
-    if not any(path.glob("*.safetensors")):
-        return False
-    try:
-        return json.loads(marker.read_text()).get("version") == TINY_LLAVA_VERSION
-    except (OSError, ValueError):
-        return False
+    return is_complete_dir(path, _COMPLETE_MARKER, version=TINY_LLAVA_VERSION)
 
 
 def tiny_llava_dir() -> Path:
@@ -529,20 +529,59 @@ def tiny_llava_dir() -> Path:
     Location: ``$VAR_EXPORT_CACHE/tiny-llava-v<N>`` or ``~/.cache/var-export/tiny-llava-v<N>``.
     An incomplete directory (interrupted build, other version) is rebuilt.
     """
+    return cached_model_dir(f"tiny-llava-v{TINY_LLAVA_VERSION}", _is_complete, build_tiny_llava)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cached HF directories of every tiny model (tiny_anyres, tiny_internvl and tiny_qwen too)
+
+
+def write_model_dir(out_dir: Path, model: Any, processor: Any, marker: str, info: dict[str, Any], label: str) -> Path:
+    """Save ``model`` (safetensors) and ``processor`` to ``out_dir``, then the completion
+    ``marker`` file (``info`` as JSON), last, so that a partial directory never reads as complete."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    (out_dir / marker).write_text(json.dumps(info, indent=1))
+    logger.info("built %s v%d in %s", label, info["version"], out_dir)
+    return out_dir
+
+
+def is_complete_dir(path: Path, marker: str, **expected: object) -> bool:
+    """``path`` holds config.json, safetensors weights and a ``marker`` whose JSON has ``expected``."""
+    marker_path = path / marker
+    if not marker_path.is_file() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        return False
+    try:
+        info = json.loads(marker_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(info.get(key) == value for key, value in expected.items())
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("VAR_EXPORT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "var-export"
+
+
+def cached_model_dir(name: str, complete: Callable[[Path], bool], build: Callable[[Path], Path]) -> Path:
+    """``$VAR_EXPORT_CACHE/<name>`` (or ~/.cache/var-export/<name>), built atomically on first use:
+    ``build`` writes a temporary directory that is then renamed; an incomplete one is rebuilt."""
     root = _cache_root()
-    final = root / f"tiny-llava-v{TINY_LLAVA_VERSION}"
-    if _is_complete(final):
+    final = root / name
+    if complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llava-build-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-build-", dir=root))
     try:
-        build_tiny_llava(tmp)
-        if final.exists() and not _is_complete(final):
+        build(tmp)
+        if final.exists() and not complete(final):
             shutil.rmtree(final, ignore_errors=True)
         try:
             os.replace(tmp, final)
         except OSError:
-            if not _is_complete(final):  # lost a race to a broken dir: should not happen
+            if not complete(final):  # lost a race to a broken dir: should not happen
                 raise
     finally:
         if tmp.exists():

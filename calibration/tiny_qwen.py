@@ -24,12 +24,8 @@ Images of any size that the processor maps to multiples of 16 pixels work (one m
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,13 +210,7 @@ def build_model(variant: Variant = "qwen2_5_vl") -> Any:
     model = model_class(variant)(cfg).eval()
     gen = torch.Generator().manual_seed(4321)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "norm" in name or "ln_q" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * _init_std(name))
+        tl.init_parameters(model, gen, _init_std, norms=("norm", "ln_q"))
         _plant_vision(model, gen)
         _plant_text(model)
     return model
@@ -354,10 +344,6 @@ _COMPLETE_MARKER = "tiny_qwen.json"
 
 def build_tiny_qwen(out_dir: Path, variant: Variant = "qwen2_5_vl") -> Path:
     """Write the tiny Qwen-VL HF directory (config, safetensors, tokenizer, processor)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_model(variant).save_pretrained(out_dir, safe_serialization=True)
-    build_processor(variant).save_pretrained(out_dir)
     info = {
         "version": TINY_QWEN_VERSION,
         "variant": variant,
@@ -366,42 +352,20 @@ def build_tiny_qwen(out_dir: Path, variant: Variant = "qwen2_5_vl") -> Path:
         "first_sink_layer": FIRST_SINK_LAYER,
         "prompt_format": PROMPT_FORMAT,
     }
-    (out_dir / _COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
-    logger.info("built tiny %s v%d in %s", variant, TINY_QWEN_VERSION, out_dir)
-    return out_dir
+    model, processor = build_model(variant), build_processor(variant)
+    return tl.write_model_dir(out_dir, model, processor, _COMPLETE_MARKER, info, f"tiny {variant}")
 
 
 def _is_complete(path: Path, variant: str) -> bool:
-    marker = path / _COMPLETE_MARKER
-    if not marker.is_file() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        return False
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    return info.get("version") == TINY_QWEN_VERSION and info.get("variant") == variant
+    return tl.is_complete_dir(path, _COMPLETE_MARKER, version=TINY_QWEN_VERSION, variant=variant)
 
 
 def tiny_qwen_dir(variant: Variant = "qwen2_5_vl") -> Path:
     """The cached tiny Qwen-VL directory, built on first use (atomically, like tiny-llava)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, found {variant!r}")
-    root = tl._cache_root()
-    final = root / f"tiny-{variant}-v{TINY_QWEN_VERSION}"
-    if _is_complete(final, variant):
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{variant}-build-", dir=root))
-    try:
-        build_tiny_qwen(tmp, variant)
-        if final.exists() and not _is_complete(final, variant):
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _is_complete(final, variant):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return tl.cached_model_dir(
+        f"tiny-{variant}-v{TINY_QWEN_VERSION}",
+        lambda p: _is_complete(p, variant),
+        lambda p: build_tiny_qwen(p, variant),
+    )

@@ -8,19 +8,28 @@ alone, or on another model than the one analysed, locates for itself (``analysis
 
 Locating is valid across the VAR passes: they only add ``var/`` nodes (transparent to
 ``locate``) and rewire the inputs of the probs @ V MatMul or the Attention node.
+
+``VarLayerPass`` is what the VAR passes share: the constructor (settings, calibrated heads,
+layer count, analysis) and the walk over the layers of the shared analysis that still need
+the pass (``pending``), building each (``build_layer``) and sorting the graph once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import onnx_ir as ir
 
+from var_export.core.settings import VarSettings
+from var_export.passes import _ir
+from var_export.passes._ir import Builder
+from var_export.passes.builders import calibrated_heads, changed_layers
 from var_export.passes.locate import locate_layers
 from var_export.passes.locate_fused import has_onnx_attention, locate_fused_layers
 
-__all__ = ["VarAnalysis", "analysis_for", "analyze"]
+__all__ = ["CalibratedLayerPass", "VarAnalysis", "VarLayerPass", "analysis_for", "analyze"]
 
 
 @dataclasses.dataclass
@@ -52,3 +61,69 @@ def analysis_for(model: ir.Model, given: VarAnalysis | None) -> VarAnalysis:
     if given is not None and given.model is model:
         return given
     return analyze(model, fused=None if given is None else given.fused)
+
+
+class VarLayerPass(ir.passes.InPlacePass):
+    """A VAR pass that builds ``var/L{l}/...`` values layer by layer on the shared analysis.
+
+    ``call`` visits ``layers`` (every VAR layer), keeps those still ``pending`` (not built by
+    an earlier run), builds the graph-level values they share once (``prepare``), then each
+    layer (``build_layer``) under the ``var/L{l}`` prefix, and sorts the graph once.
+    """
+
+    def __init__(
+        self, settings: VarSettings, *, num_layers: int | None = None, analysis: VarAnalysis | None = None
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.num_layers = num_layers
+        self.analysis = analysis
+
+    def layers(self, analysis: VarAnalysis) -> list[int]:
+        """The layers this pass may change: every VAR layer."""
+        return self.settings.var_layers(analysis.num_layers(self.num_layers))
+
+    def pending(self, layer: int, analysis: VarAnalysis, values: dict[str, ir.Value]) -> bool:
+        """``layer`` still needs this pass (``values``: the graph's values before the pass)."""
+        raise NotImplementedError
+
+    def prepare(self, graph: ir.Graph) -> Any:  # noqa: ANN401 - whatever the pass's layers share
+        """Graph-level values every pending layer reads (built once, only when one is pending)."""
+        return None
+
+    def build_layer(self, b: Builder, match: Any, values: dict[str, ir.Value], shared: Any) -> None:  # noqa: ANN401
+        """Build this pass's values for one layer (``match``: its entry in the analysis)."""
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        analysis = analysis_for(model, self.analysis)
+        values = _ir.value_map(graph)
+        todo = [layer for layer in self.layers(analysis) if self.pending(layer, analysis, values)]
+        if not todo:
+            return ir.passes.PassResult(model, modified=False)
+        shared = self.prepare(graph)
+        for layer in todo:
+            self.build_layer(Builder(graph, f"var/L{layer}"), analysis.matches[layer], values, shared)
+        graph.sort()
+        return ir.passes.PassResult(model, modified=True)
+
+
+class CalibratedLayerPass(VarLayerPass):
+    """A ``VarLayerPass`` that changes only the layers VAR changes: in static/hybrid mode those
+    with a calibrated head (``heads``: the calibrated (layer, head) list; None in dynamic mode)."""
+
+    def __init__(
+        self,
+        settings: VarSettings,
+        heads: Iterable[tuple[int, int]] | None = None,
+        *,
+        num_layers: int | None = None,
+        analysis: VarAnalysis | None = None,
+    ) -> None:
+        super().__init__(settings, num_layers=num_layers, analysis=analysis)
+        self.heads = calibrated_heads(settings.heads, heads)
+
+    def layers(self, analysis: VarAnalysis) -> list[int]:
+        """The VAR layers with a calibrated head (every VAR layer in dynamic mode)."""
+        return changed_layers(self.settings, self.heads, analysis.num_layers(self.num_layers))

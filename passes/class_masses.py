@@ -15,54 +15,30 @@ which redistribution reuses). The visual non-sink mass is its own column: no
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import onnx_ir as ir
 
-from var_export.core.settings import VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.analysis import VarAnalysis, analysis_for
-from var_export.passes.builders import build_key_classes, calibrated_heads, changed_layers, require
+from var_export.passes.analysis import CalibratedLayerPass, VarAnalysis
+from var_export.passes.builders import build_key_classes, require
+from var_export.passes.locate import LayerMatch
 
 __all__ = ["ClassMassesPass"]
 
 
-class ClassMassesPass(ir.passes.InPlacePass):
+class ClassMassesPass(CalibratedLayerPass):
     """Insert ``var/L{l}/key_classes`` and ``var/L{l}/class_masses`` (unfused attention)."""
 
-    def __init__(
-        self,
-        settings: VarSettings,
-        heads: Iterable[tuple[int, int]] | None = None,
-        *,
-        num_layers: int | None = None,
-        analysis: VarAnalysis | None = None,
-    ) -> None:
-        super().__init__()
-        self.settings = settings
-        self.heads = calibrated_heads(settings.heads, heads)
-        self.num_layers = num_layers
-        self.analysis = analysis
+    def pending(self, layer: int, analysis: VarAnalysis, values: dict[str, ir.Value]) -> bool:
+        return _ir.layer_value_name(layer, "class_masses") not in values
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        analysis = analysis_for(model, self.analysis)
-        values = _ir.value_map(graph)
-        todo = [
-            layer
-            for layer in changed_layers(self.settings, self.heads, analysis.num_layers(self.num_layers))
-            if _ir.layer_value_name(layer, "class_masses") not in values
-        ]
-        visual = _ir.graph_input(graph, _ir.VISUAL_MASK)
-        for layer in todo:
-            (sink,) = require(values, layer, ["sink"], "SinkDetectionPass")
-            assert visual is not None  # added with the sink flags
-            b = Builder(graph, f"var/L{layer}")
-            keys = build_key_classes(b, sink, visual)  # (B, 1, T, 4)
-            probs = _ir.cast(b, analysis.matches[layer].probs, ir.DataType.FLOAT, "probs_f32")  # (B, H, S, T)
-            masses = b.op("MatMul", [probs, keys.onehot], "class_masses")  # (B, H, S, 4)
-            masses.dtype, masses.shape = ir.DataType.FLOAT, ir.Shape([None, None, None, 4])
-        if todo:
-            graph.sort()
-        return ir.passes.PassResult(model, modified=bool(todo))
+    def prepare(self, graph: ir.Graph) -> ir.Value | None:
+        return _ir.graph_input(graph, _ir.VISUAL_MASK)
+
+    def build_layer(self, b: Builder, match: LayerMatch, values: dict[str, ir.Value], visual: ir.Value | None) -> None:
+        (sink,) = require(values, match.layer, ["sink"], "SinkDetectionPass")
+        assert visual is not None  # added with the sink flags
+        keys = build_key_classes(b, sink, visual)  # (B, 1, T, 4)
+        probs = _ir.cast(b, match.probs, ir.DataType.FLOAT, "probs_f32")  # (B, H, S, T)
+        masses = b.op("MatMul", [probs, keys.onehot], "class_masses")  # (B, H, S, 4)
+        masses.dtype, masses.shape = ir.DataType.FLOAT, ir.Shape([None, None, None, 4])

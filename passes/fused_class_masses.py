@@ -18,16 +18,13 @@ reads, as for the unfused ``ClassMassesPass``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import onnx_ir as ir
 
 from var_export.core.errors import ConfigError, GraphPatternError
-from var_export.core.settings import VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.analysis import VarAnalysis, analysis_for
-from var_export.passes.builders import build_key_classes, calibrated_heads, changed_layers, require
+from var_export.passes.analysis import CalibratedLayerPass, VarAnalysis
+from var_export.passes.builders import build_key_classes, require
 from var_export.passes.locate_fused import FusedLayerMatch
 
 __all__ = ["FusedClassMassesPass", "attention_attributes"]
@@ -40,40 +37,21 @@ def attention_attributes(match: FusedLayerMatch) -> dict[str, object]:
     return attrs
 
 
-class FusedClassMassesPass(ir.passes.InPlacePass):
+class FusedClassMassesPass(CalibratedLayerPass):
     """Insert ``var/L{l}/class_masses`` from a second Attention per changed layer."""
 
-    def __init__(
-        self,
-        settings: VarSettings,
-        heads: Iterable[tuple[int, int]] | None = None,
-        *,
-        num_layers: int | None = None,
-        analysis: VarAnalysis | None = None,
-    ) -> None:
-        super().__init__()
-        self.settings = settings
-        self.heads = calibrated_heads(settings.heads, heads)
-        self.num_layers = num_layers
-        self.analysis = analysis
+    def pending(self, layer: int, analysis: VarAnalysis, values: dict[str, ir.Value]) -> bool:
+        return _ir.layer_value_name(layer, "class_masses") not in values
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        analysis = analysis_for(model, self.analysis)
-        values = _ir.value_map(graph)
-        todo = [
-            layer
-            for layer in changed_layers(self.settings, self.heads, analysis.num_layers(self.num_layers))
-            if _ir.layer_value_name(layer, "class_masses") not in values
-        ]
-        visual = _ir.graph_input(graph, _ir.VISUAL_MASK)
-        for layer in todo:
-            (sink,) = require(values, layer, ["sink"], "SinkDetectionPass")
-            assert visual is not None  # added with the sink flags
-            self._layer(Builder(graph, f"var/L{layer}"), analysis.matches[layer], sink, visual)
-        if todo:
-            graph.sort()
-        return ir.passes.PassResult(model, modified=bool(todo))
+    def prepare(self, graph: ir.Graph) -> ir.Value | None:
+        return _ir.graph_input(graph, _ir.VISUAL_MASK)
+
+    def build_layer(
+        self, b: Builder, match: FusedLayerMatch, values: dict[str, ir.Value], visual: ir.Value | None
+    ) -> None:
+        (sink,) = require(values, match.layer, ["sink"], "SinkDetectionPass")
+        assert visual is not None  # added with the sink flags
+        self._layer(b, match, sink, visual)
 
     def _layer(self, b: Builder, match: FusedLayerMatch, sink: ir.Value, visual: ir.Value) -> None:
         att = match.attention

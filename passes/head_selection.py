@@ -22,48 +22,30 @@ head gets nothing (it stays untouched).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import onnx_ir as ir
 
 from var_export.core.errors import GraphPatternError
-from var_export.core.settings import VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.analysis import VarAnalysis, analysis_for
+from var_export.passes.analysis import CalibratedLayerPass, VarAnalysis
 from var_export.passes.builders import (
+    Eligibility,
     build_eligibility,
     build_selection,
-    calibrated_heads,
-    changed_layers,
     head_mask,
     heads_by_layer,
     require,
     split_masses,
 )
-from var_export.passes.locate import static_dim
+from var_export.passes.locate import LayerMatch, static_dim
+from var_export.passes.locate_fused import FusedLayerMatch
 
 __all__ = ["HeadSelectionPass", "heads_by_layer"]
 
 
-class HeadSelectionPass(ir.passes.InPlacePass):
+class HeadSelectionPass(CalibratedLayerPass):
     """Insert the per-row selection ``var/L{l}/selected`` for the changed VAR layers."""
-
-    def __init__(
-        self,
-        settings: VarSettings,
-        heads: Iterable[tuple[int, int]] | None = None,
-        *,
-        num_layers: int | None = None,
-        analysis: VarAnalysis | None = None,
-    ) -> None:
-        super().__init__()
-        self.settings = settings
-        self.mode = settings.heads
-        self.heads = calibrated_heads(self.mode, heads)
-        self.num_layers = num_layers
-        self.analysis = analysis
 
     def requires(self, model: ir.Model) -> None:
         for name in (_ir.VISUAL_MASK, _ir.PAST_SINK_MASK):
@@ -72,29 +54,23 @@ class HeadSelectionPass(ir.passes.InPlacePass):
                     f"graph input {name!r} not found: run SinkDetectionPass before HeadSelectionPass."
                 )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        analysis = analysis_for(model, self.analysis)
-        values = _ir.value_map(graph)
-        todo = [
-            layer
-            for layer in changed_layers(self.settings, self.heads, analysis.num_layers(self.num_layers))
-            if _ir.layer_value_name(layer, "selected") not in values
-        ]
-        if not todo:
-            return ir.passes.PassResult(model, modified=False)
+    def pending(self, layer: int, analysis: VarAnalysis, values: dict[str, ir.Value]) -> bool:
+        return _ir.layer_value_name(layer, "selected") not in values
+
+    def prepare(self, graph: ir.Graph) -> Eligibility:
         visual = _ir.graph_input(graph, _ir.VISUAL_MASK)
         past_sink = _ir.graph_input(graph, _ir.PAST_SINK_MASK)
         assert visual is not None and past_sink is not None
-        eligibility = build_eligibility(Builder(graph, "var"), visual, past_sink)
-        for layer in todo:
-            masses, code = require(values, layer, ["class_masses", "key_class_code"], "ClassMassesPass (FusedClassMassesPass on Attention graphs)")
-            b = Builder(graph, f"var/L{layer}")
-            columns = split_masses(b, masses, static_dim(masses, 3) or 4)  # (B, H, S, 1) each
-            mask = None if self.mode == "dynamic" else self._head_mask(layer, analysis.matches[layer])
-            build_selection(b, self.settings, eligibility, code, columns, mask)
-        graph.sort()
-        return ir.passes.PassResult(model, modified=True)
+        return build_eligibility(Builder(graph, "var"), visual, past_sink)
+
+    def build_layer(
+        self, b: Builder, match: LayerMatch | FusedLayerMatch, values: dict[str, ir.Value], eligibility: Eligibility
+    ) -> None:
+        layer = match.layer
+        masses, code = require(values, layer, ["class_masses", "key_class_code"], "ClassMassesPass (FusedClassMassesPass on Attention graphs)")
+        columns = split_masses(b, masses, static_dim(masses, 3) or 4)  # (B, H, S, 1) each
+        mask = None if self.settings.heads == "dynamic" else self._head_mask(layer, match)
+        build_selection(b, self.settings, eligibility, code, columns, mask)
 
     def _head_mask(self, layer: int, match: object) -> np.ndarray:
         """(1, H, 1, 1) bool constant of the calibrated heads of ``layer``."""

@@ -20,57 +20,40 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from var_export.core.settings import VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.analysis import VarAnalysis, analysis_for
+from var_export.passes.analysis import VarAnalysis, VarLayerPass
 from var_export.passes.builders import ClassMasses, build_row_scale, require
+from var_export.passes.locate import LayerMatch
 
 __all__ = ["RedistributionPass"]
 
 _MASSES = ("visual_sink_mass", "text_sink_mass", "visual_nonsink_mass")
 
 
-class RedistributionPass(ir.passes.InPlacePass):
+class RedistributionPass(VarLayerPass):
     """Replace the probs-V MatMul input by the redistributed probabilities."""
 
-    def __init__(
-        self, settings: VarSettings, *, num_layers: int | None = None, analysis: VarAnalysis | None = None
-    ) -> None:
-        super().__init__()
-        self.settings = settings
-        self.num_layers = num_layers
-        self.analysis = analysis
+    def pending(self, layer: int, analysis: VarAnalysis, values: dict[str, ir.Value]) -> bool:
+        if _ir.layer_value_name(layer, "selected") not in values:
+            return False  # not selected in this layer (or no head listed): left untouched
+        pv_input = analysis.matches[layer].pv_matmul.inputs[0]
+        producer = pv_input.producer() if pv_input else None
+        return producer is None or not _ir.is_var_node(producer)  # else already redistributed
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        analysis = analysis_for(model, self.analysis)
-        values = _ir.value_map(graph)
-        modified = False
-        for layer in self.settings.var_layers(analysis.num_layers(self.num_layers)):
-            if _ir.layer_value_name(layer, "selected") not in values:
-                continue  # not selected in this layer (or no head listed): left untouched
-            match = analysis.matches[layer]
-            producer = match.pv_matmul.inputs[0].producer() if match.pv_matmul.inputs[0] else None
-            if producer is not None and _ir.is_var_node(producer):
-                continue  # already redistributed
-            selected, keys, *masses = require(
-                values, layer, ["selected", "key_classes", *_MASSES], "ClassMassesPass and HeadSelectionPass"
-            )
-            b = Builder(graph, f"var/L{layer}")
-            row_scale = build_row_scale(b, self.settings.p, ClassMasses(*masses), selected)  # (B, H, S, 4)
-            dtype = match.probs_dtype  # the weights are applied in the probabilities' own dtype
-            row_scale = _ir.cast(b, row_scale, dtype, "row_scale_cast")
-            keys = _ir.cast(b, keys, dtype, "key_classes_cast")
-            keys_t = b.op("Transpose", [keys], "key_classes_t", {"perm": [0, 1, 3, 2]})  # (B, 1, 4, T)
-            weights = b.op("MatMul", [row_scale, keys_t], "key_weights")  # (B, H, S, T)
-            new_probs = b.op("Mul", [match.probs, weights], "probs_var")  # (B, H, S, T)
-            new_probs.dtype = dtype
-            new_probs.shape = match.probs.shape
-            match.pv_matmul.replace_input_with(0, new_probs)
-            modified = True
-        if modified:
-            graph.sort()
-        return ir.passes.PassResult(model, modified=modified)
+    def build_layer(self, b: Builder, match: LayerMatch, values: dict[str, ir.Value], shared: None) -> None:
+        selected, keys, *masses = require(
+            values, match.layer, ["selected", "key_classes", *_MASSES], "ClassMassesPass and HeadSelectionPass"
+        )
+        row_scale = build_row_scale(b, self.settings.p, ClassMasses(*masses), selected)  # (B, H, S, 4)
+        dtype = match.probs_dtype  # the weights are applied in the probabilities' own dtype
+        row_scale = _ir.cast(b, row_scale, dtype, "row_scale_cast")
+        keys = _ir.cast(b, keys, dtype, "key_classes_cast")
+        keys_t = b.op("Transpose", [keys], "key_classes_t", {"perm": [0, 1, 3, 2]})  # (B, 1, 4, T)
+        weights = b.op("MatMul", [row_scale, keys_t], "key_weights")  # (B, H, S, T)
+        new_probs = b.op("Mul", [match.probs, weights], "probs_var")  # (B, H, S, T)
+        new_probs.dtype = dtype
+        new_probs.shape = match.probs.shape
+        match.pv_matmul.replace_input_with(0, new_probs)
 
 

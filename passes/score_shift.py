@@ -22,10 +22,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from var_export.core.settings import VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.analysis import VarAnalysis, analysis_for
+from var_export.passes.analysis import VarAnalysis, VarLayerPass
 from var_export.passes.builders import ClassMasses, build_row_scale, require
 from var_export.passes.locate_fused import FusedLayerMatch
 
@@ -34,35 +33,19 @@ __all__ = ["MaskShiftPass", "QKShiftPass"]
 _NEEDS = ("selected", "visual_sink_mass", "text_sink_mass", "visual_nonsink_mass")
 
 
-class _ScoreShiftPass(ir.passes.InPlacePass):
+class _ScoreShiftPass(VarLayerPass):
     """Per changed layer: ``log(row_scale)`` (B, H, S, 4), then ``shift`` rewires the Attention."""
 
-    def __init__(
-        self, settings: VarSettings, *, num_layers: int | None = None, analysis: VarAnalysis | None = None
-    ) -> None:
-        super().__init__()
-        self.settings = settings
-        self.num_layers = num_layers
-        self.analysis = analysis
+    def pending(self, layer: int, analysis: VarAnalysis, values: dict[str, ir.Value]) -> bool:
+        match = analysis.matches[layer]
+        # not selected in this layer, or already shifted (in either form): nothing to do
+        return _ir.layer_value_name(layer, "selected") in values and not _shifted(match)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        analysis = analysis_for(model, self.analysis)
-        values = _ir.value_map(graph)
-        modified = False
-        for layer in self.settings.var_layers(analysis.num_layers(self.num_layers)):
-            match = analysis.matches[layer]
-            if _ir.layer_value_name(layer, "selected") not in values or _shifted(match):
-                continue  # not selected in this layer, or already shifted (in either form)
-            selected, *masses = require(values, layer, _NEEDS, "FusedClassMassesPass and HeadSelectionPass")
-            b = Builder(graph, f"var/L{layer}")
-            row_scale = build_row_scale(b, self.settings.p, ClassMasses(*masses), selected)  # (B, H, S, 4)
-            log_m = b.op("Log", [row_scale], "log_row_scale")  # (B, H, S, 4), 0 where not selected
-            self.shift(b, match, log_m, values)
-            modified = True
-        if modified:
-            graph.sort()
-        return ir.passes.PassResult(model, modified=modified)
+    def build_layer(self, b: Builder, match: FusedLayerMatch, values: dict[str, ir.Value], shared: None) -> None:
+        selected, *masses = require(values, match.layer, _NEEDS, "FusedClassMassesPass and HeadSelectionPass")
+        row_scale = build_row_scale(b, self.settings.p, ClassMasses(*masses), selected)  # (B, H, S, 4)
+        log_m = b.op("Log", [row_scale], "log_row_scale")  # (B, H, S, 4), 0 where not selected
+        self.shift(b, match, log_m, values)
 
     def shift(self, b: Builder, match: FusedLayerMatch, log_m: ir.Value, values: dict[str, ir.Value]) -> None:
         raise NotImplementedError

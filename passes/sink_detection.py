@@ -20,10 +20,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from var_export.core.errors import GraphPatternError
-from var_export.core.settings import VarSettings
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
-from var_export.passes.analysis import VarAnalysis, analysis_for
+from var_export.passes.analysis import VarLayerPass, analysis_for
 from var_export.passes.builders import (
     add_present_sink_mask,
     add_sink_mask_io,
@@ -35,16 +34,12 @@ from var_export.passes.builders import (
 __all__ = ["SinkDetectionPass"]
 
 
-class SinkDetectionPass(ir.passes.InPlacePass):
-    """Insert the per-layer sink flags and the sink-mask cache input/output."""
+class SinkDetectionPass(VarLayerPass):
+    """Insert the per-layer sink flags and the sink-mask cache input/output.
 
-    def __init__(
-        self, settings: VarSettings, *, num_layers: int | None = None, analysis: VarAnalysis | None = None
-    ) -> None:
-        super().__init__()
-        self.settings = settings
-        self.num_layers = num_layers
-        self.analysis = analysis
+    Every VAR layer at once (its own ``call``): the per-layer rows are stacked into one
+    ``present_sink_mask`` output, and a graph that has it already is left as it is.
+    """
 
     def requires(self, model: ir.Model) -> None:
         if _ir.graph_input(model.graph, _ir.ATTENTION_MASK) is None:
@@ -62,7 +57,7 @@ class SinkDetectionPass(ir.passes.InPlacePass):
         if _ir.graph_output(graph, _ir.PRESENT_SINK_MASK) is not None:
             return ir.passes.PassResult(model, modified=False)  # already there
         analysis = analysis_for(model, self.analysis)
-        var_layers = self.settings.var_layers(analysis.num_layers(self.num_layers))
+        var_layers = self.layers(analysis)
         check_var_layers(var_layers, analysis.matches, "attention")
         attention_mask = _ir.graph_input(graph, _ir.ATTENTION_MASK)
         assert attention_mask is not None

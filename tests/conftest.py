@@ -4,8 +4,8 @@
 * ``parity_results``: max |Δlogits| per parity case, printed in the terminal summary;
 * ``tiny_bundles``: tiny-llava exported once into two bundles, VAR (hybrid, planted heads) and
   ``--no-var``, with the torch model, its processor and a synthetic image (runtime, bench, ...);
-* ``tiny_qwen_graphs`` / ``tiny_qwen_bundle``: tiny-qwen2.5-vl exported once, and its hybrid VAR
-  bundle; ``tiled``: the tiny LLaVA-NeXT / OneVision / InternVL variants (tiled_fixtures.py).
+* ``tiny_qwen_graphs`` / ``tiny_qwen_bundle``: tiny-qwen2.5-vl's plain graphs and a hybrid VAR
+  bundle (runtime, serving); ``tiled``: the tiled families (tests/tiled_fixtures.py).
 """
 
 from __future__ import annotations
@@ -140,32 +140,40 @@ def tiny_qwen_graphs(tiny_qwen_loaded, tmp_path_factory):
     return export_graphs(tiny_qwen_loaded.model, tmp_path_factory.mktemp("tiny-qwen") / "graphs")
 
 
+def tiny_qwen_settings():
+    """VAR settings and heads of the tiny-qwen2.5-vl hybrid bundle (the planted sinks / heads)."""
+    from var_export.calibration import tiny_qwen as tq
+    from var_export.core.settings import VarSettings
+
+    return VarSettings(sink_dims=tq.TINY_SINK_DIMS, layers="2:", heads="hybrid"), list(tq.PLANTED_IMAGE_CENTRIC_HEADS)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen_bundle(tiny_qwen_loaded, tiny_qwen_graphs, tmp_path_factory):
-    """A tiny-qwen2.5-vl bundle from ``tiny_qwen_graphs``: hybrid VAR (the planted image-centric
-    heads, layers 2:) and the manifest the pipeline writes (family facts included)."""
+    """A hybrid VAR bundle of tiny-qwen2.5-vl (family qwen2_5_vl, M-RoPE) from the session's plain
+    graphs, with the manifest facts the pipeline writes; written once per session."""
     from var_export.bundle import write_bundle
     from var_export.calibration import tiny_qwen as tq
-    from var_export.core.contract import DECODER
-    from var_export.core.settings import VarSettings
+    from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
     from var_export.models import model_fingerprint
     from var_export.passes.pipeline import apply_var, load_model, save_model
     from var_export.pipeline import _family_facts, _token_facts
 
-    settings = VarSettings(sink_dims=tq.TINY_SINK_DIMS, layers="2:", heads="hybrid")
-    heads = list(tq.PLANTED_IMAGE_CENTRIC_HEADS)
-    tmp = tmp_path_factory.mktemp("qwen-bundle")
+    settings, heads = tiny_qwen_settings()
+    tmp = tmp_path_factory.mktemp("tiny-qwen-bundle")
     model, report = apply_var(load_model(tiny_qwen_graphs.paths[DECODER]), settings, heads, num_layers=tq.NUM_LAYERS)
     (tmp / "var").mkdir()
     save_model(model, tmp / "var" / DECODER)
     cfg = tiny_qwen_loaded.config
-    fields = {
-        "model_id": "tiny-qwen2.5-vl", "fingerprint": model_fingerprint(cfg), "var": settings.to_dict(),
-        "var_layers": list(report.var_layers), "head_mode": "hybrid", "heads": [list(h) for h in heads],
-        "opset": tiny_qwen_graphs.opset, **_token_facts(cfg), **_family_facts(cfg),
+    graphs = {VISION_ENCODER: tiny_qwen_graphs.paths[VISION_ENCODER],
+              EMBED_TOKENS: tiny_qwen_graphs.paths[EMBED_TOKENS], DECODER: tmp / "var" / DECODER}
+    fields = {  # the pipeline's own facts (family, M-RoPE, spatial_merge_size, tokens, positions)
+        "model_id": "tiny-qwen2.5-vl", "fingerprint": model_fingerprint(cfg),
+        "var": settings.to_dict(), "var_layers": list(report.var_layers), "head_mode": "hybrid",
+        "heads": [list(h) for h in heads], "opset": tiny_qwen_graphs.opset, **_token_facts(cfg), **_family_facts(cfg),
     }
-    return write_bundle(tmp / "bundle", graphs={**tiny_qwen_graphs.paths, DECODER: tmp / "var" / DECODER},
-                        manifest_fields=fields, calibration=None, processor=tiny_qwen_loaded.processor)
+    return write_bundle(tmp / "bundle", graphs=graphs, manifest_fields=fields, calibration=None,
+                        processor=tiny_qwen_loaded.processor)
 
 
 @pytest.fixture(scope="session")

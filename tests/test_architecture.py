@@ -9,6 +9,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.dependency_graph import HEAVY, imports, library_files
+from benchmarks.longest_functions import long_functions, long_functions_in
+
+LIMIT = 60  # lines per library function, docstring included
 
 
 def _project(name: str) -> bool:
@@ -102,3 +105,32 @@ def test_the_scan_sees_lazy_imports():
     lazy = {name for module, path in library_files() if module == "var_export.export"
             for name, top in imports(path) if not top}
     assert "torch" in lazy  # imported inside the exporters, not at module level
+
+
+def test_no_library_function_over_the_limit_without_a_written_reason():
+    unexplained = [f"{module}.{qual}: {n} lines" for n, module, qual, reason in long_functions(LIMIT) if not reason]
+    assert not unexplained, (
+        f"library functions over {LIMIT} lines: {unexplained}. Split them into named steps, or write "
+        "why one must stay long in a `# long: <reason>` comment on its def line."
+    )
+
+
+def _function(lines: int, comment: str = "") -> str:
+    body = "\n".join(f"    x{i} = {i}" for i in range(lines - 2))
+    return f"def f():{comment}\n    \"\"\"Doc.\"\"\"\n{body}\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (_function(LIMIT), []),
+        (_function(LIMIT + 1), [(LIMIT + 1, "f", False)]),
+        (_function(LIMIT + 1, "  # long: one table, read top to bottom"), [(LIMIT + 1, "f", True)]),
+        (_function(LIMIT + 1, "  # long:"), [(LIMIT + 1, "f", False)]),  # a reason, not just the tag
+        ("class C:\n" + "\n".join("    " + line for line in _function(LIMIT + 1).splitlines()),
+         [(LIMIT + 1, "C.f", False)]),
+    ],
+    ids=["at-limit", "over", "over-with-reason", "empty-reason", "method"],
+)
+def test_the_length_rule_can_fail(source, expected):
+    assert long_functions_in(source, LIMIT) == expected

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,14 +26,13 @@ def test_help_explains_conventions_and_knobs():
 def test_real_model_offline_fails_fast_with_a_clear_message(tmp_path):
     import os
 
+    from var_export.core.errors import ModelLoadError
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    t = time.perf_counter()
     r = _cli("--model", "llava", "--out", str(tmp_path / "engine.plan"), env=env)
-    elapsed = time.perf_counter() - t
-    assert r.returncode != 0
+    assert r.returncode == ModelLoadError.exit_code
     assert "llava-hf/llava-1.5-7b-hf" in r.stderr
     assert "Traceback" not in r.stderr
-    assert elapsed < 60
     assert not any(tmp_path.glob("engine*")), "nothing half-written"
 
 

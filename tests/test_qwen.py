@@ -286,9 +286,7 @@ def test_calibration_finds_planted_sinks_and_heads(tiny_qwen_loaded):
 
 @pytest.fixture(scope="module")
 def qwen_bundle(tiny_qwen_bundle):
-    """The session's hybrid VAR bundle of tiny-qwen2.5-vl (conftest; SETTINGS / HEADS here)."""
-    manifest = json.loads((tiny_qwen_bundle / "manifest.json").read_text())
-    assert manifest["var"] == SETTINGS.replace(heads="hybrid").to_dict() and manifest["heads"] == [list(h) for h in HEADS]
+    """The session's hybrid bundle (conftest.tiny_qwen_bundle: SETTINGS with heads=hybrid, HEADS)."""
     return tiny_qwen_bundle
 
 

@@ -16,13 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from tests.triton_client import grpc_stream, http_stream
 from var_export.core.errors import BundleError, ConfigError, OutputError
 from var_export.triton import (
     MODEL_NAME,
@@ -36,7 +34,6 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient is in the dev extr
 pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) is in the dev extra")
 
 PROMPTS = ("What is in the picture?", "Describe the red square and the picture in words.", "Colors?")
-TIMEOUT = 60.0  # seconds any one request may take
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,84 +164,9 @@ def b64(tiny_var_bundle):
     return [base64.b64encode(p.read_bytes()).decode() for p in tiny_var_bundle["images"]]
 
 
-def _inputs(prompt: str | None, image: str | None, n: int | None = None, var: bool | None = None) -> list:
-    import tritonclient.grpc as grpcclient
-
-    out = []
-    for name, value, dtype in (("prompt", prompt, "BYTES"), ("image", image, "BYTES")):
-        if value is not None:
-            t = grpcclient.InferInput(name, [1], dtype)
-            t.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
-            out.append(t)
-    if n is not None:
-        t = grpcclient.InferInput("max_new_tokens", [1], "INT32")
-        t.set_data_from_numpy(np.array([n], np.int32))
-        out.append(t)
-    if var is not None:
-        t = grpcclient.InferInput("var", [1], "BOOL")
-        t.set_data_from_numpy(np.array([var], bool))
-        out.append(t)
-    return out
-
-
-def _grpc_stream(url: str, requests: list[tuple], *, stop_after: int | None = None) -> dict[str, dict]:
-    """Send requests on one gRPC stream; collect {request id: {"text", "final", "error"}}."""
-    import tritonclient.grpc as grpcclient
-
-    events: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: events.put((result, error)))
-    state: dict[str, dict] = {}
-    try:
-        for rid, args in requests:
-            state[rid] = {"text": "", "final": False, "error": None, "pieces": 0}
-            client.async_stream_infer(MODEL_NAME, _inputs(*args), request_id=rid, enable_empty_final_response=True)
-        deadline = time.monotonic() + TIMEOUT
-        while not all(s["final"] or s["error"] for s in state.values()):
-            result, error = events.get(timeout=max(0.1, deadline - time.monotonic()))
-            if error is not None:
-                if len(state) != 1:
-                    raise AssertionError(f"unexpected stream error: {error}")
-                next(iter(state.values()))["error"] = str(error)
-                continue
-            response = result.get_response()
-            s = state[response.id]
-            text = result.as_numpy("text")
-            if text is not None:
-                s["text"] += text[0].decode()
-                s["pieces"] += 1
-            s["final"] = response.parameters["triton_final_response"].bool_param
-            if stop_after is not None and s["pieces"] >= stop_after:
-                return state  # the client goes away mid-stream (finally: stream closed)
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
-    return state
-
-
-def _http_stream(url: str, body: dict, *, read_events: int | None = None) -> tuple[int, list[dict]]:
-    req = urllib.request.Request(
-        f"http://{url}/v2/models/{MODEL_NAME}/generate_stream", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    events: list[dict] = []
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if line.startswith("data:"):
-                    events.append(json.loads(line[5:]))
-                    if read_events is not None and len(events) >= read_events:
-                        break  # closing the connection: a client that disconnects
-            return resp.status, events
-    except urllib.error.HTTPError as exc:
-        return exc.code, [json.loads(ln[5:] if ln.startswith("data:") else ln)
-                          for ln in exc.read().decode().splitlines() if ln.strip()]
-
-
 def test_grpc_stream_equals_run_var_on_and_off(server, reference, b64):
     cases = {"on": (PROMPTS[0], 0, True, 10), "off": (PROMPTS[0], 0, False, 10), "default": (PROMPTS[1], 1, None, None)}
-    state = _grpc_stream(server["grpc"], [(rid, (p, b64[i], n, v)) for rid, (p, i, v, n) in cases.items()])
+    state = grpc_stream(server["grpc"], [(rid, (p, b64[i], n, v)) for rid, (p, i, v, n) in cases.items()])
     for rid, (p, i, v, n) in cases.items():
         s = state[rid]
         assert s["final"] and s["error"] is None, (rid, s)
@@ -260,28 +182,28 @@ def test_server_streams_what_cli_run_prints(server, b64, tiny_var_bundle, capsys
                 "--prompt", PROMPTS[0], "--max-new-tokens", "10", *([] if var else ["--no-var"])]
         assert main(args) == 0
         printed = capsys.readouterr().out
-        streamed = _grpc_stream(server["grpc"], [("x", (PROMPTS[0], b64[0], 10, var))])["x"]["text"]
+        streamed = grpc_stream(server["grpc"], [("x", (PROMPTS[0], b64[0], 10, var))])["x"]["text"]
         assert printed == streamed + "\n"
 
 
 def test_http_generate_stream_equals_run(server, reference, b64):
     for var in (True, False):
-        status, events = _http_stream(server["http"], {"prompt": PROMPTS[2], "image": b64[2], "max_new_tokens": 8, "var": var})
+        status, events = http_stream(server["http"], {"prompt": PROMPTS[2], "image": b64[2], "max_new_tokens": 8, "var": var})
         assert status == 200 and len(events) > 1
         assert "".join(e["text"] for e in events) == reference(PROMPTS[2], 2, var, 8)
 
 
 def test_eight_concurrent_requests_all_correct(server, reference, b64):
     cases = {f"r{k}": (PROMPTS[k % 3], k % 3, k % 4 != 3, 6 + k) for k in range(8)}
-    state = _grpc_stream(server["grpc"], [(rid, (p, b64[i], n, v)) for rid, (p, i, v, n) in cases.items()])
+    state = grpc_stream(server["grpc"], [(rid, (p, b64[i], n, v)) for rid, (p, i, v, n) in cases.items()])
     for rid, (p, i, v, n) in cases.items():
         assert state[rid]["final"] and state[rid]["text"] == reference(p, i, v, n), rid
 
 
 def test_disconnects_and_malformed_requests_leave_the_server_serving(server, reference, b64):
-    gone = _grpc_stream(server["grpc"], [("long", (PROMPTS[1], b64[1], 200, True))], stop_after=1)
+    gone = grpc_stream(server["grpc"], [("long", (PROMPTS[1], b64[1], 200, True))], stop_after=1)
     assert not gone["long"]["final"]
-    status, events = _http_stream(server["http"], {"prompt": PROMPTS[1], "image": b64[1], "max_new_tokens": 200}, read_events=1)
+    status, events = http_stream(server["http"], {"prompt": PROMPTS[1], "image": b64[1], "max_new_tokens": 200}, read_events=1)
     assert status == 200 and len(events) == 1
     bad = {
         "base64": (PROMPTS[0], "not base64 !!"),
@@ -290,12 +212,12 @@ def test_disconnects_and_malformed_requests_leave_the_server_serving(server, ref
         "not an image": (PROMPTS[0], base64.b64encode(b"text").decode()),
     }
     for name, (prompt, image) in bad.items():
-        s = _grpc_stream(server["grpc"], [("x", (prompt, image))])["x"]
+        s = grpc_stream(server["grpc"], [("x", (prompt, image))])["x"]
         assert s["error"] and not s["text"], name
-    assert "base64" in _grpc_stream(server["grpc"], [("x", bad["base64"])])["x"]["error"]
-    status, events = _http_stream(server["http"], {"prompt": "word " * 3000, "image": b64[0]})
+    assert "base64" in grpc_stream(server["grpc"], [("x", bad["base64"])])["x"]["error"]
+    status, events = http_stream(server["http"], {"prompt": "word " * 3000, "image": b64[0]})
     assert status == 400 and "positions" in events[0]["error"]
-    state = _grpc_stream(server["grpc"], [("after", (PROMPTS[0], b64[0], 6, True))])
+    state = grpc_stream(server["grpc"], [("after", (PROMPTS[0], b64[0], 6, True))])
     assert state["after"]["text"] == reference(PROMPTS[0], 0, True, 6)
 
 

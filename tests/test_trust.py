@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -63,16 +62,20 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
 # ------------------------------------------------------------------------- 1. ownership
 
 
-def test_the_issue_data_loss_case_is_refused_before_any_work(tmp_path, capsys):
+def test_the_issue_data_loss_case_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import var_export.models
+
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("the model was loaded before the output folder was refused")
+
+    monkeypatch.setattr(var_export.models, "load_llava", never)
     w = tmp_path / "w"
     (w / "src").mkdir(parents=True)
     (w / "manifest.json").write_text('{"name":"app"}')
     (w / "src" / "app.js").write_text("x")
     (w / "thesis.tex").write_text("t")
-    t = time.perf_counter()
     rc, text = _cli(["--model", "tiny-llava", "--out", str(w)], capsys)
-    assert rc == OutputError.exit_code and "no .var-export-owned marker" in text
-    assert time.perf_counter() - t < 10  # refused before the model loads
+    assert rc == OutputError.exit_code and "no .var-export-owned marker" in text  # before any model load
     assert sorted(p.relative_to(w).as_posix() for p in w.rglob("*")) == [
         "manifest.json", "src", "src/app.js", "thesis.tex"]
 
@@ -472,10 +475,8 @@ def test_decompression_bombs_are_clear_errors_without_warnings(tmp_path, monkeyp
     Image.new("1", (9000, 8000)).save(tmp_path / "bomb.png")  # 72 MP, a few kB on disk
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t = time.perf_counter()
         with pytest.raises(DataError, match="9000x8000"):
             load_image(tmp_path / "bomb.png")
-        assert time.perf_counter() - t < 2
         Image.new("RGB", (20, 20)).save(tmp_path / "warn.png")
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 px: PIL's warning zone
         with pytest.raises(DataError, match="too large"):

@@ -270,21 +270,7 @@ def fill_bundle(
     The caller owns ``tmp`` (a :class:`var_export.outputs.Outputs` staging folder): pipelines
     that write several outputs stage the bundle with the others and commit them together.
     """
-    io: dict[str, dict[str, list[str]]] = {}
-    for name, src in graphs.items():
-        src = Path(src)
-        _place(src, tmp / name)
-        for data_name in external_data_files(src):
-            data_src = src.parent / data_name
-            if not data_src.is_file():
-                raise BundleError(
-                    f"graph {src} refers to the external data file {data_name!r}, which is not "
-                    f"beside it. Keep {data_name} next to {src.name} or re-export."
-                )
-            if not (tmp / data_name).exists():
-                _place(data_src, tmp / data_name)
-        io[name] = graph_io(tmp / name)
-        log.debug("bundled %s", name)
+    io = {name: _place_graph(Path(src), tmp, name) for name, src in graphs.items()}
     if calibration is not None:
         (tmp / CALIBRATION).write_text(json.dumps(calibration, indent=2, sort_keys=True) + "\n")
     if processor is not None:
@@ -295,7 +281,28 @@ def fill_bundle(
         if (tmp / name).exists() or name == MANIFEST:
             raise BundleError(f"extra file {name!r} collides with a file already in the bundle.")
         _place(Path(src), tmp / name)
+    _write_manifest(tmp, manifest_fields, io)
 
+
+def _place_graph(src: Path, tmp: Path, name: str) -> dict[str, list[str]]:
+    """Place graph ``src`` as ``tmp/name`` with its external data files (each once); its I/O names."""
+    _place(src, tmp / name)
+    for data_name in external_data_files(src):
+        data_src = src.parent / data_name
+        if not data_src.is_file():
+            raise BundleError(
+                f"graph {src} refers to the external data file {data_name!r}, which is not "
+                f"beside it. Keep {data_name} next to {src.name} or re-export."
+            )
+        if not (tmp / data_name).exists():
+            _place(data_src, tmp / data_name)
+    io = graph_io(tmp / name)
+    log.debug("bundled %s", name)
+    return io
+
+
+def _write_manifest(tmp: Path, manifest_fields: Mapping[str, Any], io: dict[str, dict[str, list[str]]]) -> None:
+    """``manifest.json``: the given fields, the graphs' I/O, every file's sha256 and size, tool versions."""
     files: dict[str, dict[str, Any]] = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file():

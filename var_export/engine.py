@@ -1,4 +1,4 @@
-"""Continuous batching of greedy generations over one bundle (what ``var_llava`` serves).
+"""Continuous batching of greedy generations over one bundle of any family (what ``var_llava`` serves).
 
     engine = BatchedGenerator(VarRuntime(bundle))
     engine.start()                                   # a worker thread
@@ -17,11 +17,20 @@ Every iteration of the worker:
    trimmed from the left.
 
 The KV cache, the sink-mask cache, ``attention_mask`` and ``visual_token_mask`` are batched
-(B, ..., T); each sequence keeps its own position counter. Greedy argmax over a left-padded
-batch gives the tokens of a single-row run (masked keys contribute exactly 0), so each
-request's text is what ``var-export run`` prints for the same inputs. ``var=False`` on a
-request feeds it an all-False ``visual_token_mask`` (VAR off, exactly ``run --no-var``); VAR-on
-and VAR-off requests share a batch.
+(B, ..., T). Greedy argmax over a left-padded batch gives the tokens of a single-row run (masked
+keys contribute exactly 0), so each request's text is what ``var-export run`` prints for the
+same inputs. ``var=False`` on a request feeds it an all-False ``visual_token_mask`` (VAR off,
+exactly ``run --no-var``); VAR-on and VAR-off requests share a batch.
+
+Families. Everything family-specific comes from the code ``var-export run`` uses: the processor,
+the visual token expansion and the vision inputs (:meth:`VarRuntime.prepare` and
+:meth:`VarRuntime.prompt_embeds`: Qwen-VL dynamic resolution, LLaVA-NeXT / OneVision tiles and
+image_newline packing, InternVL tiles), and the positions
+(:meth:`~var_export.families.base.ModelFamily.prefill_positions` on each request's own one-row
+batch, then left-padded into the prefill batch; ``decode_positions`` of the running batch's mask
+with the rows' decode states joined by ``join_states``). Rows of one batch may have different
+image sizes and numbers of image tokens; each row keeps its own decode state (Qwen-VL's M-RoPE
+``rope_deltas``), so rows join and leave with theirs.
 
 A bad request (DataError: bad image, empty or too long prompt) fails alone; an unexpected
 error in a decoder call fails the requests of that call and the engine keeps serving.
@@ -44,7 +53,7 @@ import numpy as np
 
 from var_export.core.contract import ATTENTION_MASK
 from var_export.core.errors import DataError, RequestCancelled, VarExportError
-from var_export.runtime import decode_step_numpy, empty_past, prefill_position_ids
+from var_export.runtime import decode_step_numpy, empty_past
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -94,12 +103,23 @@ def decode_image_b64(data: str | bytes) -> Image.Image:
 
 
 @dataclasses.dataclass
+class _Prepared:
+    """One admitted request's prompt, before it joins a prefill batch."""
+
+    embeds: np.ndarray  # (S, D), image features merged in
+    visual: np.ndarray  # (S,) bool: image tokens (all False with VAR off)
+    positions: np.ndarray  # (S,) or M-RoPE (3, S), from the family's prefill_positions
+    state: Any  # the family's decode state of this row (None, or Qwen-VL's rope_deltas [1, 1])
+    budget: int  # tokens it may generate
+
+
+@dataclasses.dataclass
 class _Seq:
     """A running request: its row in the batch, its tokens and its streamed text."""
 
     req: GenRequest
     budget: int  # tokens it may still generate
-    position: int  # position id of its last token
+    state: Any = None  # the family's decode state of this row (Qwen-VL: rope_deltas [1, 1])
     generated: list[int] = dataclasses.field(default_factory=list)
     emitted: str = ""
     next_token: int = 0
@@ -208,15 +228,16 @@ class BatchedGenerator:
 
     # -- admission and prefill ----------------------------------------------------------------
 
-    def _prepare(self, req: GenRequest) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """(embeds (S, D), visual (S,) bool, token budget) or None when the request failed."""
+    def _prepare(self, req: GenRequest) -> _Prepared | None:
+        """The request's prompt as `var-export run` builds it, or None when the request failed."""
         rt = self.rt
         try:
             image = decode_image_b64(req.image) if isinstance(req.image, (bytes, str)) else req.image
             if req.max_new_tokens < 1:
                 raise DataError(f"input 'max_new_tokens' must be >= 1, found {req.max_new_tokens}.")
-            batch = rt.prepare(image, req.prompt)
-            embeds, _ = rt.prompt_embeds(batch)  # (1, S, D)
+            batch = rt.prepare(image, req.prompt)  # the family's processor: image tokens expanded
+            embeds, _ = rt.prompt_embeds(batch)  # (1, S, D): the family's vision inputs and merge
+            positions, state = rt.family.prefill_positions(batch)  # (1, S) or M-RoPE (3, 1, S)
         except VarExportError as exc:
             _finish(req, exc)
             return None
@@ -225,27 +246,31 @@ class BatchedGenerator:
         if rt.max_positions is not None:
             budget = min(budget, rt.max_positions - len(ids))
         visual = (ids == rt.image_token_id) if (req.var and rt.has_var) else np.zeros(len(ids), bool)
-        return embeds[0], visual, budget
+        return _Prepared(embeds[0], visual, np.asarray(positions, np.int64)[..., 0, :], state, budget)
 
     def _admit(self, fresh: list[GenRequest]) -> None:
         prepared = [(r, p) for r in fresh if (p := self._prepare(r)) is not None]
         if not prepared:
             return
-        s = max(p[0].shape[0] for _, p in prepared)
-        d = prepared[0][1][0].shape[1]
+        s = max(len(p.embeds) for _, p in prepared)
+        d = prepared[0][1].embeds.shape[1]
+        lead = prepared[0][1].positions.shape[:-1]  # () or M-RoPE (3,)
         n = len(prepared)
         embeds = np.broadcast_to(self._pad_embed, (n, s, d)).copy()  # (n, S, D), left padding
         mask = np.zeros((n, s), np.int64)
         visual = np.zeros((n, s), bool)
-        for i, (_, (e, v, _)) in enumerate(prepared):
-            embeds[i, s - len(e) :] = e
-            mask[i, s - len(e) :] = 1
-            visual[i, s - len(e) :] = v
+        positions = np.ones((*lead, n, s), np.int64)  # pads: any position (their keys are masked)
+        for i, (_, p) in enumerate(prepared):
+            k = len(p.embeds)
+            embeds[i, s - k :] = p.embeds
+            mask[i, s - k :] = 1
+            visual[i, s - k :] = p.visual
+            positions[..., i, s - k :] = p.positions
         logits, past = decode_step_numpy(
-            self.rt.decoder, embeds, mask, prefill_position_ids(mask), empty_past(self.rt.decoder, n), visual
+            self.rt.decoder, embeds, mask, positions, empty_past(self.rt.decoder, n), visual
         )
         self.stats["prefill_calls"] += 1
-        seqs = [_Seq(req=r, budget=p[2], position=len(p[0]) - 1) for r, p in prepared]
+        seqs = [_Seq(req=r, budget=p.budget, state=p.state) for r, p in prepared]
         self._join(seqs, past, {ATTENTION_MASK: mask, _VISUAL: visual})
         for seq, row in zip(seqs, logits[:, -1]):
             self._emit(seq, int(row.argmax()))
@@ -270,9 +295,9 @@ class BatchedGenerator:
             ATTENTION_MASK: np.concatenate([self._masks[ATTENTION_MASK], np.ones((b, 1), np.int64)], 1),
             _VISUAL: np.concatenate([self._masks[_VISUAL], np.zeros((b, 1), bool)], 1),
         }
-        for s in seqs:
-            s.position += 1
-        position_ids = np.array([[s.position] for s in seqs], np.int64)  # (B, 1)
+        family = self.rt.family  # (B, 1) or M-RoPE (3, B, 1), each row with its own decode state
+        state = family.join_states([s.state for s in seqs])
+        position_ids = family.decode_positions(self._masks[ATTENTION_MASK], state)
         logits, self._past = decode_step_numpy(
             self.rt.decoder, self.rt._embed(ids), self._masks[ATTENTION_MASK], position_ids,
             self._past, self._masks[_VISUAL],

@@ -558,6 +558,27 @@ def _total_axis_fixer(num_layers: int) -> Callable[[Any], dict[str, str]]:
     return fix_axes
 
 
+def _checked_opset(opset: int | None, fused: bool) -> int:
+    """The opset to export with (default by formulation), within the exporter's 7..23."""
+    opset = resolve_opset(opset, fused=fused)
+    if not 7 <= opset <= 23:
+        raise ConfigError(
+            f"--opset must be between 7 and 23 (default {DEFAULT_OPSET}), found {opset}."
+        )
+    return opset
+
+
+def _graph_jobs(
+    model: Any, num_layers: int, fused: bool
+) -> list[tuple[str, Callable[..., tuple[list[Path], float]], GraphIO]]:
+    """(file name, exporter, I/O names) of the three graphs, in export order."""
+    return [
+        (VISION_ENCODER, export_vision_encoder, vision_io(model)),
+        (EMBED_TOKENS, export_embed_tokens, EMBED_IO),
+        (DECODER, functools.partial(export_decoder, fused=fused), GraphIO(*decoder_io_names(num_layers))),
+    ]
+
+
 def export_graphs(
     model: Any,
     out_dir: Path,
@@ -579,20 +600,12 @@ def export_graphs(
     True/False forces it.
     """
     _torch_dtype(dtype)  # validate before any work
-    opset = resolve_opset(opset, fused=fused)
-    if not 7 <= opset <= 23:
-        raise ConfigError(
-            f"--opset must be between 7 and 23 (default {DEFAULT_OPSET}), found {opset}."
-        )
+    opset = _checked_opset(opset, fused)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_layers = num_decoder_layers(model)
     with _in_dtype(model, dtype) as m:  # convert once, not once per graph
-        jobs: list[tuple[str, Callable[..., tuple[list[Path], float]], GraphIO]] = [
-            (VISION_ENCODER, export_vision_encoder, vision_io(model)),
-            (EMBED_TOKENS, export_embed_tokens, EMBED_IO),
-            (DECODER, functools.partial(export_decoder, fused=fused), GraphIO(*decoder_io_names(num_layers))),
-        ]
+        jobs = _graph_jobs(model, num_layers, fused)
         result = ExportResult(
             out_dir=out_dir,
             paths={},

@@ -137,6 +137,50 @@ def format_prompt(preset_or_processor: Any, text: str) -> str:
     return out
 
 
+def _check_batch(images: list[Image.Image], prompts: list[str], padding_side: str) -> None:
+    """One image per prompt, at least one of each, a known padding side."""
+    if not prompts:
+        raise DataError("no prompts: expected one prompt per image.")
+    if not images:
+        raise DataError("no image given: every prompt needs one image (LLaVA prompts hold one <image>).")
+    if len(images) != len(prompts):
+        raise DataError(f"expected one image per prompt, found {len(images)} images and {len(prompts)} prompts.")
+    if padding_side not in ("left", "right"):
+        raise DataError(f"padding_side must be 'left' or 'right', found {padding_side!r}.")
+
+
+def _encode(processor: Any, images: list[Image.Image], texts: list[str], padding_side: str) -> Any:  # noqa: ANN401
+    """The processor's padded batch (torch tensors), padded on ``padding_side``; a rejected
+    input is a ``DataError``. The tokenizer's own padding side is restored afterwards."""
+    tokenizer = processor.tokenizer
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = padding_side
+    try:
+        return processor(images=[im.convert("RGB") for im in images], text=texts, return_tensors="pt", padding=True)
+    except DataError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"the processor rejected the inputs: {exc}.") from exc
+    finally:
+        tokenizer.padding_side = old_side
+
+
+def _check_lengths(attention_mask: Any, tokenizer: Any, max_prompt_tokens: int | None) -> None:  # noqa: ANN401
+    """Every prompt (image tokens included) within ``max_prompt_tokens``, by default the
+    tokenizer's ``model_max_length`` when it is finite."""
+    limit = max_prompt_tokens
+    if limit is None:
+        mml = getattr(tokenizer, "model_max_length", None)
+        limit = int(mml) if isinstance(mml, int) and mml < 1_000_000 else None
+    lengths = attention_mask.sum(1)  # (B,)
+    if limit is not None and int(lengths.max()) > limit:
+        worst = int(lengths.argmax())
+        raise DataError(
+            f"prompt {worst} is {int(lengths[worst])} tokens long (image tokens included); the model "
+            f"takes at most {limit}. Shorten the prompt."
+        )
+
+
 def prepare_batch(
     processor: Any,
     images: Sequence[Image.Image],
@@ -157,27 +201,10 @@ def prepare_batch(
     import torch
 
     images, prompts = list(images), list(prompts)
-    if not prompts:
-        raise DataError("no prompts: expected one prompt per image.")
-    if not images:
-        raise DataError("no image given: every prompt needs one image (LLaVA prompts hold one <image>).")
-    if len(images) != len(prompts):
-        raise DataError(f"expected one image per prompt, found {len(images)} images and {len(prompts)} prompts.")
-    if padding_side not in ("left", "right"):
-        raise DataError(f"padding_side must be 'left' or 'right', found {padding_side!r}.")
+    _check_batch(images, prompts, padding_side)
     texts = [format_prompt(processor, p) for p in prompts]
+    enc = _encode(processor, images, texts, padding_side)
     tokenizer = processor.tokenizer
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = padding_side
-    try:
-        enc = processor(images=[im.convert("RGB") for im in images], text=texts, return_tensors="pt", padding=True)
-    except DataError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"the processor rejected the inputs: {exc}.") from exc
-    finally:
-        tokenizer.padding_side = old_side
-
     image_token_id = getattr(processor, "image_token_id", None)
     if image_token_id is None:
         image_token_id = tokenizer.convert_tokens_to_ids(_image_token(processor))
@@ -187,17 +214,7 @@ def prepare_batch(
     per_row = visual.sum(1)
     if (per_row == 0).any():
         raise DataError("a prompt has no image tokens after processing; every prompt needs one image.")
-    limit = max_prompt_tokens
-    if limit is None:
-        mml = getattr(tokenizer, "model_max_length", None)
-        limit = int(mml) if isinstance(mml, int) and mml < 1_000_000 else None
-    lengths = attention_mask.sum(1)  # (B,)
-    if limit is not None and int(lengths.max()) > limit:
-        worst = int(lengths.argmax())
-        raise DataError(
-            f"prompt {worst} is {int(lengths[worst])} tokens long (image tokens included); the model "
-            f"takes at most {limit}. Shorten the prompt."
-        )
+    _check_lengths(attention_mask, tokenizer, max_prompt_tokens)
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -82,13 +82,39 @@ def _run_reference(
     """One prefill step with VAR; sinks of every layer and one layer's attention (last row)."""
     import torch
 
-    from var_export.calibration.reference import (
-        VarObserver,
-        VarReference,
-        multimodal_embeds,
-        prompt_positions,
-        sink_flags,
+    from var_export.calibration.reference import eligible_rows, multimodal_embeds, prompt_positions
+    from var_export.families import family_of
+
+    observer = _sink_recorder(settings)
+    ref = _probe_reference(probe_layer)(model, settings, heads=heads, observer=observer)
+    input_ids = batch["input_ids"]
+    mask = batch["attention_mask"].long()
+    visual = batch["visual_token_mask"].to(torch.bool)
+    position_ids, _ = prompt_positions(model, batch)  # (B, S), or (3, B, S) for M-RoPE
+    with torch.no_grad():
+        extra = {k: batch[k] for k in family_of(model).processor_keys if k in batch}  # image_sizes, ...
+        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"], **extra)  # (B, S, D)
+        ref.step(embeds, mask, position_ids, None, visual, None)
+
+    valid = mask != 0
+    eligible = eligible_rows(visual & valid, valid, 0)  # (B, S)
+    return _Capture(
+        sinks={layer: s[0].cpu().numpy().astype(bool) for layer, s in observer.sinks.items()},
+        visual=(visual & valid)[0].cpu().numpy(),
+        valid=valid[0].cpu().numpy(),
+        eligible=eligible[0].cpu().numpy(),
+        attn_before=None if ref.before is None else ref.before.cpu().numpy(),
+        attn_after=None if ref.after is None else ref.after.cpu().numpy(),
+        whole_tile=_whole_tile(batch["pixel_values"]),
     )
+
+
+def _sink_recorder(settings: VarSettings) -> Any:  # noqa: ANN401 - a calibration.reference.VarObserver
+    """An observer that records every layer's sink flags (B, T) in ``.sinks``: the reference's own
+    at VAR layers, the would-be flags at the other layers."""
+    import torch
+
+    from var_export.calibration.reference import VarObserver, sink_flags
 
     class Observer(VarObserver):
         def __init__(self) -> None:
@@ -100,6 +126,16 @@ def _run_reference(
 
         def layer_sinks(self, layer, sink, visual, valid, past_len) -> None:  # noqa: D102
             self.sinks[layer] = sink & valid  # the reference's own flags at VAR layers
+
+    return Observer()
+
+
+def _probe_reference(probe_layer: int) -> type:
+    """The VarReference class that records ``probe_layer``'s last query row (H, T) of the first
+    sample before (``.before``) and after (``.after``) VAR."""
+    import torch
+
+    from var_export.calibration.reference import VarReference
 
     class Probe(VarReference):
         """The reference, recording the probed layer's last query row before and after VAR."""
@@ -114,31 +150,7 @@ def _run_reference(
                 self.after = out[0, :, -1].float().clone()
             return out
 
-    observer = Observer()
-    ref = Probe(model, settings, heads=heads, observer=observer)
-    input_ids = batch["input_ids"]
-    mask = batch["attention_mask"].long()
-    visual = batch["visual_token_mask"].to(torch.bool)
-    position_ids, _ = prompt_positions(model, batch)  # (B, S), or (3, B, S) for M-RoPE
-    with torch.no_grad():
-        from var_export.families import family_of
-
-        extra = {k: batch[k] for k in family_of(model).processor_keys if k in batch}  # image_sizes, ...
-        embeds = multimodal_embeds(model, input_ids, batch["pixel_values"], **extra)  # (B, S, D)
-        ref.step(embeds, mask, position_ids, None, visual, None)
-    from var_export.calibration.reference import eligible_rows
-
-    valid = mask != 0
-    eligible = eligible_rows(visual & valid, valid, 0)  # (B, S)
-    return _Capture(
-        sinks={layer: s[0].cpu().numpy().astype(bool) for layer, s in observer.sinks.items()},
-        visual=(visual & valid)[0].cpu().numpy(),
-        valid=valid[0].cpu().numpy(),
-        eligible=eligible[0].cpu().numpy(),
-        attn_before=None if ref.before is None else ref.before.cpu().numpy(),
-        attn_after=None if ref.after is None else ref.after.cpu().numpy(),
-        whole_tile=_whole_tile(batch["pixel_values"]),
-    )
+    return Probe
 
 
 def _whole_tile(pixel_values: Any) -> str | None:
@@ -453,23 +465,8 @@ def _json_scores(scores: np.ndarray) -> list[list[float | None]]:
     return [[None if math.isnan(v) else round(float(v), 6) for v in row] for row in scores]
 
 
-def _summarize(
-    cap: _Capture,
-    batch: dict[str, Any],
-    processor: Any,
-    settings: VarSettings,
-    num_layers: int,
-    num_heads: int,
-    var_layers: list[int],
-    grid: tuple[int, int],
-    scores: np.ndarray,
-    selected: list[tuple[int, int]],
-    calibration: dict[str, Any] | None,
-    layer: int,
-    head: int,
-) -> dict[str, Any]:
-    n_visual = int(cap.visual.sum())
-    n_text = int((cap.valid & ~cap.visual).sum())
+def _layer_sinks(cap: _Capture, num_layers: int, var_layers: list[int], grid: tuple[int, int]) -> list[dict[str, Any]]:
+    """Per decoder layer: its visual and text sink counts and the sink patches on the grid."""
     layers = []
     for lay in range(num_layers):
         sink = cap.sinks.get(lay, np.zeros_like(cap.visual))
@@ -481,6 +478,13 @@ def _summarize(
             "text_sinks": int((sink & ~cap.visual & cap.valid).sum()),
             "sink_patches": [[int(r), int(c)] for r, c in zip(*np.nonzero(patch_mask))],
         })
+    return layers
+
+
+def _probed_attention(
+    cap: _Capture, batch: dict[str, Any], processor: Any, grid: tuple[int, int], layer: int, head: int
+) -> dict[str, Any]:
+    """The probed (layer, head)'s last query row: its class masses and grid before and after VAR."""
     query = int(np.flatnonzero(cap.valid)[-1])
     token = processor.tokenizer.convert_ids_to_tokens([int(batch["input_ids"][0, query])])[0]
     attention: dict[str, Any] = {"layer": layer, "head": head, "query_position": query, "query_token": token}
@@ -498,6 +502,28 @@ def _summarize(
             "grid_before": _grid_of(before, cap, grid).round(6).tolist(),
             "grid_after": _grid_of(after, cap, grid).round(6).tolist(),
         })
+    return attention
+
+
+def _summarize(
+    cap: _Capture,
+    batch: dict[str, Any],
+    processor: Any,
+    settings: VarSettings,
+    num_layers: int,
+    num_heads: int,
+    var_layers: list[int],
+    grid: tuple[int, int],
+    scores: np.ndarray,
+    selected: list[tuple[int, int]],
+    calibration: dict[str, Any] | None,
+    layer: int,
+    head: int,
+) -> dict[str, Any]:
+    n_visual = int(cap.visual.sum())
+    n_text = int((cap.valid & ~cap.visual).sum())
+    layers = _layer_sinks(cap, num_layers, var_layers, grid)
+    attention = _probed_attention(cap, batch, processor, grid, layer, head)
     source = None
     if calibration:
         source = calibration.get("inspect_source") or "calibration.json"

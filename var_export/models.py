@@ -276,6 +276,51 @@ def _torch_dtype(dtype: str) -> Any:
     return table[dtype]
 
 
+def _load_weights(
+    family: Any, path: Path, torch_dtype: Any, attn_implementation: str, use_safetensors: bool,
+    trust_remote_code: bool,
+) -> Any:  # noqa: ANN401 - the family's PreTrainedModel
+    """The family's model from ``path``; a corrupt directory or weights that do not match the
+    config are a ``ModelLoadError``."""
+    try:
+        model, info = family.model_class().from_pretrained(
+            path,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
+    except (UnsafeInputError, ModelLoadError):
+        raise
+    except Exception as exc:  # safetensors / json / shape errors from a corrupt directory
+        raise ModelLoadError(
+            f"could not load the weights in {path}: {type(exc).__name__}: {exc}. "
+            "The directory is corrupt or incomplete; re-download or re-save it."
+        ) from exc
+    missing = list(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        raise ModelLoadError(
+            f"weights in {path} do not match its config.json: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(mismatched)} with the wrong shape. Re-download or re-save it."
+        )
+    return model
+
+
+def _load_processor(family: Any, path: Path, trust_remote_code: bool) -> Any:  # noqa: ANN401
+    """The family's processor (tokenizer + image processor) from ``path``, or a ``ModelLoadError``."""
+    try:
+        return family.load_processor(path, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load the processor (tokenizer + image processor) from {path}: "
+            f"{type(exc).__name__}: {exc}. Expected the files written by the processor's save_pretrained."
+        ) from exc
+
+
 def load_llava(
     spec: ModelSpec | str | None,
     *,
@@ -303,38 +348,8 @@ def load_llava(
     from var_export.families import family_for_model_type
 
     family = family_for_model_type(cfg.get("model_type"))
-    try:
-        model, info = family.model_class().from_pretrained(
-            path,
-            dtype=torch_dtype,
-            attn_implementation=attn_implementation,
-            use_safetensors=use_safetensors,
-            trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )
-    except (UnsafeInputError, ModelLoadError):
-        raise
-    except Exception as exc:  # safetensors / json / shape errors from a corrupt directory
-        raise ModelLoadError(
-            f"could not load the weights in {path}: {type(exc).__name__}: {exc}. "
-            "The directory is corrupt or incomplete; re-download or re-save it."
-        ) from exc
-    missing = list(info.get("missing_keys") or [])
-    mismatched = list(info.get("mismatched_keys") or [])
-    if missing or mismatched:
-        raise ModelLoadError(
-            f"weights in {path} do not match its config.json: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(mismatched)} with the wrong shape. Re-download or re-save it."
-        )
-    try:
-        processor = family.load_processor(path, trust_remote_code=trust_remote_code)
-    except ModelLoadError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not load the processor (tokenizer + image processor) from {path}: "
-            f"{type(exc).__name__}: {exc}. Expected the files written by the processor's save_pretrained."
-        ) from exc
+    model = _load_weights(family, path, torch_dtype, attn_implementation, use_safetensors, trust_remote_code)
+    processor = _load_processor(family, path, trust_remote_code)
     model.eval()
     logger.info("loaded %s from %s (%s, %s attention)", spec.model_id, path, dtype, attn_implementation)
     return LoadedModel(model=model, processor=processor, config=model.config, spec=spec, path=path)

@@ -132,19 +132,11 @@ def build_bundle(opts: BuildOptions, progress: Any = None) -> BuildResult:
 
 
 def _build(opts: BuildOptions, spec: Any, tx: Any, progress: Any) -> BuildResult:
-    from var_export.bundle import fill_bundle
-    from var_export.models import load_llava, model_fingerprint, text_config_dims
-    from var_export.verify import verify_graph
+    from var_export.models import model_fingerprint, text_config_dims
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    loaded = load_llava(
-        spec,
-        dtype=opts.dtype,
-        attn_implementation="eager",
-        trust_remote_code=opts.trust_remote_code,
-        allow_pickle=opts.allow_pickle,
-    )
+    loaded = _load(opts, spec)
     num_layers, _, _, _, hidden = text_config_dims(loaded.config)
     fingerprint = model_fingerprint(loaded.config)
     timings["load"] = time.perf_counter() - t0
@@ -167,26 +159,8 @@ def _build(opts: BuildOptions, spec: Any, tx: Any, progress: Any) -> BuildResult
         **_family_facts(loaded.config),
     }
     if opts.verify:  # never write a graph that does not load
-        t = time.perf_counter()
-        for path in graphs.values():
-            verify_graph(path)
-        timings["verify"] = time.perf_counter() - t
-    t = time.perf_counter()
-    stage = tx.stage_dir(out, what="bundle folder")
-    from var_export.hf_layout import hf_config_files
-
-    fill_bundle(stage, graphs=graphs, manifest_fields=manifest_fields, calibration=cal,
-                processor=loaded.processor,
-                extra_files=hf_config_files(loaded.config, work / "hf"))  # AutoConfig works on the bundle
-    timings["bundle"] = time.perf_counter() - t
-    triton_dir = None
-    if opts.triton:  # a self-contained repository (the bundle copied in), staged with the bundle
-        from var_export.bundle import load_bundle
-        from var_export.triton import write_triton_repository
-
-        triton_dir = triton_dir_for(out)
-        write_triton_repository(load_bundle(stage), tx.stage_dir(triton_dir, what="Triton repository"),
-                                copy_bundle=True, overwrite=True)
+        _verify(graphs, timings)
+    stage, triton_dir = _stage_outputs(opts, tx, out, graphs, manifest_fields, cal, loaded, work, timings)
     files = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
     tx.commit()  # the bundle and the Triton repository together, or neither
     layout_dir = None
@@ -199,6 +173,55 @@ def _build(opts: BuildOptions, spec: Any, tx: Any, progress: Any) -> BuildResult
         bundle_dir=out, settings=settings, calibration=cal, var_layers=var_layers, heads=heads,
         files=files, timings=timings, triton_dir=triton_dir, layout_dir=layout_dir,
     )
+
+
+def _load(opts: BuildOptions, spec: Any) -> Any:  # noqa: ANN401 - models.LoadedModel
+    """The model, eager attention (the VAR passes read its explicit softmax), in ``opts.dtype``."""
+    from var_export.models import load_llava
+
+    return load_llava(
+        spec,
+        dtype=opts.dtype,
+        attn_implementation="eager",
+        trust_remote_code=opts.trust_remote_code,
+        allow_pickle=opts.allow_pickle,
+    )
+
+
+def _verify(graphs: dict[str, Path], timings: dict[str, float]) -> None:
+    """Load every graph in ONNX Runtime before anything is written."""
+    from var_export.verify import verify_graph
+
+    t = time.perf_counter()
+    for path in graphs.values():
+        verify_graph(path)
+    timings["verify"] = time.perf_counter() - t
+
+
+def _stage_outputs(
+    opts: BuildOptions, tx: Any, out: Path, graphs: dict[str, Path], manifest_fields: dict[str, Any],
+    cal: dict[str, Any] | None, loaded: Any, work: Path, timings: dict[str, float],
+) -> tuple[Path, Path | None]:
+    """Stage the bundle folder (and with ``opts.triton`` the Triton repository) in ``tx``;
+    returns (staged bundle folder, final Triton repository folder or None)."""
+    from var_export.bundle import fill_bundle
+    from var_export.hf_layout import hf_config_files
+
+    t = time.perf_counter()
+    stage = tx.stage_dir(out, what="bundle folder")
+    fill_bundle(stage, graphs=graphs, manifest_fields=manifest_fields, calibration=cal,
+                processor=loaded.processor,
+                extra_files=hf_config_files(loaded.config, work / "hf"))  # AutoConfig works on the bundle
+    timings["bundle"] = time.perf_counter() - t
+    triton_dir = None
+    if opts.triton:  # a self-contained repository (the bundle copied in), staged with the bundle
+        from var_export.bundle import load_bundle
+        from var_export.triton import write_triton_repository
+
+        triton_dir = triton_dir_for(out)
+        write_triton_repository(load_bundle(stage), tx.stage_dir(triton_dir, what="Triton repository"),
+                                copy_bundle=True, overwrite=True)
+    return stage, triton_dir
 
 
 def _settings(

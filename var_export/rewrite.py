@@ -503,6 +503,79 @@ def _apply_fused(model: ir.Model, settings: VarSettings, heads: list[tuple[int, 
 # The entry point
 
 
+def _check_paths(
+    in_path: str | os.PathLike[str], out_path: str | os.PathLike[str] | None, dry_run: bool
+) -> tuple[Path, Path | None]:
+    """The input graph (it must exist) and the output path (needed unless ``dry_run``; never the input)."""
+    in_path = Path(in_path)
+    if not in_path.is_file():
+        raise ModelLoadError(f"input graph {str(in_path)!r} not found (expected an .onnx file).")
+    if out_path is None and not dry_run:
+        raise ConfigError("no output path: pass --out OUT.onnx (or --dry-run to only print the plan).")
+    out = Path(out_path) if out_path is not None else None
+    if out is not None and (out.exists() and _same_file(out, in_path)
+                            or os.path.abspath(out) == os.path.abspath(in_path)):
+        raise ConfigError(
+            f"--out {str(out)!r} is the input graph itself; refusing to overwrite it. "
+            "Choose another output name, e.g. model_var.onnx."
+        )
+    return in_path, out
+
+
+def _load_input(in_path: Path, out: Path | None, dry_run: bool) -> tuple[ir.Model, list[ExternalDataRef]]:
+    """The input graph (weights left on disk) and its checked external data files; refuses an
+    output that is one of those files or that may not be replaced, before any pass runs."""
+    try:
+        proto = onnx.load(os.fspath(in_path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{in_path} is not a readable ONNX model ({type(exc).__name__}: {exc}).") from exc
+    refs = check_external_data(in_path, proto)  # before anything else reads the graph
+    if out is not None:
+        for ref in refs:
+            if out.exists() and _same_file(out, ref.path) or os.path.abspath(out) == os.path.abspath(ref.path):
+                raise ConfigError(f"--out {str(out)!r} is the input's external data file; refusing.")
+    if out is not None and not dry_run:  # before the passes run: refuse what we may not replace
+        from var_export.outputs import check_target
+
+        check_target(out, "file", what="rewrite output")
+
+    model = ir.serde.deserialize_model(proto)
+    del proto
+    ir.external_data.set_base_dir(model.graph, os.fspath(in_path.parent))
+    return model, refs
+
+
+def _data_mode(refs: list[ExternalDataRef], data: DataMode, in_path: Path, out: Path | None) -> str:
+    """How the external weights reach the output: ``inline`` without any, else ``data``
+    (``auto``: shared in the input's folder, copied elsewhere)."""
+    if not refs:
+        return "inline"
+    same_dir = out is None or os.path.realpath(out.parent) == os.path.realpath(in_path.parent)
+    if data == "auto":
+        return "share" if same_dir else "copy"
+    if data == "share" and not same_dir:
+        assert out is not None
+        raise ConfigError(
+            "data='share' needs the output in the input's folder (its weights are referenced "
+            f"by relative location); {out.parent} is another folder. Use data='copy'."
+        )
+    return data
+
+
+def _write_output(
+    model: ir.Model, in_path: Path, out: Path, refs: list[ExternalDataRef], mode: str, progress: Progress | None
+) -> tuple[list[Path], list[str]]:
+    """Write the graph and its weights (``_write``), then mark what it wrote as ours."""
+    from var_export.outputs import claim, write_error
+
+    try:
+        data_files, data_how = _write(model, in_path, out, refs, mode, progress)
+    except OSError as exc:  # disk full, read-only, ...: a clear error; _write removed its temp files
+        raise write_error(exc, [out]) from exc
+    claim([out, *(p for p in data_files if p.parent == out.parent)])  # ours: replaceable next time
+    return data_files, data_how
+
+
 def rewrite_decoder(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str] | None,
@@ -524,35 +597,8 @@ def rewrite_decoder(
     otherwise; ``link`` hard-links them. ``progress(done, total)``: bytes of a weight copy.
     """
     t0 = time.perf_counter()
-    in_path = Path(in_path)
-    if not in_path.is_file():
-        raise ModelLoadError(f"input graph {str(in_path)!r} not found (expected an .onnx file).")
-    if out_path is None and not dry_run:
-        raise ConfigError("no output path: pass --out OUT.onnx (or --dry-run to only print the plan).")
-    out = Path(out_path) if out_path is not None else None
-    if out is not None and (out.exists() and _same_file(out, in_path)
-                            or os.path.abspath(out) == os.path.abspath(in_path)):
-        raise ConfigError(
-            f"--out {str(out)!r} is the input graph itself; refusing to overwrite it. "
-            "Choose another output name, e.g. model_var.onnx."
-        )
-    try:
-        proto = onnx.load(os.fspath(in_path), load_external_data=False)
-    except Exception as exc:
-        raise ModelLoadError(f"{in_path} is not a readable ONNX model ({type(exc).__name__}: {exc}).") from exc
-    refs = check_external_data(in_path, proto)  # before anything else reads the graph
-    if out is not None:
-        for ref in refs:
-            if out.exists() and _same_file(out, ref.path) or os.path.abspath(out) == os.path.abspath(ref.path):
-                raise ConfigError(f"--out {str(out)!r} is the input's external data file; refusing.")
-    if out is not None and not dry_run:  # before the passes run: refuse what we may not replace
-        from var_export.outputs import check_target
-
-        check_target(out, "file", what="rewrite output")
-
-    model = ir.serde.deserialize_model(proto)
-    del proto
-    ir.external_data.set_base_dir(model.graph, os.fspath(in_path.parent))
+    in_path, out = _check_paths(in_path, out_path, dry_run)
+    model, refs = _load_input(in_path, out, dry_run)
 
     cal = load_calibration(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
     head_list = [(int(a), int(b)) for a, b in heads] if heads is not None else calibration_heads(cal)
@@ -564,33 +610,14 @@ def rewrite_decoder(
     added_in = [v.name for v in model.graph.inputs if v.name not in inputs_before]
     added_out = [v.name for v in model.graph.outputs if v.name not in outputs_before]
 
-    if not refs:
-        mode = "inline"
-    elif data == "auto":
-        same_dir = out is None or os.path.realpath(out.parent) == os.path.realpath(in_path.parent)
-        mode = "share" if same_dir else "copy"
-    else:
-        mode = data
-        if mode == "share" and out is not None and (
-            os.path.realpath(out.parent) != os.path.realpath(in_path.parent)
-        ):
-            raise ConfigError(
-                "data='share' needs the output in the input's folder (its weights are referenced "
-                f"by relative location); {out.parent} is another folder. Use data='copy'."
-            )
+    mode = _data_mode(refs, data, in_path, out)
     data_files = [r.path for r in refs]
     data_how: list[str] = []
     if not refs and not _onnx_checkable(model):
         _check_loads_in_ort(model)
     if not dry_run:
         assert out is not None
-        from var_export.outputs import claim, write_error
-
-        try:
-            data_files, data_how = _write(model, in_path, out, refs, mode, progress)
-        except OSError as exc:  # disk full, read-only, ...: a clear error; _write removed its temp files
-            raise write_error(exc, [out]) from exc
-        claim([out, *(p for p in data_files if p.parent == out.parent)])  # ours: replaceable next time
+        data_files, data_how = _write_output(model, in_path, out, refs, mode, progress)
         log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,

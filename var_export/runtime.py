@@ -343,6 +343,18 @@ class DecodeResult:
     decode_seconds: float
 
 
+def _prompt_visual_mask(visual_token_mask: np.ndarray | None, mask: np.ndarray) -> np.ndarray:
+    """The prompt's (B, T) bool image-token mask, padding excluded (None: no image token, VAR off)."""
+    if visual_token_mask is None:
+        return np.zeros(mask.shape, dtype=np.bool_)
+    visual_token_mask = _array(VISUAL_MASK, visual_token_mask)
+    if visual_token_mask.dtype != np.bool_:
+        raise _bad(VISUAL_MASK, "a bool array (True = image token)", f"dtype {visual_token_mask.dtype}")
+    if visual_token_mask.shape != mask.shape:
+        raise _bad(VISUAL_MASK, f"the attention mask's shape {mask.shape}", f"shape {visual_token_mask.shape}")
+    return visual_token_mask & (mask != 0)
+
+
 def greedy_decode_numpy(
     decoder: ort.InferenceSession,
     embed: Callable[[np.ndarray], np.ndarray],
@@ -371,13 +383,7 @@ def greedy_decode_numpy(
     inputs_embeds = _array("inputs_embeds", inputs_embeds)
     b = inputs_embeds.shape[0]
     mask = _integer("attention_mask", attention_mask, "(B, T) of 0/1")
-    if visual_token_mask is not None:
-        visual_token_mask = _array(VISUAL_MASK, visual_token_mask)
-        if visual_token_mask.dtype != np.bool_:
-            raise _bad(VISUAL_MASK, "a bool array (True = image token)", f"dtype {visual_token_mask.dtype}")
-        if visual_token_mask.shape != mask.shape:
-            raise _bad(VISUAL_MASK, f"the attention mask's shape {mask.shape}", f"shape {visual_token_mask.shape}")
-    visual = np.zeros(mask.shape, dtype=np.bool_) if visual_token_mask is None else visual_token_mask & (mask != 0)
+    visual = _prompt_visual_mask(visual_token_mask, mask)
     if position_ids is None:
         position_ids = prefill_position_ids(mask)
     past = empty_past(decoder, b)

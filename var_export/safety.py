@@ -95,6 +95,80 @@ def _refuse(model_path: Path, tensor: str, location: str, why: str) -> UnsafeInp
     )
 
 
+def _load_graph(model_path: Path) -> onnx.ModelProto:
+    """The graph protobuf of ``model_path``, without its weights (a clear error if unreadable)."""
+    try:
+        return onnx.load(os.fspath(model_path), load_external_data=False)
+    except FileNotFoundError:
+        raise ModelLoadError(f"ONNX file {str(model_path)!r} not found.") from None
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ModelLoadError(
+            f"{model_path} is not a readable ONNX model ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def _safe_location(model_path: Path, tensor: str, location: str, base: str, base_real: str) -> tuple[str, str]:
+    """(joined, real) path of a tensor's external ``location``; refuses one that is empty,
+    absolute, or escapes the model's folder ``base`` (directly or through a symlink)."""
+    if not location:
+        raise ModelLoadError(
+            f"{model_path}: tensor {tensor!r} is marked external but names no location."
+        )
+    if os.path.isabs(location) or _WINDOWS_ABS.match(location) or location.startswith("~"):
+        raise _refuse(model_path, tensor, location, "is an absolute path")
+    if "\x00" in location:
+        raise _refuse(model_path, tensor, location, "contains a NUL byte")
+    joined = os.path.normpath(os.path.join(base, location))
+    if not _within(joined, base) or joined == base:
+        raise _refuse(model_path, tensor, location, f"escapes it (resolves to {joined!r})")
+    real = os.path.realpath(joined)
+    if not _within(real, base_real) or real == base_real:
+        raise _refuse(
+            model_path, tensor, location,
+            f"is a symlink (or passes through one) resolving to {real!r}, outside the folder",
+        )
+    return joined, real
+
+
+def _data_file_size(model_path: Path, tensor: str, location: str, base: str, real: str) -> int:
+    """The size of the external data file at ``real``: it must exist and be a regular file."""
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise ModelLoadError(
+            f"{model_path}: external data file {location!r} (for tensor {tensor!r}) "
+            f"not found in {base!r}. Copy the model together with its data file(s)."
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse(model_path, tensor, location, "is not a regular file")
+    return st.st_size
+
+
+def _tensor_end(model_path: Path, tensor: str, info: dict[str, str], size: int) -> int:
+    """The end offset of a tensor's bytes in its data file (``size`` bytes): integer, not
+    negative, within the file."""
+    location = info.get("location", "")
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ModelLoadError(
+            f"{model_path}: tensor {tensor!r} has a non-integer external offset/length "
+            f"{info.get('offset')!r}/{info.get('length')!r}."
+        ) from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelLoadError(
+            f"{model_path}: tensor {tensor!r} has a negative external offset/length."
+        )
+    end = offset + (length if length is not None else 0)
+    if end > size:
+        raise ModelLoadError(
+            f"{model_path}: tensor {tensor!r} needs bytes {offset}..{end} of {location!r}, "
+            f"but the file has {size} bytes (truncated or mismatched data file)."
+        )
+    return end
+
+
 def check_external_data(
     model_path: str | os.PathLike[str], model: onnx.ModelProto | None = None
 ) -> list[ExternalDataRef]:
@@ -108,67 +182,19 @@ def check_external_data(
     """
     model_path = Path(model_path)
     if model is None:
-        try:
-            model = onnx.load(os.fspath(model_path), load_external_data=False)
-        except FileNotFoundError:
-            raise ModelLoadError(f"ONNX file {str(model_path)!r} not found.") from None
-        except Exception as exc:  # protobuf DecodeError and friends
-            raise ModelLoadError(
-                f"{model_path} is not a readable ONNX model ({type(exc).__name__}: {exc})."
-            ) from exc
+        model = _load_graph(model_path)
     base = os.path.normpath(os.path.abspath(model_path.parent))
     base_real = os.path.realpath(base)
     refs: dict[str, dict] = {}
     for tensor in external_tensors(model):
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        if not location:
-            raise ModelLoadError(
-                f"{model_path}: tensor {tensor.name!r} is marked external but names no location."
-            )
-        if os.path.isabs(location) or _WINDOWS_ABS.match(location) or location.startswith("~"):
-            raise _refuse(model_path, tensor.name, location, "is an absolute path")
-        if "\x00" in location:
-            raise _refuse(model_path, tensor.name, location, "contains a NUL byte")
-        joined = os.path.normpath(os.path.join(base, location))
-        if not _within(joined, base) or joined == base:
-            raise _refuse(model_path, tensor.name, location, f"escapes it (resolves to {joined!r})")
-        real = os.path.realpath(joined)
-        if not _within(real, base_real) or real == base_real:
-            raise _refuse(
-                model_path, tensor.name, location,
-                f"is a symlink (or passes through one) resolving to {real!r}, outside the folder",
-            )
+        joined, real = _safe_location(model_path, tensor.name, location, base, base_real)
         entry = refs.get(joined)
         if entry is None:
-            try:
-                st = os.stat(real)
-            except FileNotFoundError:
-                raise ModelLoadError(
-                    f"{model_path}: external data file {location!r} (for tensor {tensor.name!r}) "
-                    f"not found in {base!r}. Copy the model together with its data file(s)."
-                ) from None
-            if not stat.S_ISREG(st.st_mode):
-                raise _refuse(model_path, tensor.name, location, "is not a regular file")
-            entry = refs[joined] = {"location": location, "size": st.st_size, "tensors": 0, "end": 0}
-        try:
-            offset = int(info.get("offset", 0) or 0)
-            length = int(info["length"]) if "length" in info else None
-        except ValueError:
-            raise ModelLoadError(
-                f"{model_path}: tensor {tensor.name!r} has a non-integer external offset/length "
-                f"{info.get('offset')!r}/{info.get('length')!r}."
-            ) from None
-        if offset < 0 or (length is not None and length < 0):
-            raise ModelLoadError(
-                f"{model_path}: tensor {tensor.name!r} has a negative external offset/length."
-            )
-        end = offset + (length if length is not None else 0)
-        if end > entry["size"]:
-            raise ModelLoadError(
-                f"{model_path}: tensor {tensor.name!r} needs bytes {offset}..{end} of {location!r}, "
-                f"but the file has {entry['size']} bytes (truncated or mismatched data file)."
-            )
+            size = _data_file_size(model_path, tensor.name, location, base, real)
+            entry = refs[joined] = {"location": location, "size": size, "tensors": 0, "end": 0}
+        end = _tensor_end(model_path, tensor.name, info, entry["size"])
         entry["tensors"] += 1
         entry["end"] = max(entry["end"], end)
     out = [

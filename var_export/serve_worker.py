@@ -18,7 +18,7 @@ Protocol (stdin, from the model)::
 
 stdout, to the model::
 
-    {"ready": true, "max_batch": 16, "var": true}        once, after loading
+    {"ready": true, "max_batch": 16, "var": true, "family": "qwen2_5_vl"}   once, after loading
     {"fatal": "message"}                                 instead of ready, then exit 1
     {"id": 7, "piece": "text"}                           each new piece of text
     {"id": 7, "done": true, "error": null | {"type": "DataError", "message": "..."}}
@@ -67,7 +67,7 @@ def serve(bundle: str, max_batch: int, inp: IO[str], out: _Out) -> int:
     engine = BatchedGenerator(runtime, max_batch=max_batch)
     cancelled: set[int] = set()
     engine.start()
-    out({"ready": True, "max_batch": max_batch, "var": runtime.has_var})
+    out({"ready": True, "max_batch": max_batch, "var": runtime.has_var, "family": runtime.family.name})
     try:
         for line in inp:
             msg = json.loads(line)

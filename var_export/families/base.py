@@ -17,12 +17,15 @@ Positions. ``prefill_positions(batch)`` returns ``(position_ids, state)``: posit
 [B, S] (1-D RoPE) or [3, B, S] (M-RoPE) int64; ``state`` is whatever later decode steps need
 (None for LLaVA; Qwen's ``rope_deltas`` [B, 1]). ``decode_positions(attention_mask, state)``
 gives the position ids of the newest token ([B, 1] or [3, B, 1]) from the full mask [B, T].
+The state of a batch is per row (batch on its first axis, or None): a continuous-batching engine
+(``var_export.engine``) keeps each request's own state from a one-row prefill and hands the
+running rows' states to ``decode_positions`` joined with :meth:`ModelFamily.join_states`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -97,6 +100,16 @@ class ModelFamily:
         """Position ids of the newest token given the whole mask [B, T] (prompt + generated)."""
         mask = np.asarray(attention_mask, dtype=np.int64)
         return (np.cumsum(mask, axis=-1)[:, -1:] - 1).astype(np.int64)  # (B, 1)
+
+    def join_states(self, states: Sequence[Any]) -> Any:
+        """The decode state of a batch from its rows' states (each from a one-row prefill), in row
+        order: None when every row has none, else the arrays joined on their batch axis (Qwen's
+        rope_deltas [1, 1] each -> [B, 1])."""
+        if all(s is None for s in states):
+            return None
+        if any(s is None for s in states):
+            raise ValueError(f"{self.name}: cannot join decode states where only some rows have one")
+        return np.concatenate([np.asarray(s) for s in states], axis=0)
 
     def merge_vision_outputs(
         self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, Any], manifest: Mapping[str, Any]
