@@ -170,6 +170,7 @@ def tiny_qwen_bundle(tiny_qwen_loaded, tiny_qwen_graphs, tmp_path_factory):
     from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
     from var_export.models import model_fingerprint
     from var_export.passes.pipeline import apply_var, load_model, save_model
+    from var_export.pipeline import _family_facts, _token_facts
 
     settings, heads = tiny_qwen_settings()
     tmp = tmp_path_factory.mktemp("tiny-qwen-bundle")
@@ -179,12 +180,10 @@ def tiny_qwen_bundle(tiny_qwen_loaded, tiny_qwen_graphs, tmp_path_factory):
     cfg = tiny_qwen_loaded.config
     graphs = {VISION_ENCODER: tiny_qwen_graphs.paths[VISION_ENCODER],
               EMBED_TOKENS: tiny_qwen_graphs.paths[EMBED_TOKENS], DECODER: tmp / "var" / DECODER}
-    fields = {
+    fields = {  # the pipeline's own facts (family, M-RoPE, spatial_merge_size, tokens, positions)
         "model_id": "tiny-qwen2.5-vl", "fingerprint": model_fingerprint(cfg),
         "var": settings.to_dict(), "var_layers": list(report.var_layers), "head_mode": "hybrid",
-        "heads": [list(h) for h in heads], "family": "qwen2_5_vl", "mrope": True,
-        "image_token_id": cfg.image_token_id, "eos_token_id": cfg.text_config.eos_token_id,
-        "max_position_embeddings": cfg.text_config.max_position_embeddings,
+        "heads": [list(h) for h in heads], "opset": tiny_qwen_graphs.opset, **_token_facts(cfg), **_family_facts(cfg),
     }
     return write_bundle(tmp / "bundle", graphs=graphs, manifest_fields=fields, calibration=None,
                         processor=tiny_qwen_loaded.processor)

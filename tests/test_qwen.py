@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -389,3 +390,18 @@ def test_qwen2_vl_end_to_end(tmp_path):
     got, _ = decode_step_numpy(dec, embeds.numpy(), b["attention_mask"].numpy(), pos.numpy(), empty_past(dec, 2),
                                b["visual_token_mask"].numpy())
     assert float(np.abs(got - want.logits.numpy()).max()) < TOL
+    if importlib.util.find_spec("tensorrt_rtx") is not None:  # the three graphs build (this export, no other)
+        from tests.test_family_trt import SMALL
+        from var_export import trt
+        from var_export.bundle import write_bundle
+        from var_export.models import model_fingerprint
+        from var_export.pipeline import _family_facts, _token_facts
+
+        bundle = write_bundle(tmp_path / "bundle", graphs={**graphs.paths, DECODER: tmp_path / "var.onnx"},
+                              manifest_fields={"model_id": "tiny-qwen2-vl", "var": SETTINGS.to_dict(),
+                                               "fingerprint": model_fingerprint(loaded.config),
+                                               **_token_facts(loaded.config), **_family_facts(loaded.config)},
+                              calibration=None, processor=loaded.processor)
+        engines = trt.build_engines(bundle, tmp_path / "e.plan", SMALL)
+        assert engines.manifest["engines"][VISION_ENCODER]["profiles"][0]["image_grid_thw"] == [[1, 3], [1, 3], [2, 3]]
+        assert all(p.stat().st_size > 100_000 for p in engines.engines.values()) and len(engines.engines) == 3

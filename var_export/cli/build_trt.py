@@ -26,7 +26,10 @@ of time without a GPU for the compute capabilities of --trt-targets (default: th
 80,86,89,120); datacenter tensorrt >= 10 builds on and for the GPU it runs on. Networks are
 strongly typed: an fp16 engine comes from an fp16 bundle (`var-export export --dtype fp16`).
 Profiles: batch 1..--max-batch (4), new tokens 1..--max-seq, cached tokens 0..--max-past (both
-default to the manifest's max_position_embeddings).
+default to the manifest's max_position_embeddings), images per vision call 1..--max-images
+(default --max-batch). The vision inputs' ranges come from the bundle's model family: LLaVA-1.5
+images, LLaVA-NeXT / OneVision / InternVL tiles (up to the largest tile grid + 1 per image),
+Qwen-VL patches (the processor's min/max pixels per image, never more tokens than --max-seq).
 """
 
 
@@ -39,6 +42,7 @@ def add_trt_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq", type=int, default=None, help="most new tokens per call, i.e. the longest prompt (default: the model's max positions)")
     g.add_argument("--max-past", type=int, default=None, help="most cached tokens (default: the model's max positions - 1)")
     g.add_argument("--trt-opt-level", type=int, default=None, choices=range(6), metavar="0..5", help="builder optimization level (default: TensorRT's, 3); 0 builds fastest, for tests and trials, 5 searches longest")
+    g.add_argument("--max-images", type=int, default=None, help="most images per vision call (default: --max-batch, one image per prompt)")
     g.add_argument("--workspace-gb", type=float, default=None, help="builder workspace cap in GiB (default: TensorRT's)")
 
 
@@ -66,6 +70,7 @@ def build_config(args: argparse.Namespace):
         max_batch=args.max_batch,
         max_seq=args.max_seq,
         max_past=args.max_past,
+        max_images=args.max_images,
         workspace_gb=args.workspace_gb,
         opt_level=args.trt_opt_level,
     )

@@ -123,6 +123,24 @@ class ModelFamily:
         """Facts from the HF config that the torch-free runtime needs (written to manifest.json)."""
         return {}
 
+    # -- TensorRT profiles (torch-free) ------------------------------------------------------
+    def vision_profile_axes(
+        self,
+        manifest: Mapping[str, Any],
+        processor: Mapping[str, Any],
+        *,
+        images: tuple[int, int, int],
+        sequence: tuple[int, int, int],
+    ) -> dict[str, dict[int, tuple[int, int, int]]]:
+        """(min, opt, max) of the dynamic axes of vision_encoder.onnx's inputs: input -> axis -> range.
+
+        ``images``: how many images one vision call encodes; ``sequence``: prompt tokens per
+        batch row (the image tokens of a row's images fit in it); ``processor``: the bundle's
+        image processor settings ({} when unknown). Axes not named here take the generic roles
+        of :mod:`var_export.trt.profiles`. LLaVA-1.5: ``pixel_values`` [images, 3, H, W].
+        """
+        return {"pixel_values": {0: images}}
+
     # -- torch -------------------------------------------------------------------------------
     def parts(self, model: Any) -> DecoderParts:
         """Language model, lm_head, token embeddings and configs of a loaded model."""

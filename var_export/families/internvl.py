@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from var_export.core.errors import ModelLoadError
+from var_export.core.errors import ConfigError, ModelLoadError
 from var_export.families.base import DecoderParts, ModelFamily, VisionExport, register
 
 
@@ -39,6 +39,40 @@ class InternVLFamily(ModelFamily):
         from var_export.families.processing import load_processor
 
         return load_processor(path, InternVLProcessor, trust_remote_code=trust_remote_code)
+
+    def manifest_fields(self, config: Any) -> dict[str, Any]:
+        """``image_seq_length``: image tokens per tile (bounds the tiles a prompt can hold)."""
+        n = getattr(config, "image_seq_length", None)
+        return {} if n is None else {"image_seq_length": int(n)}
+
+    def max_tiles_per_image(self, processor: Mapping[str, Any], manifest: Mapping[str, Any], max_prompt: int) -> int:
+        """The most tiles one image becomes: ``max_patches`` crops + the thumbnail (GotOcr2 image
+        processor settings), else as many tiles as a prompt of ``max_prompt`` tokens holds."""
+        if "max_patches" in processor:
+            if not processor.get("crop_to_patches", True):
+                return 1
+            k = int(processor["max_patches"])
+            return k + 1 if k > 1 else 1  # a thumbnail joins when there is more than one crop
+        per_tile = manifest.get("image_seq_length") or processor.get("image_seq_length")
+        if not per_tile:
+            raise ConfigError(
+                "InternVL tiles per image: expected the image processor's max_patches in the bundle "
+                "(processor_config.json) or image_seq_length in its manifest; found neither. "
+                "Re-export the bundle with this var-export (it saves the processor and the manifest facts)."
+            )
+        return max(1, int(max_prompt) // int(per_tile))
+
+    def vision_profile_axes(
+        self,
+        manifest: Mapping[str, Any],
+        processor: Mapping[str, Any],
+        *,
+        images: tuple[int, int, int],
+        sequence: tuple[int, int, int],
+    ) -> dict[str, dict[int, tuple[int, int, int]]]:
+        """``pixel_values`` [N_tiles, 3, H, W]: 1 .. max tiles per image, per image."""
+        k = self.max_tiles_per_image(processor, manifest, sequence[2])
+        return {"pixel_values": {0: (images[0], images[1] * k, images[2] * k)}}
 
     def parts(self, model: Any) -> DecoderParts:
         inner = getattr(model, "model", None)

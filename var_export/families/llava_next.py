@@ -60,15 +60,38 @@ class LlavaNextFamily(LlavaFamily):
         pv = np.asarray(batch["pixel_values"])
         return {"pixel_values": pv.reshape(-1, *pv.shape[-3:])}
 
-    def merge_vision_outputs(
-        self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, Any], manifest: Mapping[str, Any]
-    ) -> np.ndarray:
+    def _anyres(self, manifest: Mapping[str, Any]) -> Mapping[str, Any]:
         facts = manifest.get(ANYRES_KEY)
         if not isinstance(facts, Mapping):
             raise DataError(
                 f"the bundle's manifest has no '{ANYRES_KEY}' entry (grid pinpoints, tile size), which "
                 f"{self.name} needs to pack image tiles. Re-export the bundle with this var-export."
             )
+        return facts
+
+    def max_tiles_per_image(self, manifest: Mapping[str, Any]) -> int:
+        """The most tiles the processor cuts one image into: the largest grid pinpoint + the base tile."""
+        facts = self._anyres(manifest)
+        size = int(facts["tile_size"])
+        return max((int(h) // size) * (int(w) // size) for h, w in facts["grid_pinpoints"]) + 1
+
+    def vision_profile_axes(
+        self,
+        manifest: Mapping[str, Any],
+        processor: Mapping[str, Any],
+        *,
+        images: tuple[int, int, int],
+        sequence: tuple[int, int, int],
+    ) -> dict[str, dict[int, tuple[int, int, int]]]:
+        """``pixel_values`` [N_tiles, 3, H, W]: up to (largest grid + base) tiles per image (the
+        runtime feeds every tile of the processor's padded batch)."""
+        k = self.max_tiles_per_image(manifest)
+        return {"pixel_values": {0: (images[0], images[1] * k, images[2] * k)}}
+
+    def merge_vision_outputs(
+        self, outputs: Mapping[str, np.ndarray], batch: Mapping[str, Any], manifest: Mapping[str, Any]
+    ) -> np.ndarray:
+        facts = self._anyres(manifest)
         pv = np.asarray(batch["pixel_values"])
         feats = np.asarray(outputs["image_features"])  # (B * max_tiles, N, D)
         per_image = feats.reshape(pv.shape[0], -1, *feats.shape[1:]) if pv.ndim == 5 else feats[None]

@@ -101,6 +101,22 @@ def rope_index(
     return positions, deltas
 
 
+def qwen_image_token_bounds(processor: Mapping[str, Any], merge: int) -> tuple[int, int | None]:
+    """(fewest, most or None) image tokens of one image under the image processor's pixel bounds
+    (``min_pixels`` / ``max_pixels``, or ``size.shortest_edge`` / ``size.longest_edge`` as
+    transformers 5 saves them) and ``patch_size``; (1, None) when they are unknown."""
+    size = processor.get("size") if isinstance(processor.get("size"), Mapping) else {}
+    lo_px = processor.get("min_pixels") or size.get("shortest_edge")
+    hi_px = processor.get("max_pixels") or size.get("longest_edge")
+    patch = processor.get("patch_size")
+    if not patch:
+        return 1, None
+    area = (int(patch) * int(merge)) ** 2  # pixels per image token
+    lo = max(1, int(lo_px) // area) if lo_px else 1
+    hi = max(lo, int(hi_px) // area) if hi_px else None
+    return lo, hi
+
+
 def mrope_decode_positions(attention_mask: np.ndarray, rope_deltas: np.ndarray) -> np.ndarray:
     """[3, B, 1] positions of the newest token: ``cumsum(mask) - 1 + rope_deltas`` (HF generate)."""
     mask = np.asarray(attention_mask, dtype=np.int64)
@@ -165,6 +181,36 @@ class QwenVLFamily(ModelFamily):
             "position + 1 - prompt length); decode: cumsum(attention_mask) - 1 + rope_deltas",
             "spatial_merge_size": int(config.vision_config.spatial_merge_size),
         }
+
+    def vision_profile_axes(
+        self,
+        manifest: Mapping[str, Any],
+        processor: Mapping[str, Any],
+        *,
+        images: tuple[int, int, int],
+        sequence: tuple[int, int, int],
+    ) -> dict[str, dict[int, tuple[int, int, int]]]:
+        """``pixel_values`` [N_patches, C*T*P*P] and ``image_grid_thw`` [images, 3].
+
+        An image is t*h*w patches, m^2 patches per image token (m: spatial merge size). Its
+        tokens lie between the image processor's ``min_pixels`` / ``max_pixels`` over (P*m)^2
+        (P: patch size) and never exceed a prompt (``sequence``); without processor settings,
+        1 .. a prompt's worth. Opt: the geometric mean of those bounds per image. Every bound is
+        a whole number of tokens (m^2 patches), as the graph requires.
+        """
+        m = int(manifest.get("spatial_merge_size") or processor.get("merge_size") or 0)
+        if m <= 0:
+            raise DataError(
+                "a Qwen-VL bundle's manifest records spatial_merge_size (patches per image token "
+                "side); found none. Re-export the bundle with this var-export."
+            )
+        lo_tok, hi_tok = qwen_image_token_bounds(processor, m)
+        hi_tok = min(hi_tok, int(sequence[2])) if hi_tok else int(sequence[2])
+        lo_tok = min(lo_tok, hi_tok)
+        opt_tok = max(lo_tok, min(hi_tok, int(round(float(np.sqrt(lo_tok * hi_tok))))))
+        unit = m * m
+        patches = (unit * lo_tok * images[0], unit * opt_tok * images[1], unit * hi_tok * images[2])
+        return {"pixel_values": {0: patches}, "image_grid_thw": {0: images}}
 
     def prefill_positions(self, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         missing = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k not in batch]

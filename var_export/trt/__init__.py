@@ -45,7 +45,9 @@ from var_export.trt.profiles import (
     ProfileLimits,
     check_shapes,
     describe_profiles,
+    family_axes,
     graph_input_shapes,
+    image_processor_config,
     make_profiles,
 )
 
@@ -54,6 +56,6 @@ __all__ = [
     "Flavour", "INSTALL_HINT", "LintFinding", "LintReport", "MAX_PARSER_OPSET", "ProfileLimits",
     "RULES", "TRT_SUPPORTED_OPS", "TensorRTLintError", "VAR_FORBIDDEN_OPS", "available_flavours",
     "build_engine", "build_engines", "check_shapes", "cuda_device_count", "describe_profiles",
-    "engine_manifest_path", "engine_paths", "graph_input_shapes", "lint_for_tensorrt",
+    "engine_manifest_path", "engine_paths", "family_axes", "graph_input_shapes", "image_processor_config", "lint_for_tensorrt",
     "lint_graph", "lint_sources", "make_profiles", "parser_lint", "read_engine_manifest", "resolve_flavour",
 ]

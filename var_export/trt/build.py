@@ -39,7 +39,14 @@ from var_export.trt.flavour import Flavour, compute_capabilities, resolve_flavou
 from var_export.trt.isolated import build_isolated
 from var_export.trt.lint import LintReport, TensorRTLintError, load_graph
 from var_export.trt.parser import mark_attention_decomposable, parse
-from var_export.trt.profiles import ProfileLimits, graph_input_shapes, make_profiles
+from var_export.trt.profiles import (
+    AxisRanges,
+    ProfileLimits,
+    family_axes,
+    graph_input_shapes,
+    image_processor_config,
+    make_profiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,7 @@ class BuildConfig:
     max_batch: int | None = None  # overrides of the manifest's limits (when limits is None)
     max_seq: int | None = None
     max_past: int | None = None
+    max_images: int | None = None  # images per vision call (default: one per batch row)
     workspace_gb: float | None = None  # builder workspace cap (default: TensorRT's)
     opt_level: int | None = None  # IBuilderConfig.builder_optimization_level 0..5 (default: TensorRT's, 3)
     isolate: bool = True  # each engine built in a child process: a builder crash is a TensorRTBuildError
@@ -197,9 +205,11 @@ def serialize_engine(
     workspace_gb: float | None = None,
     opt_level: int | None = None,
     progress: ProgressFn | None = None,
+    axes: Callable[[ProfileLimits], AxisRanges] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Parse ``graph`` and build one serialized engine; returns (host memory, facts).
-    ``opt_level``: the builder optimization level (None: TensorRT's default)."""
+    ``opt_level``: the builder optimization level (None: TensorRT's default);
+    ``axes``: the model family's ranges of the vision inputs (:func:`profiles.family_axes`)."""
     trt = flavour.trt
     parsed = parse(flavour, graph)
     if not parsed.ok:
@@ -207,7 +217,7 @@ def serialize_engine(
             LintReport(str(graph), None, {}, {}, parsed.errors, f"{flavour.label} ONNX parser")
         )
     decomposable = mark_attention_decomposable(flavour, parsed.network)
-    profiles = make_profiles(graph_input_shapes(graph), limits)
+    profiles = make_profiles(graph_input_shapes(graph), limits, axes)
     config = parsed.builder.create_builder_config()
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -329,8 +339,10 @@ def build_engines(
     flavour = resolve_flavour(config.flavour)
     capabilities = compute_capabilities(flavour, config.targets)
     limits = config.limits or ProfileLimits.for_bundle(
-        manifest, max_batch=config.max_batch, max_seq=config.max_seq, max_past=config.max_past
+        manifest, max_batch=config.max_batch, max_seq=config.max_seq, max_past=config.max_past,
+        max_images=config.max_images,
     )
+    axes = family_axes(manifest, image_processor_config(bundle_dir))
     targets = engine_paths(Path(out_plan), list(graphs))
     manifest_path = engine_manifest_path(Path(out_plan))
     check_replaceable(targets, manifest_path)
@@ -341,7 +353,8 @@ def build_engines(
         for name, graph in graphs.items():
             log.info("building %s engine from %s with %s", name, graph, flavour.label)
             temps[targets[name]] = tmp = _temp_path(targets[name], token)
-            options = {"workspace_gb": config.workspace_gb, "opt_level": config.opt_level, "progress": progress}
+            options = {"workspace_gb": config.workspace_gb, "opt_level": config.opt_level, "progress": progress,
+                       "axes": axes}
             if config.isolate:  # a crash inside TensorRT's builder is a TensorRTBuildError
                 facts = build_isolated(flavour, graph, tmp, limits, capabilities, **options)
             else:

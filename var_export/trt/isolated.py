@@ -27,7 +27,7 @@ from var_export.core import errors
 from var_export.core.errors import TensorRTBuildError, TensorRTLintError
 from var_export.trt.flavour import Flavour, target_names
 from var_export.trt.lint import LintFinding, LintReport
-from var_export.trt.profiles import ProfileLimits
+from var_export.trt.profiles import AxisRanges, ProfileLimits
 
 ProgressFn = Callable[[str, int, int], None]
 # not `python -m var_export.trt.isolated`: the package imports this module before runpy runs it
@@ -37,6 +37,14 @@ _CHILD = "import sys; from var_export.trt.isolated import child_main; sys.exit(c
 def _limits_from_dict(d: dict[str, Any]) -> ProfileLimits:
     fields = {f.name for f in dataclasses.fields(ProfileLimits)}
     return ProfileLimits(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields})
+
+
+def _axes_from_json(ranges: dict[str, Any] | None) -> Callable[[ProfileLimits], AxisRanges] | None:
+    """The parent's evaluated ``axes`` back as the callable ``serialize_engine`` takes."""
+    if ranges is None:
+        return None
+    fixed = {name: {int(axis): tuple(r) for axis, r in by_axis.items()} for name, by_axis in ranges.items()}
+    return lambda _limits: fixed
 
 
 def build_isolated(
@@ -49,8 +57,12 @@ def build_isolated(
     workspace_gb: float | None = None,
     opt_level: int | None = None,
     progress: ProgressFn | None = None,
+    axes: Callable[[ProfileLimits], AxisRanges] | None = None,
 ) -> dict[str, Any]:
-    """Build ``graph``'s engine into ``out`` in a child process; returns the build facts."""
+    """Build ``graph``'s engine into ``out`` in a child process; returns the build facts.
+
+    ``axes`` (the family's vision input ranges) is evaluated here, for ``limits``, and its
+    ranges are sent to the child: the child uses the same limits, so the profiles are equal."""
     request = {
         "flavour": flavour.name,
         "graph": os.fspath(graph),
@@ -59,6 +71,7 @@ def build_isolated(
         "targets": target_names(capabilities),
         "workspace_gb": workspace_gb,
         "opt_level": opt_level,
+        "axis_ranges": None if axes is None else axes(limits),
     }
     result: dict[str, Any] = {}
     with tempfile.TemporaryFile("w+") as stderr:
@@ -128,6 +141,7 @@ def child_main() -> int:
         data, facts = serialize_engine(
             flavour, Path(request["graph"]), _limits_from_dict(request["limits"]), capabilities,
             workspace_gb=request["workspace_gb"], opt_level=request["opt_level"],
+            axes=_axes_from_json(request.get("axis_ranges")),
             progress=lambda phase, done, total: emit("progress", [phase, done, total]),
         )
         write_file(Path(request["out"]), data)
