@@ -4,8 +4,8 @@ Per graph: the real parser's verdict (and the hand lint's), build seconds and en
 every flavour importable on this machine (TensorRT-RTX builds without a GPU; datacenter
 TensorRT only with one). Graphs: tiny-llava's vision encoder and embedding, its decoder naive
 VAR / no-VAR, fused no-VAR / fused VAR (``qk`` and ``mask`` shift), in fp32 and fp16; with
-``--slice``, a LLaMA-7B-width 2-layer decoder slice (hidden 4096, 32 heads, fp16 to keep it
-small), VAR and no-VAR. ``--opt-levels default,0`` builds each graph at each builder
+``--slice`` (or ``--slice-only``), a LLaMA-7B-width 2-layer decoder slice (hidden 4096, 32 heads,
+fp16 to keep it small): naive and fused, VAR and no-VAR. ``--opt-levels default,0`` builds each graph at each builder
 optimization level. Profiles: batch 1..2, 128 new tokens, 1024 cached (the slice), 64 / 64
 (tiny-llava). Prints a markdown table; writes DIR/trt_table.md and DIR/trt.json.
 """
@@ -63,21 +63,33 @@ def tiny_llava_graphs(out: Path) -> dict[str, Path]:
 
 
 def slice_graphs(out: Path) -> dict[str, Path]:
-    """The LLaMA-7B-width 2-layer slice of the VAR benchmark, exported in fp16."""
+    """The LLaMA-7B-width 2-layer slice of the VAR benchmark, exported in fp16: naive no-VAR / VAR,
+    fused (SDPA export, ONNX ``Attention``) no-VAR / VAR with the ``qk`` and ``mask`` shifts."""
     from benchmarks.bench_var import SliceSpec, slice_case
     from var_export.export import export_decoder
+    from var_export.passes.fused_var import apply_fused_var
     from var_export.passes.pipeline import apply_var, save_model
 
     case = slice_case(SliceSpec(), decode_steps=1)
-    base = out / "slice-novar" / "decoder_model_merged.onnx"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    export_decoder(case.model, base, dtype="fp16", external_data=True)
-    var, _ = apply_var(ir.load(str(base)), case.settings.replace(heads="dynamic"), None,
-                       num_layers=case.num_layers)
-    path = out / "slice-var" / "decoder_model_merged.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(var, path)
-    return {"7B-width slice fp16 no-VAR": base, "7B-width slice fp16 VAR": path}
+    settings = case.settings.replace(heads="dynamic")
+    paths: dict[str, Path] = {}
+    for form, kw, shifts in (("", {}, [None]), (" fused", {"fused": True}, ["qk", "mask"])):
+        folder = "slice" + form.replace(" ", "-")
+        base = out / f"{folder}-novar" / "decoder_model_merged.onnx"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        export_decoder(case.model, base, dtype="fp16", external_data=True, **kw)
+        paths[f"7B-width slice fp16{form} no-VAR"] = base
+        for shift in shifts:
+            if shift is None:
+                var, _ = apply_var(ir.load(str(base)), settings, None, num_layers=case.num_layers)
+            else:
+                var, _ = apply_fused_var(ir.load(str(base)), settings, None, num_layers=case.num_layers,
+                                         shift=shift)
+            path = out / f"{folder}-{shift or 'var'}" / "decoder_model_merged.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(var, path)
+            paths[f"7B-width slice fp16{form} VAR" + (f" ({shift} shift)" if shift else "")] = path
+    return paths
 
 
 def measure(name: str, graph: Path, flavour: str, out: Path, config: trt.BuildConfig) -> dict[str, Any]:
@@ -120,12 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_trt", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("build/bench_trt"))
     p.add_argument("--slice", action="store_true", help="also the LLaMA-7B-width slice (fp16, minutes, ~6 GB RAM)")
+    p.add_argument("--slice-only", action="store_true", help="only the slice's graphs")
     p.add_argument("--targets", default="86", help="TensorRT-RTX targets (default 86)")
     p.add_argument("--opt-levels", default="default", help="builder optimization levels, e.g. default,0 (default: TensorRT's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    graphs = tiny_llava_graphs(args.out / "tiny")
-    if args.slice:
+    graphs = {} if args.slice_only else tiny_llava_graphs(args.out / "tiny")
+    if args.slice or args.slice_only:
         graphs.update(slice_graphs(args.out / "slice"))
     levels = [None if v == "default" else int(v) for v in args.opt_levels.split(",")]
     rows = []
