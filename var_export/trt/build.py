@@ -350,17 +350,12 @@ def build_engines(
     temps: dict[Path, Path] = {}
     entries: dict[str, dict[str, Any]] = {}
     try:
+        options = {"workspace_gb": config.workspace_gb, "opt_level": config.opt_level, "progress": progress,
+                   "axes": axes}
         for name, graph in graphs.items():
             log.info("building %s engine from %s with %s", name, graph, flavour.label)
             temps[targets[name]] = tmp = _temp_path(targets[name], token)
-            options = {"workspace_gb": config.workspace_gb, "opt_level": config.opt_level, "progress": progress,
-                       "axes": axes}
-            if config.isolate:  # a crash inside TensorRT's builder is a TensorRTBuildError
-                facts = build_isolated(flavour, graph, tmp, limits, capabilities, **options)
-            else:
-                data, facts = serialize_engine(flavour, graph, limits, capabilities, **options)
-                write_file(tmp, data)
-                del data
+            facts = _build_one(flavour, graph, tmp, limits, capabilities, isolate=config.isolate, **options)
             entries[name] = {"file": targets[name].name, "sha256": _sha256(tmp),
                              "bytes": tmp.stat().st_size,
                              "source": name if bundle_dir is not None else str(graph),
@@ -379,6 +374,17 @@ def build_engines(
                 tmp.unlink()
     log.info("wrote %d engine(s) and %s", len(targets), manifest_path)
     return EngineSet(manifest_path, body, targets)
+
+
+def _build_one(flavour: Flavour, graph: Path, tmp: Path, limits: ProfileLimits, capabilities: Sequence[Any],
+               *, isolate: bool, **options: Any) -> dict[str, Any]:
+    """Build one engine into ``tmp``; returns its build facts. ``isolate``: in a child process,
+    where a crash inside TensorRT's builder becomes a TensorRTBuildError."""
+    if isolate:
+        return build_isolated(flavour, graph, tmp, limits, capabilities, **options)
+    data, facts = serialize_engine(flavour, graph, limits, capabilities, **options)
+    write_file(tmp, data)
+    return facts
 
 
 def _engine_manifest(
