@@ -20,13 +20,31 @@ Two foreign forms hide what VAR needs:
   ``seqlens_k + 1 == T`` (no padding). GQA on CPU does not follow Hugging Face left padding
   (it reads ``seqlens_k`` as a right-padded length), so neither does the unfused form.
 
+* ``com.microsoft::MultiHeadAttention`` (ONNX Runtime's transformers-optimizer fusions for
+  decoders): :func:`unfuse_multi_head_attention` replaces it by::
+
+      q, k, v   = (query, key, value) [+ bias] -> Reshape/Transpose   # (B, N, S, hd)
+      present_k = Concat(past_key, k); present_v = Concat(past_value, v)   # (B, N, T, hd)
+      scores    = (q @ present_k^T) * scale [+ attention_bias]          # (B, N, S, T)
+                  [+ mask_filter_value where key_padding_mask == 0]     # (B, T) 0/1
+      scores    = Where(j > P + i, lowest, scores)                      # unidirectional=1
+      out       = (Softmax(scores) @ present_v) -> (B, S, N*hd)
+
+  as ONNX Runtime's CPU kernel computes it (padded keys get ``mask_filter_value`` added, future
+  keys the lowest float: a fully padded left-padding row is a softmax over its causal keys), so
+  it follows Hugging Face left padding as the fused op does. Only the separate-Q/K/V decoder
+  form with a KV cache is unfused; packed QKV / KV (ONNX Runtime's CPU kernel does not run
+  them either), key/value in (B, N, L, H) layout, ``past_sequence_length``,
+  ``cache_indirection``, key_padding_mask layouts other than (B, T) and a used ``qk`` output
+  are refused by name. MHA has one head count for Q, K and V (no grouped KV heads).
+
 * ``com.microsoft::SkipSimplifiedLayerNormalization`` (genai; ONNX Runtime's transformers
   optimizer) holds the residual ``Add`` that ``locate.find_residual`` looks for after the
   attention output projection. :func:`split_skip_norm` splits it into
   ``Add(input, skip[, bias])`` (its ``input_skip_bias_sum`` output) and a
   ``SimplifiedLayerNormalization`` of that sum (same epsilon; fp32 statistics as the fused op).
 
-:func:`normalize_contrib` applies both to the given decoder layers only and returns what it
+:func:`normalize_contrib` applies them to the given decoder layers only and returns what it
 changed; :func:`restore` puts the original fused op back on layers that VAR then left
 untouched (hybrid/static layers without a calibrated head), so they keep ORT's kernel.
 """
@@ -35,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -52,6 +70,7 @@ __all__ = [
     "restore",
     "split_skip_norm",
     "unfuse_group_query_attention",
+    "unfuse_multi_head_attention",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +78,7 @@ log = logging.getLogger(__name__)
 CONTRIB_DOMAIN = "com.microsoft"
 UNFUSED_PREFIX = "unfused/"  # names of the nodes and values this module adds
 _SKIP_NORM = "SkipSimplifiedLayerNormalization"
+_GQA, _MHA = "GroupQueryAttention", "MultiHeadAttention"
 # Ops between the attention output and the skip norm: heads merge, output projection, bias.
 _TO_PROJECTION = {"Transpose", "Reshape", "Cast", "Identity"}
 
@@ -86,7 +106,7 @@ def contrib_attention_layers(model: ir.Model) -> dict[int, ir.Node]:
     """``GroupQueryAttention`` / ``MultiHeadAttention`` nodes by the layer of their past key."""
     found: dict[int, ir.Node] = {}
     for node in model.graph:
-        if node.domain != CONTRIB_DOMAIN or node.op_type not in ("GroupQueryAttention", "MultiHeadAttention"):
+        if node.domain != CONTRIB_DOMAIN or node.op_type not in (_GQA, _MHA):
             continue
         names = [v.name for v in node.inputs if v is not None and v.name]
         layers = [int(m.group(1)) for n in names if (m := PAST_KEY_RE.match(n))]
@@ -102,7 +122,7 @@ def contrib_attention_layers(model: ir.Model) -> dict[int, ir.Node]:
 
 
 # ---------------------------------------------------------------------------------------------
-# GroupQueryAttention -> standard ops
+# Shared by the attention unfusers
 
 
 def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
@@ -110,46 +130,32 @@ def _attr(node: ir.Node, name: str, default: float | int) -> float | int:
     return default if attr is None else attr.value
 
 
-def _check_gqa(node: ir.Node) -> tuple[int, int, float, bool]:
-    """(H, KV, scale or 0, do_rotary); refuses what the unfused form does not reproduce."""
-    where = f"GroupQueryAttention {node.name!r}"
-    unsupported = [
-        (int(_attr(node, "local_window_size", -1)) != -1, "local_window_size (sliding window)"),
-        (float(_attr(node, "softcap", 0.0)) != 0.0, "softcap"),
-        (int(_attr(node, "rotary_interleaved", 0)) != 0, "rotary_interleaved=1"),
-        (int(_attr(node, "smooth_softmax", 0)) != 0, "smooth_softmax"),
-        (any(v is not None for v in node.inputs[10:]), "attention_bias / head_sink inputs"),
-        (int(_attr(node, "qk_output", 0)) != 0, "qk_output"),
-    ]
+def _refuse_unsupported(where: str, unsupported: list[tuple[bool, str]]) -> None:
     bad = [what for cond, what in unsupported if cond]
     if bad:
         raise GraphPatternError(
             f"{where}: {', '.join(bad)} is not supported by the unfused form VAR needs. Build the "
             "model without it, or export it with eager attention (`var-export export`)."
         )
-    if len(node.outputs) > 3 and any(o.uses() for o in node.outputs[3:]):
-        raise GraphPatternError(f"{where}: its output_qk output is used; not supported.")
-    heads, kv_heads = int(_attr(node, "num_heads", 0)), int(_attr(node, "kv_num_heads", 0))
-    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
-        raise GraphPatternError(f"{where}: num_heads {heads} / kv_num_heads {kv_heads} are not a valid GQA pair.")
-    return heads, kv_heads, float(_attr(node, "scale", 0.0)), bool(int(_attr(node, "do_rotary", 0)))
 
 
-def _head_dim(node: ir.Node, past_key: ir.Value) -> int:
+def _require_fp32(where: str, query: ir.Value) -> None:
+    dtype = resolve_dtype(query)
+    if dtype != ir.DataType.FLOAT:
+        raise GraphPatternError(f"{where}: {dtype} graphs are not supported yet (fp32 only).")
+
+
+def _static_head_dim(where: str, past_key: ir.Value, query: ir.Value | None, width_heads: int) -> int:
+    """hd from the past key's static dim 3, else the query's static width / ``width_heads``."""
     shape = past_key.shape
     if shape is not None and len(shape) == 4 and isinstance(shape[3], int):
         return shape[3]
-    cos = node.inputs[7] if len(node.inputs) > 7 else None
-    heads, kv_heads = int(_attr(node, "num_heads", 0)), int(_attr(node, "kv_num_heads", 0))
-    q = node.inputs[0]
-    width = q.shape[-1] if q is not None and q.shape is not None else None
-    if isinstance(width, int) and node.inputs[1] is None:
-        return width // (heads + 2 * kv_heads)
+    width = query.shape[-1] if query is not None and query.shape is not None else None
     if isinstance(width, int):
-        return width // heads
+        return width // width_heads
     raise GraphPatternError(
-        f"GroupQueryAttention {node.name!r}: head size unknown (no static dim 3 on {past_key.name!r}, "
-        f"no static query width; cos cache {cos.name if cos else None})."
+        f"{where}: head size unknown (no static dim 3 on {past_key.name!r}, no static query width). "
+        "Save the graph with its value shapes (onnx shape inference) and retry."
     )
 
 
@@ -157,6 +163,67 @@ def _heads_first(b: Builder, x: ir.Value, heads: int, hd: int, name: str) -> ir.
     """(B, S, N*hd) -> (B, N, S, hd)."""
     x = b.op("Reshape", [x, b.const(f"{name}_shape", [0, 0, heads, hd], np.int64)], f"{name}_bsnh")
     return b.op("Transpose", [x], f"{name}_bnsh", {"perm": [0, 2, 1, 3]})
+
+
+def _dim(b: Builder, x: ir.Value, axis: int | list[int], name: str) -> ir.Value:
+    """Dim ``axis`` of x as an int64 scalar (a list of axes: a 1-D shape); any opset >= 13."""
+    return b.op("Gather", [b.op("Shape", [x], f"{name}_shape"), b.const(f"{name}_axis", np.asarray(axis, np.int64))],
+                name, {"axis": 0})
+
+
+def _arange(b: Builder, n: ir.Value, name: str) -> ir.Value:
+    return b.op("Range", [b.const(f"{name}_zero", np.int64(0)), n, b.const(f"{name}_one", np.int64(1))], name)
+
+
+def _kv_cache(b: Builder, past_k: ir.Value, past_v: ir.Value, k: ir.Value, v: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """present = Concat(past, new) along the sequence axis of (B, N, T, hd)."""
+    return (b.op("Concat", [past_k, k], "present_key", {"axis": 2}),
+            b.op("Concat", [past_v, v], "present_value", {"axis": 2}))
+
+
+def _attend(b: Builder, q: ir.Value, k_all: ir.Value, v_all: ir.Value, scale: float, heads: int, hd: int,
+            mask: Callable[[ir.Value], ir.Value]) -> tuple[ir.Value, list[ir.Value]]:
+    """Softmax(mask(q k^T * scale)) v -> (B, S, heads*hd); q (B, H, S, hd), k/v (B, H, T, hd).
+    Returns the output and the float values whose dtype the caller sets."""
+    kt = b.op("Transpose", [k_all], "key_t", {"perm": [0, 1, 3, 2]})  # (B, H, hd, T)
+    scores = b.op("Mul", [b.op("MatMul", [q, kt], "qk"), b.const("scale", np.float32(scale))], "scores")  # (B, H, S, T)
+    masked = mask(scores)
+    probs = b.op("Softmax", [masked], "probs", {"axis": -1})
+    probs.shape = ir.Shape([None, heads, None, None])  # locate reads the head count here
+    ctx = b.op("MatMul", [probs, v_all], "context")  # (B, H, S, hd)
+    ctx = b.op("Transpose", [ctx], "context_bshd", {"perm": [0, 2, 1, 3]})
+    out = b.op("Reshape", [ctx, b.const("out_shape", [0, 0, heads * hd], np.int64)], "output")  # (B, S, H*hd)
+    return out, [scores, masked, probs, out]
+
+
+def _finish(graph: ir.Graph, node: ir.Node, layer: int, start: int, outputs: list[ir.Value],
+            floats: list[ir.Value]) -> Replaced:
+    for value_ in floats + outputs:
+        value_.dtype = ir.DataType.FLOAT
+    return _swap(graph, node, layer, list(graph)[start:], list(outputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupQueryAttention -> standard ops
+
+
+def _check_gqa(node: ir.Node) -> tuple[int, int, float, bool]:
+    """(H, KV, scale or 0, do_rotary); refuses what the unfused form does not reproduce."""
+    where = f"{_GQA} {node.name!r}"
+    _refuse_unsupported(where, [
+        (int(_attr(node, "local_window_size", -1)) != -1, "local_window_size (sliding window)"),
+        (float(_attr(node, "softcap", 0.0)) != 0.0, "softcap"),
+        (int(_attr(node, "rotary_interleaved", 0)) != 0, "rotary_interleaved=1"),
+        (int(_attr(node, "smooth_softmax", 0)) != 0, "smooth_softmax"),
+        (any(v is not None for v in node.inputs[10:]), "attention_bias / head_sink inputs"),
+        (int(_attr(node, "qk_output", 0)) != 0, "qk_output"),
+    ])
+    if len(node.outputs) > 3 and any(o.uses() for o in node.outputs[3:]):
+        raise GraphPatternError(f"{where}: its output_qk output is used; not supported.")
+    heads, kv_heads = int(_attr(node, "num_heads", 0)), int(_attr(node, "kv_num_heads", 0))
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+        raise GraphPatternError(f"{where}: num_heads {heads} / kv_num_heads {kv_heads} are not a valid GQA pair.")
+    return heads, kv_heads, float(_attr(node, "scale", 0.0)), bool(int(_attr(node, "do_rotary", 0)))
 
 
 def _rotary(b: Builder, x: ir.Value, cos: ir.Value, sin: ir.Value, hd: int, rot: int, name: str) -> ir.Value:
@@ -185,19 +252,16 @@ def _positions(b: Builder, seqlens_k: ir.Value, past_key: ir.Value, q: ir.Value)
     """GQA's positions: (start (B, 1) int64, i (S,) int64, S scalar int64)."""
     i64 = {"to": ir.DataType.INT64}
     total = b.op("Add", [b.op("Cast", [seqlens_k], "seqlens_i64", i64), b.const("one_i64", np.int64(1))], "total_len")  # (B,)
-    s = b.op("Squeeze", [b.op("Shape", [q], "q_len", {"start": 1, "end": 2})], "q_len_scalar")  # S
-    p = b.op("Squeeze", [b.op("Shape", [past_key], "past_len", {"start": 2, "end": 3})], "past_len_scalar")  # P
-    first = b.op("Equal", [p, b.const("zero_i64", np.int64(0))], "first_prompt")
+    s = _dim(b, q, 1, "q_len")  # S
+    first = b.op("Equal", [_dim(b, past_key, 2, "past_len"), b.const("zero_i64", np.int64(0))], "first_prompt")
     start = b.op("Where", [first, b.const("zero_start", np.int64(0)), b.op("Sub", [total, s], "past_seqlen")], "start")  # (B,)
     start = b.op("Unsqueeze", [start, b.const("start_axes", [1], np.int64)], "start_b1")  # (B, 1)
-    i = b.op("Range", [b.const("range_zero", np.int64(0)), s, b.const("range_one", np.int64(1))], "query_index")  # (S,)
-    return start, i, total
+    return start, _arange(b, s, "query_index"), total
 
 
 def _gqa_mask(b: Builder, present_k: ir.Value, start: ir.Value, qi: ir.Value, total: ir.Value) -> ir.Value:
     """GQA's own mask (B, 1, S, T): key j < total_b and j <= start_b + i."""
-    t = b.op("Squeeze", [b.op("Shape", [present_k], "t_len", {"start": 2, "end": 3})], "t_len_scalar")
-    j = b.op("Range", [b.const("j_zero", np.int64(0)), t, b.const("j_one", np.int64(1))], "key_index")  # (T,)
+    j = _arange(b, _dim(b, present_k, 2, "t_len"), "key_index")  # (T,)
     last = b.op("Add", [start, qi], "last_key")  # (B, S)
     last = b.op("Unsqueeze", [last, b.const("last_axes", [1, 3], np.int64)], "last_key_b1s1")  # (B, 1, S, 1)
     causal = b.op("LessOrEqual", [j, last], "causal")  # (B, 1, S, T)
@@ -208,12 +272,14 @@ def _gqa_mask(b: Builder, present_k: ir.Value, start: ir.Value, qi: ir.Value, to
 def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> Replaced:
     """Replace one ``GroupQueryAttention`` by standard ops (module docstring)."""
     heads, kv_heads, scale, do_rotary = _check_gqa(node)
+    where = f"{_GQA} {node.name!r}"
     ins = list(node.inputs) + [None] * (12 - len(node.inputs))
     query, key, value, past_k, past_v, seqlens_k = ins[:6]
     cos_cache, sin_cache, position_ids = ins[7], ins[8], ins[9]
     if past_k is None or past_v is None or seqlens_k is None or query is None:
-        raise GraphPatternError(f"GroupQueryAttention {node.name!r}: expected query, past_key, past_value and seqlens_k inputs.")
-    hd = _head_dim(node, past_k)
+        raise GraphPatternError(f"{where}: expected query, past_key, past_value and seqlens_k inputs.")
+    _require_fp32(where, query)
+    hd = _static_head_dim(where, past_k, query, heads + 2 * kv_heads if key is None else heads)
     scale = scale or 1.0 / float(np.sqrt(hd))
     b = Builder(graph, f"{UNFUSED_PREFIX}L{layer}")
     start = len(graph)  # nodes appended from here are this layer's new nodes
@@ -230,33 +296,118 @@ def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> 
     pos_start, qi, total = _positions(b, seqlens_k, past_k, query)
     if do_rotary:
         if cos_cache is None or sin_cache is None:
-            raise GraphPatternError(f"GroupQueryAttention {node.name!r}: do_rotary without cos/sin caches.")
+            raise GraphPatternError(f"{where}: do_rotary without cos/sin caches.")
         rot = 2 * int(cos_cache.shape[1]) if cos_cache.shape is not None and isinstance(cos_cache.shape[1], int) else hd
         pos = position_ids if position_ids is not None else b.op("Add", [pos_start, qi], "positions")  # (B, S)
         cos = b.op("Unsqueeze", [b.op("Gather", [cos_cache, pos], "cos_bs"), b.const("cs_axes", [1], np.int64)], "cos")
         sin = b.op("Unsqueeze", [b.op("Gather", [sin_cache, pos], "sin_bs"), b.const("sn_axes", [1], np.int64)], "sin")
         q = _rotary(b, q, cos, sin, hd, rot, "q")
         k = _rotary(b, k, cos, sin, hd, rot, "k")
-    present_k = b.op("Concat", [past_k, k], "present_key", {"axis": 2})  # (B, KV, T, hd)
-    present_v = b.op("Concat", [past_v, v], "present_value", {"axis": 2})
+    present_k, present_v = _kv_cache(b, past_k, past_v, k, v)  # (B, KV, T, hd)
     k_all = _repeat_kv(b, present_k, heads, kv_heads, hd, "key_heads")  # (B, H, T, hd)
     v_all = _repeat_kv(b, present_v, heads, kv_heads, hd, "value_heads")
-    kt = b.op("Transpose", [k_all], "key_t", {"perm": [0, 1, 3, 2]})  # (B, H, hd, T)
-    scores = b.op("Mul", [b.op("MatMul", [q, kt], "qk"), b.const("scale", np.float32(scale))], "scores")  # (B, H, S, T)
     allowed = _gqa_mask(b, present_k, pos_start, qi, total)  # (B, 1, S, T)
     lowest = b.const("lowest", np.float32(np.finfo(np.float32).min))
-    probs = b.op("Softmax", [b.op("Where", [allowed, scores, lowest], "masked_scores")], "probs", {"axis": -1})
-    probs.shape = ir.Shape([None, heads, None, None])
-    ctx = b.op("MatMul", [probs, v_all], "context")  # (B, H, S, hd)
-    ctx = b.op("Transpose", [ctx], "context_bshd", {"perm": [0, 2, 1, 3]})
-    out = b.op("Reshape", [ctx, b.const("out_shape", [0, 0, heads * hd], np.int64)], "output")  # (B, S, H*hd)
-    dtype = resolve_dtype(query)
-    if dtype != ir.DataType.FLOAT:
-        raise GraphPatternError(f"GroupQueryAttention {node.name!r}: {dtype} graphs are not supported yet (fp32 only).")
-    for value_ in (probs, scores, out, present_k, present_v):
-        value_.dtype = dtype
-    new_nodes = list(graph)[start:]
-    return _swap(graph, node, layer, new_nodes, [out, present_k, present_v])
+    out, floats = _attend(b, q, k_all, v_all, scale, heads, hd,
+                          lambda scores: b.op("Where", [allowed, scores, lowest], "masked_scores"))
+    return _finish(graph, node, layer, start, [out, present_k, present_v], floats)
+
+
+# ---------------------------------------------------------------------------------------------
+# MultiHeadAttention -> standard ops
+
+# input indices of com.microsoft::MultiHeadAttention (ONNX Runtime docs/ContribOperators.md)
+_MHA_QUERY, _MHA_KEY, _MHA_VALUE, _MHA_BIAS, _MHA_KEY_PADDING, _MHA_ATTN_BIAS = range(6)
+_MHA_PAST_KEY, _MHA_PAST_VALUE, _MHA_PAST_LEN, _MHA_CACHE_INDIRECTION = range(6, 10)
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _check_mha(node: ir.Node) -> tuple[int, float, bool, float]:
+    """(N, scale or 0, unidirectional, mask_filter_value); refuses what is not reproduced."""
+    where = f"{_MHA} {node.name!r}"
+    ins = list(node.inputs) + [None] * (10 - len(node.inputs))
+    key, value, mask = ins[_MHA_KEY], ins[_MHA_VALUE], ins[_MHA_KEY_PADDING]
+    _refuse_unsupported(where, [
+        (key is None and value is None, "packed QKV (query (B, S, N, 3, H))"),
+        (key is not None and value is None, "packed KV (key (B, L, N, 2, H))"),
+        (_rank(key) == 4 or _rank(value) == 4, "key/value in (B, N, L, H) layout"),
+        (ins[_MHA_PAST_LEN] is not None, "the past_sequence_length input"),
+        (ins[_MHA_CACHE_INDIRECTION] is not None, "cache_indirection (beam search)"),
+        (_rank(mask) not in (None, 2), f"key_padding_mask of rank {_rank(mask)} (only (B, T) 0/1 masks are)"),
+    ])
+    if ins[_MHA_PAST_KEY] is None or ins[_MHA_PAST_VALUE] is None:
+        raise GraphPatternError(f"{where}: expected past_key and past_value inputs (a decoder with a KV cache); "
+                                f"found {[v.name if v is not None else None for v in ins[6:8]]}.")
+    if len(node.outputs) > 3 and any(o.uses() or o.is_graph_output() for o in node.outputs[3:]):
+        raise GraphPatternError(f"{where}: its qk output is used; not supported.")
+    heads = int(_attr(node, "num_heads", 0))
+    if heads <= 0:
+        raise GraphPatternError(f"{where}: num_heads {heads}; expected a positive head count.")
+    causal = int(_attr(node, "unidirectional", 0))
+    if causal not in (0, 1):
+        raise GraphPatternError(f"{where}: unidirectional={causal}; expected 0 or 1.")
+    return heads, float(_attr(node, "scale", 0.0)), bool(causal), float(_attr(node, "mask_filter_value", -10000.0))
+
+
+def _mha_mask(b: Builder, scores: ir.Value, past_k: ir.Value, present_k: ir.Value, q: ir.Value,
+              attention_bias: ir.Value | None, key_padding: ir.Value | None, causal: bool, filler: float) -> ir.Value:
+    """scores [+ attention_bias] [+ filler on padded keys], then [future keys -> lowest], as the
+    CPU kernel does (a fully padded left-padding row is a softmax over its causal keys)."""
+    if attention_bias is not None:
+        scores = b.op("Add", [scores, attention_bias], "biased_scores")  # (B|1, N|1, S, T) broadcast
+    if key_padding is not None:
+        kpm = b.op("Reshape", [key_padding, _dim(b, present_k, [0, 2], "kpm_bt_shape")], "kpm_bt")  # (B, T): any
+        kpm = b.op("Unsqueeze", [kpm, b.const("kpm_axes", [1, 2], np.int64)], "kpm_b11t")  # other layout fails here
+        padded = b.op("Equal", [kpm, b.const("kpm_off", np.array(0, dtype=_kpm_dtype(key_padding)))], "padded_key")
+        fill = b.op("Where", [padded, b.const("mask_filter", np.float32(filler)), b.const("mask_zero", np.float32(0.0))],
+                    "padding_fill")  # (B, 1, 1, T)
+        scores = b.op("Add", [scores, fill], "padding_masked")
+    if causal:
+        j = _arange(b, _dim(b, present_k, 2, "t_len"), "key_index")  # (T,)
+        last = b.op("Add", [_arange(b, _dim(b, q, 1, "q_len"), "query_index"), _dim(b, past_k, 2, "past_len")], "last_key")
+        last = b.op("Unsqueeze", [last, b.const("last_axes", [1], np.int64)], "last_key_s1")  # (S, 1)
+        future = b.op("Greater", [j, last], "future_key")  # (S, T)
+        lowest = b.const("lowest", np.float32(np.finfo(np.float32).min))
+        scores = b.op("Where", [future, lowest, scores], "causal_masked")
+    return scores
+
+
+def _kpm_dtype(value: ir.Value) -> np.dtype:
+    return (value.dtype or ir.DataType.INT32).numpy()
+
+
+def unfuse_multi_head_attention(graph: ir.Graph, node: ir.Node, layer: int) -> Replaced:
+    """Replace one ``MultiHeadAttention`` by standard ops (module docstring)."""
+    heads, scale, causal, filler = _check_mha(node)
+    where = f"{_MHA} {node.name!r}"
+    ins = list(node.inputs) + [None] * (10 - len(node.inputs))
+    query, key, value, bias = ins[_MHA_QUERY], ins[_MHA_KEY], ins[_MHA_VALUE], ins[_MHA_BIAS]
+    past_k, past_v = ins[_MHA_PAST_KEY], ins[_MHA_PAST_VALUE]
+    assert query is not None and key is not None and value is not None and past_k is not None and past_v is not None
+    _require_fp32(where, query)
+    hd = _static_head_dim(where, past_k, query, heads)
+    hd_v = _static_head_dim(where, past_v, None, heads) if past_v.shape is not None else hd
+    scale = scale or 1.0 / float(np.sqrt(hd))
+    b = Builder(graph, f"{UNFUSED_PREFIX}L{layer}")
+    start = len(graph)
+    if bias is not None:  # (D + D + D_v): the projections' biases, added before the heads split
+        sizes = b.const("bias_sizes", [heads * hd, heads * hd, heads * hd_v], np.int64)
+        split = ir.node("Split", [bias, sizes], {"axis": 0}, num_outputs=3, name=f"{b.prefix}/bias_split")
+        for out, what in zip(split.outputs, ("q", "k", "v")):
+            out.name = f"{b.prefix}/{what}_bias"
+        graph.append(split)
+        query, key, value = (b.op("Add", [x, bx], f"{what}_biased")
+                             for x, bx, what in zip((query, key, value), split.outputs, ("q", "k", "v")))
+    q = _heads_first(b, query, heads, hd, "q")  # (B, N, S, hd)
+    k = _heads_first(b, key, heads, hd, "k")
+    v = _heads_first(b, value, heads, hd_v, "v")
+    present_k, present_v = _kv_cache(b, past_k, past_v, k, v)  # (B, N, T, hd)
+    out, floats = _attend(b, q, present_k, present_v, scale, heads, hd_v, lambda scores: _mha_mask(
+        b, scores, past_k, present_k, query, ins[_MHA_ATTN_BIAS], ins[_MHA_KEY_PADDING], causal, filler))
+    return _finish(graph, node, layer, start, [out, present_k, present_v], floats)
 
 
 def _swap(graph: ir.Graph, node: ir.Node, layer: int, new_nodes: list[ir.Node],
@@ -291,6 +442,12 @@ def _move(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     old.name = None
     new.name = name
+
+
+_UNFUSERS: dict[str, tuple[Callable[[ir.Node], object], Callable[[ir.Graph, ir.Node, int], Replaced]]] = {
+    _GQA: (_check_gqa, unfuse_group_query_attention),
+    _MHA: (_check_mha, unfuse_multi_head_attention),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,25 +522,18 @@ def _softmax_attention_outputs(model: ir.Model) -> dict[int, ir.Value]:
 
 
 def normalize_contrib(model: ir.Model, layers: Iterable[int]) -> list[Replaced]:
-    """Unfuse GroupQueryAttention and split the post-attention SkipSimplifiedLayerNormalization
-    on ``layers`` (in place); returns the replacements (for :func:`restore`)."""
+    """Unfuse GroupQueryAttention / MultiHeadAttention and split the post-attention
+    SkipSimplifiedLayerNormalization on ``layers`` (in place); returns the replacements (for
+    :func:`restore`). Every fused node of ``layers`` is checked before any is replaced."""
     graph = model.graph
     layers = sorted(set(layers))
-    fused = contrib_attention_layers(model)
-    done: list[Replaced] = []
-    for layer in layers:
-        node = fused.get(layer)
-        if node is None:
-            continue
-        if node.op_type != "GroupQueryAttention":
-            raise GraphPatternError(
-                f"layer {layer}: com.microsoft::{node.op_type} (node {node.name!r}) is not unfused yet "
-                "(only GroupQueryAttention is). Export with eager attention (`var-export export`)."
-            )
-        done.append(unfuse_group_query_attention(graph, node, layer))
+    fused = {layer: node for layer, node in contrib_attention_layers(model).items() if layer in layers}
+    for node in fused.values():
+        _UNFUSERS[node.op_type][0](node)  # refuses an unsupported attribute / input by name
+    done = [_UNFUSERS[node.op_type][1](graph, node, layer) for layer, node in sorted(fused.items())]
     outputs = _softmax_attention_outputs(model)
     for layer in layers:
-        unfused = next((r for r in done if r.layer == layer and r.op_type == "GroupQueryAttention"), None)
+        unfused = next((r for r in done if r.layer == layer and r.op_type in _UNFUSERS), None)
         out = unfused.new_outputs[0] if unfused is not None else outputs.get(layer)
         if out is None:
             continue
@@ -400,7 +550,7 @@ def restore(model: ir.Model, replaced: Iterable[Replaced]) -> int:
     anything but themselves and the record's outputs); returns how many were restored."""
     graph = model.graph
     count = 0
-    for rec in sorted(replaced, key=lambda r: r.op_type == "GroupQueryAttention"):  # norms first
+    for rec in sorted(replaced, key=lambda r: r.op_type in _UNFUSERS):  # norms first
         node = ir.Node(rec.domain, rec.op_type, rec.inputs, attributes=list(rec.attributes.values()),
                        num_outputs=len(rec.old_outputs), name=rec.name)
         anchor = next((v.producer() for v in rec.new_outputs if v is not None), None)

@@ -72,15 +72,16 @@ def _feeds(sess: ort.InferenceSession, ids, mask, pos, vis, past_sink, cache) ->
 
 
 def compare(model, graph, s: VarSettings, heads=None, *, steps: int = 3, visual=VISUAL,
-            ids=IDS, mask=MASK) -> dict:
-    """Prefill + ``steps`` decode steps; returns max |Δlogits| vs the reference and VAR's effect."""
+            ids=IDS, mask=MASK, kv_heads: int = KV_HEADS) -> dict:
+    """Prefill + ``steps`` decode steps; returns max |Δlogits| vs the reference and VAR's effect
+    (``kv_heads``: the graph's KV-cache heads; MultiHeadAttention graphs cache every head)."""
     sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     ref = VarReference(model, s, heads)
     plain = VarReference(model, None)
     n_var = len(s.var_layers(NUM_LAYERS))
     batch = ids.shape[0]
     vis, pos = visual, _positions(mask)
-    cache = {f"past_key_values.{i}.{kind}": np.zeros((batch, KV_HEADS, 0, tl.HEAD_DIM), np.float32)
+    cache = {f"past_key_values.{i}.{kind}": np.zeros((batch, kv_heads, 0, tl.HEAD_DIM), np.float32)
              for i in range(NUM_LAYERS) for kind in ("key", "value")}
     out = _run(sess, _feeds(sess, ids, mask, pos, vis, np.zeros((batch, n_var, 0), bool), cache))
     r = ref.step(model.model.embed_tokens(ids), mask, pos, None, vis, None)

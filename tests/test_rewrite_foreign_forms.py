@@ -12,6 +12,11 @@ Graphs (tests/fixtures/foreign, made by make_fixtures.py from the same committed
   elsewhere. GQA on CPU does not follow HF left padding (it reads ``seqlens_k`` as a
   right-padded length and starts the first prompt's rotary positions at 0 on every row), so
   this form is tested with batch 1 and with batch 2 of unpadded rows.
+* ``mha``: ``ortopt`` with each attention one ``com.microsoft::MultiHeadAttention`` (separate
+  Q/K/V, past/present KV of 4 heads, the graph's 4D mask as ``attention_bias``; made with
+  onnx-ir, ONNX Runtime's optimizer does not fuse this decoder) -> MHA unfused on the layers
+  VAR changes. MHA follows HF left padding: batch 2, left-padded. ``mha-padding``: the same
+  with ``key_padding_mask`` + ``unidirectional=1`` (built in the test by ``mha_graph``).
 
 Prefill + 4 decode steps each; |Δlogits| < 1e-4 and VAR moves the logits by > 1e-2.
 """
@@ -24,7 +29,7 @@ import pytest
 import torch
 
 from tests.fixtures.foreign import tiny_llama as tl
-from tests.fixtures.foreign.make_fixtures import GRAPHS
+from tests.fixtures.foreign.make_fixtures import GRAPHS, mha_graph
 from tests.test_rewrite_foreign import IDS, MASK, MIN_VAR_EFFECT, TOL, VISUAL, compare, settings
 from var_export.rewrite import graph_form, rewrite_decoder
 
@@ -64,13 +69,26 @@ CASES = [
     pytest.param("genai", "dynamic", None, "b1", "contrib"),
     pytest.param("genai", "dynamic", None, "b2-unpadded", "contrib", marks=SLOW),
     pytest.param("genai", "hybrid", [(2, 1), (2, 2)], "b1", "contrib"),
+    pytest.param("mha", "dynamic", None, "b2-left-padded", "contrib"),
+    pytest.param("mha", "hybrid", [(1, 0), (1, 3), (2, 1), (2, 2)], "b2-left-padded", "contrib"),
+    pytest.param("mha", "static", [(1, 1), (2, 0), (2, 3)], "b2-left-padded", "contrib"),
+    pytest.param("mha-padding", "hybrid", [(2, 1), (2, 2)], "b2-left-padded", "contrib"),
 ]
+KV_CACHE_HEADS = {"mha": tl.CONFIG["num_attention_heads"], "mha-padding": tl.CONFIG["num_attention_heads"]}
+
+
+def _source(graph: str, tmp_path):
+    if graph != "mha-padding":
+        return GRAPHS[graph]
+    path = tmp_path / "mha_padding.onnx"
+    ir.save(mha_graph("padding"), str(path))
+    return path
 
 
 @pytest.mark.parametrize(("graph", "mode", "heads", "batch", "form"), CASES,
                          ids=[f"{c.values[0]}-{c.values[1]}-{c.values[3]}" for c in CASES])
 def test_parity_with_reference(models, tmp_path, graph, mode, heads, batch, form):
-    src = GRAPHS[graph]
+    src = _source(graph, tmp_path)
     assert graph_form(ir.load(str(src))) == form
     out = tmp_path / f"{graph}_var.onnx"
     s = settings(heads=mode)
@@ -80,7 +98,8 @@ def test_parity_with_reference(models, tmp_path, graph, mode, heads, batch, form
     assert result.report.var_layers == [1, 2]
     ids, mask, visual = BATCHES[batch]
     model = models["wide" if graph == "genai" else "base"]
-    got = compare(model, out, s, heads, steps=STEPS, ids=ids, mask=mask, visual=visual)
+    got = compare(model, out, s, heads, steps=STEPS, ids=ids, mask=mask, visual=visual,
+                  kv_heads=KV_CACHE_HEADS.get(graph, tl.CONFIG["num_key_value_heads"]))
     print(f"{graph} {mode} {batch}: max|dlogits| per step {got['delta']}, VAR effect {got['effect']}")
     assert got["n_sinks"] == ids.shape[0] * 2 * 3  # samples x 2 VAR layers x tokens 1, 7, 11
     assert all(got["sinks_equal"])
@@ -112,11 +131,30 @@ def test_genai_dynamic_unfuses_every_var_layer_only(tmp_path):
     assert [i for n in gqa for i in n.input if i.endswith(".key")] == ["past_key_values.0.key"]  # layer 0: not VAR
 
 
+@pytest.mark.parametrize("graph", ["mha", "mha-padding"])
+def test_mha_keeps_fused_attention_where_var_changes_nothing(tmp_path, graph):
+    """hybrid with heads only in layer 2: MultiHeadAttention stays on layers 0 and 1."""
+    out = tmp_path / "mha_var.onnx"
+    result = rewrite_decoder(_source(graph, tmp_path), out, settings(heads="hybrid"), heads=[(2, 1)])
+    mha = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MultiHeadAttention"]
+    assert sorted(n.input[6] for n in mha) == ["past_key_values.0.key", "past_key_values.1.key"]
+    assert sum(1 for _, o in _ops(out) if o == "Softmax") == 1  # layer 2 only
+    assert any("fused ops kept on [1]" in n for n in result.notes)
+
+
 def test_fixture_graphs_are_what_the_docstring_says():
-    ops = {g: {o for _, o in _ops(GRAPHS[g])} for g in ("sdpa23", "ortopt", "genai")}
+    ops = {g: {o for _, o in _ops(GRAPHS[g])} for g in ("sdpa23", "ortopt", "genai", "mha")}
     assert "Attention" in ops["sdpa23"] and "Softmax" not in ops["sdpa23"]
     assert {"SkipSimplifiedLayerNormalization", "RotaryEmbedding", "Softmax"} <= ops["ortopt"]
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops["genai"]
     assert "Softmax" not in ops["genai"]
     genai_inputs = [i.name for i in onnx.load(str(GRAPHS["genai"])).graph.input]
     assert "position_ids" not in genai_inputs and "past_key_values.0.key" in genai_inputs
+    assert {"MultiHeadAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops["mha"]
+    assert not ops["mha"] & {"Softmax", "GroupQueryAttention", "Attention"}
+    mha = onnx.load(str(GRAPHS["mha"]))
+    kv = [i for i in mha.graph.input if i.name == "past_key_values.0.key"][0]
+    assert kv.type.tensor_type.shape.dim[1].dim_value == tl.CONFIG["num_attention_heads"]  # MHA: no KV grouping
+    node = next(n for n in mha.graph.node if n.op_type == "MultiHeadAttention")
+    assert node.input[3:6] == ["", "", node.input[5]] and node.input[5] and node.input[6:] == [
+        "past_key_values.0.key", "past_key_values.0.value"]  # attention_bias, no key_padding_mask

@@ -1,5 +1,6 @@
-"""passes/unfuse_contrib.py on the genai and ORT-optimizer fixtures, without VAR: the unfused
-graph computes what the fused one does (prefill + decode), and restore() puts the fused ops back."""
+"""passes/unfuse_contrib.py on the genai, ORT-optimizer and MultiHeadAttention fixtures, without
+VAR: the unfused graph computes what the fused one does (prefill + decode), and restore() puts
+the fused ops back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.fixtures.foreign import tiny_llama as tl
-from tests.fixtures.foreign.make_fixtures import GRAPHS
+from tests.fixtures.foreign.make_fixtures import GRAPHS, mha_graph
 from var_export.core.errors import GraphPatternError
 from var_export.passes.locate import locate_layers
 from var_export.passes.unfuse_contrib import contrib_attention_layers, normalize_contrib, restore
@@ -22,21 +23,24 @@ def _session(model: ir.Model) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
-def _generate(sess: ort.InferenceSession, ids: np.ndarray, steps: int = 3) -> list[np.ndarray]:
-    """Greedy prefill + ``steps`` decode steps; unpadded rows (feeds by the graph's input names)."""
+def _generate(sess: ort.InferenceSession, ids: np.ndarray, steps: int = 3, mask: np.ndarray | None = None,
+              kv_heads: int = 2) -> list[np.ndarray]:
+    """Greedy prefill + ``steps`` decode steps (feeds by the graph's input names); ``mask``:
+    left padding (HF positions), default unpadded rows."""
     have = {i.name for i in sess.get_inputs()}
     names = [o.name for o in sess.get_outputs()]
     b, s = ids.shape
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, s), np.int64), "position_ids": np.arange(s)[None].repeat(b, 0)}
-    feeds.update({f"past_key_values.{i}.{k}": np.zeros((b, 2, 0, tl.HEAD_DIM), np.float32)
+    mask = np.ones((b, s), np.int64) if mask is None else mask
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.maximum(mask.cumsum(-1) - 1, 0)}
+    feeds.update({f"past_key_values.{i}.{k}": np.zeros((b, kv_heads, 0, tl.HEAD_DIM), np.float32)
                   for i in range(LAYERS) for k in ("key", "value")})
     logits = []
     for _ in range(steps + 1):
         out = dict(zip(names, sess.run(None, {k: v for k, v in feeds.items() if k in have})))
         logits.append(out["logits"])
-        t = feeds["attention_mask"].shape[1]
-        feeds = {"input_ids": out["logits"][:, -1].argmax(-1)[:, None], "attention_mask": np.ones((b, t + 1), np.int64),
-                 "position_ids": np.full((b, 1), t)}
+        mask = np.concatenate([feeds["attention_mask"], np.ones((b, 1), np.int64)], 1)
+        feeds = {"input_ids": out["logits"][:, -1].argmax(-1)[:, None], "attention_mask": mask,
+                 "position_ids": mask.sum(-1, keepdims=True) - 1}
         feeds.update({f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(LAYERS) for k in ("key", "value")})
     return logits
 
@@ -79,3 +83,91 @@ def test_unsupported_gqa_attributes_are_refused_by_name():
     node.attributes["local_window_size"] = ir.AttrInt64("local_window_size", 16)
     with pytest.raises(GraphPatternError, match="local_window_size"):
         normalize_contrib(model, [1])
+
+
+# ---------------------------------------------------------------------------------------------
+# MultiHeadAttention (tests/fixtures/foreign/mha_llama.onnx; "padding": built from it in memory)
+
+MHA_IDS = np.array([[0, 0, 1, 20, 7, 30, 31, 11, 32, 21], [1, 25, 26, 7, 11, 40, 41, 22, 23, 24]])
+MHA_MASK = np.array([[0, 0] + [1] * 8, [1] * 10])  # row 0 left-padded by 2 (HF padding)
+
+
+def _mha(form: str) -> ir.Model:
+    """``bias``: the committed fixture (attention_bias); ``padding``: key_padding_mask +
+    unidirectional; ``padding-defaults``: that without ``scale`` and with mask_filter_value
+    -3 (small enough that padded keys still count: the value must be honoured); ``projection-bias``: the fixture with a (3 D,) ``bias`` input on every node."""
+    model = ir.load(str(GRAPHS["mha"])) if form in ("bias", "projection-bias") else mha_graph("padding")
+    rng = np.random.default_rng(0)
+    for layer, node in contrib_attention_layers(model).items():
+        if form == "padding-defaults":
+            del node.attributes["scale"]
+            node.attributes["mask_filter_value"] = ir.AttrFloat32("mask_filter_value", -3.0)
+        if form == "projection-bias":
+            bias = ir.Value(name=f"mha_bias_{layer}", const_value=ir.tensor(rng.normal(0, 0.5, 192).astype(np.float32)))
+            bias.shape, bias.dtype = ir.Shape([192]), ir.DataType.FLOAT
+            model.graph.register_initializer(bias)
+            node.replace_input_with(3, bias)
+    return model
+
+
+@pytest.mark.parametrize("form", ["bias", "padding", "padding-defaults", "projection-bias"])
+def test_unfused_mha_computes_what_the_fused_one_does(form):
+    """attention_bias (the graph's own 4D mask) or key_padding_mask + unidirectional=1, default
+    scale, mask_filter_value, projection bias; batch 2 left-padded: every row (padding rows too)
+    and every step as the fused CPU kernel."""
+    fused, unfused = _mha(form), _mha(form)
+    node = contrib_attention_layers(fused)[0]
+    assert (node.attributes["unidirectional"].value, node.inputs[4] is not None, node.inputs[5] is not None) == (
+        (1, True, False) if form.startswith("padding") else (0, False, True))
+    replaced = normalize_contrib(unfused, range(LAYERS))
+    assert sorted({r.op_type for r in replaced}) == ["MultiHeadAttention", "SkipSimplifiedLayerNormalization"]
+    assert contrib_attention_layers(unfused) == {}
+    assert [m.layer for m in locate_layers(unfused).matches] == list(range(LAYERS))
+    assert {m.num_heads for m in locate_layers(unfused).matches} == {4}
+    a = _generate(_session(fused), MHA_IDS, mask=MHA_MASK, kv_heads=4)
+    b = _generate(_session(unfused), MHA_IDS, mask=MHA_MASK, kv_heads=4)
+    for x, y in zip(a, b):
+        assert np.isfinite(x).all()
+        np.testing.assert_allclose(x, y, atol=2e-5)
+
+
+def test_mha_restore_puts_the_fused_ops_back():
+    model = _mha("padding")
+    before = sorted((n.domain, n.op_type) for n in model.graph)
+    replaced = normalize_contrib(model, [1, 2])
+    assert sorted(contrib_attention_layers(model)) == [0]
+    assert restore(model, replaced) == 4  # 2 MHA + 2 skip norms
+    assert sorted((n.domain, n.op_type) for n in model.graph) == before
+    assert not [n for n in model.graph.initializers if n.startswith("unfused/")]
+    for x, y in zip(_generate(_session(_mha("padding")), MHA_IDS, mask=MHA_MASK, kv_heads=4),
+                    _generate(_session(model), MHA_IDS, mask=MHA_MASK, kv_heads=4)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _packed_qkv(node: ir.Node) -> None:
+    node.replace_input_with(1, None)
+    node.replace_input_with(2, None)
+
+
+def _past_sequence_length(node: ir.Node) -> None:
+    node.resize_inputs(9)
+    node.replace_input_with(8, ir.Value(name="past_sequence_length"))
+
+
+def _lengths_mask(node: ir.Node) -> None:  # key_padding_mask as (B,) lengths
+    node.inputs[4].shape = ir.Shape(["batch_size"])
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (_packed_qkv, "packed QKV"),
+    (_past_sequence_length, "past_sequence_length"),
+    (_lengths_mask, "key_padding_mask of rank 1"),
+    (lambda n: n.attributes.__setitem__("unidirectional", ir.AttrInt64("unidirectional", 2)), "unidirectional=2"),
+])
+def test_unsupported_mha_inputs_are_refused_by_name_before_any_change(change, named):
+    model = _mha("padding")
+    change(contrib_attention_layers(model)[2])
+    before = model.graph.num_nodes()
+    with pytest.raises(GraphPatternError, match=named):
+        normalize_contrib(model, [1, 2])
+    assert model.graph.num_nodes() == before  # layer 1 was not unfused either
