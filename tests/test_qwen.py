@@ -237,7 +237,7 @@ PARITY: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
-def test_decoder_parity_all_modes(tiny_qwen_loaded, batch, var_decoders, mode):
+def test_decoder_parity_all_modes(tiny_qwen_loaded, batch, var_decoders, mode, parity_results):
     model = tiny_qwen_loaded.model
     settings = SETTINGS.replace(heads=mode)
     ref = VarReference(model, settings, HEADS)
@@ -265,6 +265,8 @@ def test_decoder_parity_all_modes(tiny_qwen_loaded, batch, var_decoders, mode):
     first = ref.step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"], None)
     effect = float((plain.logits - first.logits).abs().max())
     PARITY[mode] = worst
+    parity_results[f"tiny-qwen2.5-vl/{mode}"] = worst
+    parity_results[f"tiny-qwen2.5-vl/{mode} (VAR effect on logits)"] = effect
     print(f"\ntiny-qwen2.5-vl {mode}: max |Δlogits| ONNX vs reference = {worst:.2e}, VAR effect = {effect:.3f}")
     assert worst < TOL
     assert effect > 1e-2
