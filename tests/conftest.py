@@ -287,16 +287,18 @@ def tiny_var_bundle(tiny_bundles):
 # Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): every test that uses one of these
 # session exports runs on the worker of its group, so each model is exported once per run; a test
 # using two of them (the family serving tests: tiny-qwen and the tiled variants) joins their groups.
-# Any other test is grouped with its file (module fixtures run once).
+# Any other test is grouped with its file (module fixtures run once), unless it names its group itself.
 _SHARED_EXPORTS = {
     "tiny_llava_graphs": "tiny-llava", "tiny_qwen_graphs": "families", "tiled": "families",
     "tiny_llama_plain": "tiny-llama",
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(config, items) -> None:
     if not config.pluginmanager.hasplugin("xdist"):
         return
+    items = [item for item in items if item.get_closest_marker("xdist_group") is None]
     uses = {item: sorted({g for name, g in _SHARED_EXPORTS.items() if name in item.fixturenames}) for item in items}
     merged: dict[str, str] = {}  # group -> the group it joined
 
@@ -311,6 +313,30 @@ def pytest_collection_modifyitems(config, items) -> None:
                 merged[root(other)] = root(first)
     for item, groups in uses.items():
         item.add_marker(pytest.mark.xdist_group(root(groups[0]) if groups else item.path.name))
+
+
+class _LoadgroupShim:
+    """pytest-xdist 3.8's loadgroup tags a test's group onto ``item._nodeid``, which pytest >= 9.2 no
+    longer reads (structured node ids): the marks would be ignored and the groups spread over the
+    workers (pytest-dev/pytest-xdist#1386, fix proposed in #1388). After xdist's hook, this sets the
+    suffix where it did not take; it does nothing once xdist does it itself."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        if not getattr(config.option, "loadgroup", False):
+            return
+        for item in items:
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                            for m in item.iter_markers("xdist_group")})
+            if names and "@" not in item.nodeid and hasattr(item, "_id"):
+                from _pytest.nodeid import NodeId
+
+                item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+def pytest_configure(config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_LoadgroupShim(), "var-export-loadgroup-shim")
 
 
 def pytest_sessionfinish(session) -> None:
