@@ -287,16 +287,22 @@ def tiny_var_bundle(tiny_bundles):
 # Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): every test that uses one of these
 # session exports runs on the worker of its group, so each model is exported once per run; a test
 # using two of them (the family serving tests: tiny-qwen and the tiled variants) joins their groups.
-# Any other test is grouped with its file (module fixtures run once), unless it names its group itself.
+# A test using a module fixture is grouped with its file (the fixture runs once); any other test is a
+# unit of its own, free to fill whichever worker is idle (xdist sends the big groups first).
 _SHARED_EXPORTS = {
     "tiny_llava_graphs": "tiny-llava", "tiny_qwen_graphs": "families", "tiled": "families",
     "tiny_llama_plain": "tiny-llama",
 }
 
 
+def _uses_module_fixture(item) -> bool:
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d.scope in ("module", "class", "package") for fixturedefs in defs.values() for d in fixturedefs)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(config, items) -> None:
-    if not config.pluginmanager.hasplugin("xdist"):
+    if not getattr(config.option, "loadgroup", False):  # set on the workers of --dist loadgroup
         return
     items = [item for item in items if item.get_closest_marker("xdist_group") is None]
     uses = {item: sorted({g for name, g in _SHARED_EXPORTS.items() if name in item.fixturenames}) for item in items}
@@ -312,7 +318,10 @@ def pytest_collection_modifyitems(config, items) -> None:
             if root(other) != root(first):
                 merged[root(other)] = root(first)
     for item, groups in uses.items():
-        item.add_marker(pytest.mark.xdist_group(root(groups[0]) if groups else item.path.name))
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(root(groups[0])))
+        elif _uses_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 class _LoadgroupShim:

@@ -203,8 +203,9 @@ def _plain_logits(case: Case, plain, tmp_path, results: dict[str, float]) -> lis
 
 
 def _random(*names: str) -> list:
-    """The random cases use no shared export: under xdist they may run beside tiny-llava's group."""
-    return [pytest.param(name, marks=pytest.mark.xdist_group("parity-random")) for name in names]
+    """The random cases use no shared export: under xdist each case (its one export) is a group of
+    its own, free to run beside tiny-llava's group."""
+    return [pytest.param(name, marks=pytest.mark.xdist_group(f"parity-{name}")) for name in names]
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
