@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m examples.demo --out build/tiny-llava
 
-## make test: lint + the test suite (slow benchmarks excluded)
+## make test: lint + the test suite (slow benchmarks excluded), on two pytest-xdist workers; the tests
+## sharing one session export run on one worker (xdist groups: tests/conftest.py)
 test: $(STAMP)
 	$(BIN)/ruff check var_export passes calibration configs tests benchmarks examples
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check var_export passes calibration configs tests benchmarks examples

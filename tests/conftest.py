@@ -2,13 +2,17 @@
 
 * ``tiny_llava_path`` / ``tiny_loaded``: the embedded tiny-llava (built once per machine, cached);
 * ``parity_results``: max |Δlogits| per parity case, printed in the terminal summary;
-* ``tiny_bundles``: tiny-llava exported once into two bundles, VAR (hybrid, planted heads) and
+* ``tiny_llava_graphs`` (alias ``tiny_trt_graphs``): tiny-llava's plain graphs and its naive /
+  fused / fp16 decoders, each exported once; ``tiny_llama_plain``: a random LLaMA decoder, once;
+* ``tiny_bundles``: tiny-llava's plain graphs made into two bundles, VAR (hybrid, planted heads) and
   ``--no-var``, with the torch model, its processor and a synthetic image (runtime, bench, ...);
 * ``tiny_qwen_graphs`` / ``tiny_qwen_bundle``: tiny-qwen2.5-vl's plain graphs and a hybrid VAR
   bundle (runtime, serving); ``tiled``: the tiled families (tests/tiled_fixtures.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 
@@ -51,12 +55,17 @@ def tiny_loaded(tiny_llava_path):
     return load_llava(resolve_model("tiny-llava"))
 
 
-class _TinyTrtGraphs:
-    """tiny-llava graphs for the TensorRT tests, each exported on first use (then shared):
-    ``vision_encoder``, ``embed_tokens`` (fp32) and the decoders ``<form>-novar`` / ``<form>-<var>``
-    (VAR hybrid with the planted heads): ``naive`` and ``fp16`` (eager export, ``-var``), ``fused``
-    and ``fused16`` (SDPA export, ONNX Attention, opset 23, fp32 / fp16; ``-qk`` and ``-mask``:
-    the fused formulation with either score shift)."""
+class _TinyLlavaGraphs:
+    """tiny-llava's graphs, each exported on first use, then shared by the whole session:
+
+    * ``plain``: the three fp32 graphs (``export_graphs``), also named ``vision_encoder``,
+      ``embed_tokens`` and ``naive-novar`` (the plain eager decoder);
+    * the decoders ``<form>-novar`` / ``<form>-<var>`` (VAR hybrid with the planted heads):
+      ``naive`` and ``fp16`` (eager export, ``-var``), ``fused`` and ``fused16`` (SDPA export, ONNX
+      Attention, opset 23, fp32 / fp16; ``-qk`` and ``-mask``: the fused formulation with either
+      score shift).
+
+    Nobody writes into these files: tests copy them or read them."""
 
     FORMS = {  # form -> (export_decoder options, VAR variants)
         "naive": ({}, ("var",)),
@@ -68,21 +77,23 @@ class _TinyTrtGraphs:
     def __init__(self, out, model):
         self.out, self.model, self.paths = out, model, {}
 
+    @functools.cached_property
+    def plain(self):
+        from var_export.core.contract import DECODER, EMBED_TOKENS, VISION_ENCODER
+        from var_export.export import export_graphs
+
+        result = export_graphs(self.model, self.out / "graphs")
+        self.paths.update({"vision_encoder": result.paths[VISION_ENCODER], "embed_tokens": result.paths[EMBED_TOKENS],
+                           "naive-novar": result.paths[DECODER]})
+        return result
+
     def __getitem__(self, name):
         if name not in self.paths:
-            form = name.split("-")[0]
-            if form in ("vision_encoder", "embed_tokens"):
-                self._export_small(name)
+            if name in ("vision_encoder", "embed_tokens", "naive-novar"):
+                _ = self.plain
             else:
-                self._export_decoders(form)
+                self._export_decoders(name.split("-")[0])
         return self.paths[name]
-
-    def _export_small(self, name):
-        from var_export import export
-
-        path = self.out / f"{name}.onnx"
-        getattr(export, f"export_{name}")(self.model, path)
-        self.paths[name] = path
 
     def _export_decoders(self, form):
         import onnx_ir as ir
@@ -94,10 +105,13 @@ class _TinyTrtGraphs:
         from var_export.passes.pipeline import apply_var, save_model
 
         options, variants = self.FORMS[form]
-        base = self.out / f"{form}-novar" / "decoder_model_merged.onnx"
-        base.parent.mkdir()
-        export_decoder(self.model, base, **options)
-        self.paths[f"{form}-novar"] = base
+        if form == "naive":  # the plain export's decoder
+            base = self["naive-novar"]
+        else:
+            base = self.out / f"{form}-novar" / "decoder_model_merged.onnx"
+            base.parent.mkdir()
+            export_decoder(self.model, base, **options)
+            self.paths[f"{form}-novar"] = base
         settings = VarSettings(sink_dims=tl.TINY_SINK_DIMS, heads="hybrid", layers="2:")
         heads = sorted(set(tl.PLANTED_IMAGE_CENTRIC_HEADS) | set(tl.PLANTED_MIXED_HEADS))
         for variant in variants:
@@ -112,24 +126,41 @@ class _TinyTrtGraphs:
 
 
 @pytest.fixture(scope="session")
-def tiny_trt_graphs(tmp_path_factory, tiny_loaded):
-    """tiny-llava's graphs for the TensorRT tests (:class:`_TinyTrtGraphs`), exported once."""
-    return _TinyTrtGraphs(tmp_path_factory.mktemp("tiny_trt"), tiny_loaded.model)
+def tiny_llava_graphs(tmp_path_factory, tiny_loaded):
+    """tiny-llava's graphs (:class:`_TinyLlavaGraphs`), each exported once per session and shared by
+    the parity, fused-VAR, bundle (``tiny_bundles``) and TensorRT tests."""
+    return _TinyLlavaGraphs(tmp_path_factory.mktemp("tiny_llava_graphs"), tiny_loaded.model)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_var_decoder(tmp_path_factory):
+def tiny_trt_graphs(tiny_llava_graphs):
+    """The TensorRT tests' name for ``tiny_llava_graphs``."""
+    return tiny_llava_graphs
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_plain(tmp_path_factory):
+    """A dynamo-exported random LLaMA decoder (decoder contract I/O, ``passes_fixtures.LlamaSpec()``),
+    exported once per session (the LLaMA pass tests and the TensorRT tests)."""
+    pytest.importorskip("torch")
+    from passes_fixtures import LlamaSpec, export_tiny_llama
+
+    return export_tiny_llama(tmp_path_factory.mktemp("llama") / "decoder.onnx", LlamaSpec())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_var_decoder(tmp_path_factory, tiny_llama_plain):
     """A dynamo-exported LLaMA decoder (decoder contract I/O, passes_fixtures.LlamaSpec()) with
     VAR baked in (dynamic heads, sink dim 1, layers 1:), shared by the TensorRT tests."""
     import onnx_ir as ir
-    from passes_fixtures import LlamaSpec, export_tiny_llama
+    from passes_fixtures import LlamaSpec
 
     from var_export.core.settings import VarSettings
     from var_export.passes.pipeline import apply_var, save_model
 
     tmp = tmp_path_factory.mktemp("trt_llama")
     spec = LlamaSpec()
-    plain = export_tiny_llama(tmp / "plain.onnx", spec)
+    plain = tiny_llama_plain
     settings = VarSettings(sink_dims=(1,), heads="dynamic", layers="1:")
     model, _ = apply_var(ir.load(str(plain)), settings, None, num_layers=spec.layers)
     out = tmp / "decoder_model_merged.onnx"
@@ -206,7 +237,7 @@ def tiled(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundles(tmp_path_factory, tiny_llava_path):
+def tiny_bundles(tmp_path_factory, tiny_llava_path, tiny_llava_graphs):
     """tiny-llava (torch, eager), its processor, and two bundles: VAR (hybrid) and --no-var."""
     import onnx_ir as ir
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -214,14 +245,13 @@ def tiny_bundles(tmp_path_factory, tiny_llava_path):
     from var_export.bundle import write_bundle
     from var_export.calibration import tiny_llava as tl
     from var_export.core.contract import DECODER
-    from var_export.export import export_graphs
     from var_export.hf_layout import hf_config_files
     from var_export.passes.pipeline import apply_var, save_model
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_path, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(tiny_llava_path)
     tmp = tmp_path_factory.mktemp("tiny_bundles")
-    exported = export_graphs(model, tmp / "graphs")
+    exported = tiny_llava_graphs.plain  # the session's export of the same weights
     settings = tiny_settings()
     heads = sorted(tl.PLANTED_IMAGE_CENTRIC_HEADS + tl.PLANTED_MIXED_HEADS)
     var_model, report = apply_var(ir.load(str(exported.decoder)), settings, heads, num_layers=exported.num_layers)
@@ -252,3 +282,80 @@ def tiny_var_bundle(tiny_bundles):
     """The tiny-llava VAR bundle (hybrid, the planted heads, layers 2:) and three images: what the
     serving tests generate from (the same export as ``tiny_bundles``)."""
     return {"bundle": tiny_bundles["var"], "images": tiny_bundles["images"]}
+
+
+# Under pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): every test that uses one of these
+# session exports runs on the worker of its group, so each model is exported once per run; a test
+# using two of them (the family serving tests: tiny-qwen and the tiled variants) joins their groups.
+# A test using a module fixture is grouped with its file (the fixture runs once); any other test is a
+# unit of its own, free to fill whichever worker is idle (xdist sends the big groups first).
+_SHARED_EXPORTS = {
+    "tiny_llava_graphs": "tiny-llava", "tiny_qwen_graphs": "families", "tiled": "families",
+    "tiny_llama_plain": "tiny-llama",
+}
+
+
+def _uses_module_fixture(item) -> bool:
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(d.scope in ("module", "class", "package") for fixturedefs in defs.values() for d in fixturedefs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items) -> None:
+    if not getattr(config.option, "loadgroup", False):  # set on the workers of --dist loadgroup
+        return
+    items = [item for item in items if item.get_closest_marker("xdist_group") is None]
+    uses = {item: sorted({g for name, g in _SHARED_EXPORTS.items() if name in item.fixturenames}) for item in items}
+    merged: dict[str, str] = {}  # group -> the group it joined
+
+    def root(group: str) -> str:
+        while merged.get(group, group) != group:
+            group = merged[group]
+        return group
+
+    for first, *rest in (groups for groups in uses.values() if groups):
+        for other in rest:
+            if root(other) != root(first):
+                merged[root(other)] = root(first)
+    for item, groups in uses.items():
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(root(groups[0])))
+        elif _uses_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+class _LoadgroupShim:
+    """pytest-xdist 3.8's loadgroup tags a test's group onto ``item._nodeid``, which pytest >= 9.2 no
+    longer reads (structured node ids): the marks would be ignored and the groups spread over the
+    workers (pytest-dev/pytest-xdist#1386, fix proposed in #1388). After xdist's hook, this sets the
+    suffix where it did not take; it does nothing once xdist does it itself."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items) -> None:
+        if not getattr(config.option, "loadgroup", False):
+            return
+        for item in items:
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                            for m in item.iter_markers("xdist_group")})
+            if names and "@" not in item.nodeid and hasattr(item, "_id"):
+                from _pytest.nodeid import NodeId
+
+                item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+def pytest_configure(config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_LoadgroupShim(), "var-export-loadgroup-shim")
+
+
+def pytest_sessionfinish(session) -> None:
+    """An xdist worker hands its parity numbers to the controller, which prints the summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["parity_results"] = dict(session.config.stash.get(PARITY, {}))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    results = getattr(node, "workeroutput", {}).get("parity_results", {})
+    node.config.stash.setdefault(PARITY, {}).update(results)

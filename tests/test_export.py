@@ -65,7 +65,7 @@ def small_llava(seed: int = 0) -> LlavaForConditionalGeneration:
     return model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: tests using only the model are xdist units of their own
 def model() -> LlavaForConditionalGeneration:
     return small_llava()
 

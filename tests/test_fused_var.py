@@ -20,15 +20,18 @@ DECODE_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_llava_graphs):
+    """(case, folder with fused.onnx (SDPA export) and eager.onnx, heads): the session's exports of
+    tiny-llava's decoder (conftest.tiny_llava_graphs, the same weights as the case's model)."""
+    import shutil
+
     from benchmarks.bench_var import tiny_llava_case
     from var_export.calibration import tiny_llava as tl
-    from var_export.export import export_decoder
 
     out = tmp_path_factory.mktemp("fused_var")
     case = tiny_llava_case(batch=2, seed=7)
-    export_decoder(case.model, out / "fused.onnx", fused=True)
-    export_decoder(case.model, out / "eager.onnx")
+    shutil.copyfile(tiny_llava_graphs["fused-novar"], out / "fused.onnx")
+    shutil.copyfile(tiny_llava_graphs["naive-novar"], out / "eager.onnx")
     heads = sorted(set(tl.PLANTED_IMAGE_CENTRIC_HEADS) | set(tl.PLANTED_MIXED_HEADS))
     return case, out, heads
 

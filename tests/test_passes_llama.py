@@ -13,7 +13,6 @@ import onnx_ir as ir
 import pytest
 from passes_fixtures import (
     LlamaSpec,
-    export_tiny_llama,
     numpy_sink_flags,
     numpy_var,
     probe,
@@ -30,9 +29,9 @@ SINK_DIMS = (5, 40)
 
 
 @pytest.fixture(scope="session")
-def llama_path(tmp_path_factory):
-    pytest.importorskip("torch")
-    return export_tiny_llama(tmp_path_factory.mktemp("llama") / "decoder.onnx", SPEC)
+def llama_path(tiny_llama_plain):
+    assert SPEC == LlamaSpec()  # conftest.tiny_llama_plain exports LlamaSpec()
+    return tiny_llama_plain
 
 
 def _prompt(rng):

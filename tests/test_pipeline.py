@@ -13,7 +13,7 @@ import torch
 from var_export.cli import main
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: under xdist each test of this file is a unit of its own
 def local_llava(tmp_path_factory, tiny_llava_path):
     """A random LLaVA (hidden 256, MHA 4 heads, 3 layers) saved with save_pretrained, with the
     tiny-llava processor (same vision geometry) — any user's local HF directory looks like this."""

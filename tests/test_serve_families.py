@@ -21,7 +21,7 @@ from var_export.runtime import VarRuntime
 
 
 @pytest.fixture(scope="module", params=family_params())
-def case(request, tmp_path_factory):
+def case(request, tmp_path_factory, tiled):  # tiled: lazy; names the shared exports (xdist group)
     bundle = family_bundle(request, request.param)
     images = family_images(request.param, tmp_path_factory.mktemp(request.param))
     runtimes = {v: VarRuntime(bundle, var=v) for v in (True, False)}

@@ -18,7 +18,7 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient is in the dev extr
 pytest.importorskip("pytriton", reason="nvidia-pytriton (the tritonserver binary) is in the dev extra")
 
 @pytest.fixture(scope="module", params=list(DEFAULT_FAMILIES))
-def served(request, tmp_path_factory):
+def served(request, tmp_path_factory, tiled):  # tiled: lazy; names the shared exports (xdist group)
     """The family's bundle behind a started TritonServer, with run's texts (cached) to compare."""
     from var_export.runtime import VarRuntime
     from var_export.serve import TritonServer
