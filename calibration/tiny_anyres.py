@@ -226,7 +226,6 @@ def _plant_siglip(model: Any) -> None:
 
 def _plant_projector(model: Any, gen: Any) -> None:
     """Projector: GELU pairs take |differences|; marker = bias - slope * colourfulness (tiny-llava)."""
-    import torch
 
     proj = model.model.multi_modal_projector
     gain, const_unit = 4.0, 6
@@ -236,15 +235,8 @@ def _plant_projector(model: Any, gen: Any) -> None:
     for k, d in enumerate(_DIFF_DIMS):
         l1w[2 * k, d] = gain
         l1w[2 * k + 1, d] = -gain
-    l1b[const_unit] = 1.0
-    gelu_one = float(torch.nn.functional.gelu(torch.tensor(1.0)))
-    l1b[const_unit + 1 :] = torch.randn(tl.HIDDEN_SIZE - const_unit - 1, generator=gen) * 0.1
-    l2w = proj.linear_2.weight  # (H, H)
-    l2w[:, : const_unit + 1] = 0.0
-    l2w[[tl.MARKER_DIM, tl.TEXT_FEATURE_DIM, tl.VISUAL_FEATURE_DIM, tl.BOS_FEATURE_DIM]] = 0.0
-    l2w[tl.MARKER_DIM, const_unit] = tl.MARKER_BIAS / gelu_one
-    l2w[tl.MARKER_DIM, list(range(6))] = -tl.MARKER_SLOPE / gain
-    l2w[tl.VISUAL_FEATURE_DIM, const_unit] = tl.FEATURE_VALUE / gelu_one
+    tl.plant_marker_head(proj, gen, const_unit=const_unit, abs_units=list(range(6)),
+                         slope_per_unit=tl.MARKER_SLOPE / gain)
 
 
 def _plant_newline(model: Any) -> None:

@@ -128,7 +128,6 @@ def _plant_vision(model: Any) -> None:
 
 def _plant_projector(model: Any, gen: Any) -> None:
     """LayerNorm (anchored: scale ~ fixed) -> GELU pairs |diff| per pooled patch -> marker."""
-    import torch
 
     dv = tl.VISION_HIDDEN
     copies = 4  # pixel shuffle 0.5 pools 2 x 2 patches: channel c*Dv + d of a token is patch c's dim d
@@ -149,15 +148,8 @@ def _plant_projector(model: Any, gen: Any) -> None:
             l1w[unit, c * dv + d] = gain
             l1w[unit + 1, c * dv + d] = -gain
             unit += 2
-    l1b[const_unit] = 1.0
-    gelu_one = float(torch.nn.functional.gelu(torch.tensor(1.0)))
-    l1b[const_unit + 1 :] = torch.randn(tl.HIDDEN_SIZE - const_unit - 1, generator=gen) * 0.1
-    l2w = proj.linear_2.weight  # (H, H)
-    l2w[:, : const_unit + 1] = 0.0
-    l2w[[tl.MARKER_DIM, tl.TEXT_FEATURE_DIM, tl.VISUAL_FEATURE_DIM, tl.BOS_FEATURE_DIM]] = 0.0
-    l2w[tl.MARKER_DIM, const_unit] = tl.MARKER_BIAS / gelu_one
-    l2w[tl.MARKER_DIM, list(range(n_abs))] = -tl.MARKER_SLOPE / (gain * copies)  # mean over patches
-    l2w[tl.VISUAL_FEATURE_DIM, const_unit] = tl.FEATURE_VALUE / gelu_one
+    tl.plant_marker_head(proj, gen, const_unit=const_unit, abs_units=list(range(n_abs)),
+                         slope_per_unit=tl.MARKER_SLOPE / (gain * copies))  # mean over patches
 
 
 def _build_tokenizer() -> Any:

@@ -344,7 +344,6 @@ def _init_std(name: str) -> float:
 
 def _plant_vision(model: Any, gen: Any) -> None:
     """Vision tower passes the patch-mean colour differences through; projector makes the marker."""
-    import torch
 
     vt = model.model.vision_tower
     vt = getattr(vt, "vision_model", vt)  # transformers 4.x nests it; 5.x does not
@@ -377,15 +376,24 @@ def _plant_vision(model: Any, gen: Any) -> None:
     for k, d in enumerate(diff_dims):
         l1w[2 * k, d] = gain
         l1w[2 * k + 1, d] = -gain
+    plant_marker_head(proj, gen, const_unit=const_unit, abs_units=abs_units, slope_per_unit=MARKER_SLOPE / gain)
+
+
+def plant_marker_head(proj: Any, gen: Any, *, const_unit: int, abs_units: list[int], slope_per_unit: float) -> None:
+    """The projector's output layer of every tiny model: a constant GELU unit (``const_unit``) and
+    ``|difference|`` units (``abs_units``) make the marker ``MARKER_BIAS - slope * colourfulness`` and the
+    visual feature; the other first-layer biases are small random values (drawn from ``gen`` here)."""
+    import torch
+
+    l1b = proj.linear_1.bias
     l1b[const_unit] = 1.0
     gelu_one = float(torch.nn.functional.gelu(torch.tensor(1.0)))
     l1b[const_unit + 1 :] = torch.randn(HIDDEN_SIZE - const_unit - 1, generator=gen) * 0.1
     l2w = proj.linear_2.weight  # (H, H)
-    designed = [MARKER_DIM, TEXT_FEATURE_DIM, VISUAL_FEATURE_DIM, BOS_FEATURE_DIM]
     l2w[:, : const_unit + 1] = 0.0
-    l2w[designed] = 0.0
+    l2w[[MARKER_DIM, TEXT_FEATURE_DIM, VISUAL_FEATURE_DIM, BOS_FEATURE_DIM]] = 0.0
     l2w[MARKER_DIM, const_unit] = MARKER_BIAS / gelu_one
-    l2w[MARKER_DIM, abs_units] = -MARKER_SLOPE / gain
+    l2w[MARKER_DIM, abs_units] = -slope_per_unit
     l2w[VISUAL_FEATURE_DIM, const_unit] = FEATURE_VALUE / gelu_one
 
 
