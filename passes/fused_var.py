@@ -17,6 +17,10 @@ sink detection, head selection and the row constants with the unfused one (``app
 Rows that are not selected get exactly 0 added, so the change is exact there too. The
 visual non-sink mass is a class column of its own (no ``image - visual_sink`` cancellation).
 Validation is ``passes.pipeline.plan_var``, as ``apply_var``.
+
+``shift="kernel"`` is the kernel formulation on the same analysis: SinkDetectionPass, then
+``KernelAttentionPass`` (passes/kernel_attention.py) replaces each changed layer's Attention
+by one ``var_export::VarAttention`` custom-op node (ONNX Runtime CPU, fp32).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from var_export.passes.analysis import VarAnalysis, analyze
 from var_export.passes.finalize import FinalizePass, check_not_applied
 from var_export.passes.fused_class_masses import FusedClassMassesPass
 from var_export.passes.head_selection import HeadSelectionPass
+from var_export.passes.kernel_attention import KernelAttentionPass, kernel_attention_nodes
 from var_export.passes.locate_fused import FusedLayerMatch, locate_fused_layers
 from var_export.passes.pipeline import plan_var, run_passes
 from var_export.passes.score_shift import MaskShiftPass, QKShiftPass
@@ -50,9 +55,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Shift = Literal["qk", "mask"]
+Shift = Literal["qk", "mask", "kernel"]
 SHIFT_PASSES = {"qk": QKShiftPass, "mask": MaskShiftPass}
-SHIFTS: tuple[str, ...] = tuple(SHIFT_PASSES)
+SHIFTS: tuple[str, ...] = (*SHIFT_PASSES, "kernel")
 
 
 def fused_var_passes(
@@ -64,9 +69,11 @@ def fused_var_passes(
     analysis: VarAnalysis | None = None,
 ) -> list[ir.passes.PassBase]:
     """The fused formulation's VAR passes (without FinalizePass), in order."""
-    if shift not in SHIFT_PASSES:
+    if shift not in SHIFTS:
         raise ConfigError(f"shift must be one of {SHIFTS}, found {shift!r}.")
     shared = {"num_layers": num_layers, "analysis": analysis}
+    if shift == "kernel":
+        return [SinkDetectionPass(settings, **shared), KernelAttentionPass(settings, heads, **shared)]
     return [
         SinkDetectionPass(settings, **shared),
         FusedClassMassesPass(settings, heads, **shared),
@@ -80,7 +87,7 @@ class FusedVarReport:
     var_layers: list[int]  # VAR layers, in present_sink_mask order
     num_layers: int
     head_mode: str
-    shift: str  # "qk" or "mask"
+    shift: str  # "qk", "mask" or "kernel"
     changed_layers: list[int]  # layers whose attention got the score shift
     layers: list[dict[str, object]]  # what locate found per VAR layer
     nodes_added: int
@@ -101,7 +108,7 @@ def apply_fused_var(
 ) -> tuple[ir.Model, FusedVarReport]:
     """Bake VAR into a decoder with ONNX ``Attention`` ops (same contract as ``apply_var``)."""
     check_not_applied(model)
-    if shift not in SHIFT_PASSES:
+    if shift not in SHIFTS:
         raise ConfigError(f"shift must be one of {SHIFTS}, found {shift!r}.")
     if not inplace:
         model = model.clone()
@@ -112,8 +119,11 @@ def apply_fused_var(
     passes = fused_var_passes(settings, plan.heads, num_layers=plan.num_layers, shift=shift, analysis=analysis)
     run_passes(model, [*passes, FinalizePass(settings, plan.var_layers, plan.heads, check=check)])
     values = _ir.value_map(model.graph)
-    changed = [la for la in plan.var_layers if _ir.layer_value_name(la, "selected") in values]
-    model.metadata_props["var_export.formulation"] = f"fused-{shift}"
+    if shift == "kernel":
+        changed = sorted(set(plan.var_layers) & set(kernel_attention_nodes(model)))
+    else:
+        changed = [la for la in plan.var_layers if _ir.layer_value_name(la, "selected") in values]
+    model.metadata_props["var_export.formulation"] = "kernel" if shift == "kernel" else f"fused-{shift}"
     report = FusedVarReport(
         var_layers=plan.var_layers,
         num_layers=plan.num_layers,

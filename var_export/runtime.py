@@ -92,7 +92,9 @@ def make_session(path: str | os.PathLike[str], provider: str = "cpu") -> ort.Inf
             "NVIDIA GPU and CUDA, or use --provider cpu."
         )
     providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
-    options = ort.SessionOptions()
+    from var_export import kernels
+
+    options = kernels.session_options(path, ort.SessionOptions())  # VarAttention when the graph has it
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)

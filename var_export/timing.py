@@ -157,12 +157,15 @@ def ort_session(
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    from var_export import kernels
+
     if isinstance(model, (str, Path)):
-        return ort.InferenceSession(str(model), opts, providers=PROVIDERS[provider])
+        return ort.InferenceSession(str(model), kernels.session_options(model, opts), providers=PROVIDERS[provider])
     import onnx_ir as ir
 
     proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=PROVIDERS[provider])
+    return ort.InferenceSession(proto.SerializeToString(), kernels.session_options(proto, opts),
+                                providers=PROVIDERS[provider])
 
 
 @dataclasses.dataclass

@@ -48,6 +48,9 @@ def verify_graph(path: str | os.PathLike[str], *, ort_load: bool = True) -> None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    from var_export import kernels
+
+    options = kernels.session_options(path, options)  # VarAttention when the graph has it
     try:
         ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's Fail / InvalidGraph / RuntimeException

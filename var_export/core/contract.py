@@ -37,3 +37,8 @@ VAR_OUTPUTS: tuple[str, ...] = (PRESENT_SINK_MASK,)
 # Naming inside VAR graphs -----------------------------------------------------------------
 VAR_PREFIX = "var/"  # every value and node the passes add is named var/...
 APPLIED_KEY = "var_export.applied"  # metadata_props marker: VAR is baked in (re-applying fails)
+
+# The kernel formulation's custom op (var_export/kernels/var_attention.cc) ------------------
+KERNEL_DOMAIN = "var_export"  # ONNX domain of VarAttention
+KERNEL_OP = "VarAttention"  # attention + VAR in one ONNX Runtime CPU kernel
+KERNEL_OPSET = 1
