@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from var_export.core.errors import ConfigError, GraphPatternError
 from var_export.core.contract import KERNEL_DOMAIN as DOMAIN
 from var_export.core.contract import KERNEL_OP as OP_TYPE
 from var_export.core.contract import KERNEL_OPSET as OPSET
+from var_export.core.errors import ConfigError, GraphPatternError
 from var_export.passes import _ir
 from var_export.passes._ir import Builder
 from var_export.passes.analysis import CalibratedLayerPass, VarAnalysis
