@@ -44,7 +44,7 @@ from var_export.timing import (
 
 log = logging.getLogger(__name__)
 
-FORMULATIONS: tuple[str, ...] = ("naive", "fused-qk", "fused-mask")
+FORMULATIONS: tuple[str, ...] = ("naive", "fused-qk", "fused-mask", "kernel")
 MODES: tuple[str, ...] = ("dynamic", "static", "hybrid")
 BASELINES: tuple[str, ...] = ("fused", "unfused")  # the first: reference of goals and A/A
 RELEASED_SPEEDUP_GOAL = 10.0  # ORT VAR graph vs the released-code approach, per token
@@ -250,7 +250,7 @@ def build_graphs(
             if form == "naive":
                 model, _ = apply_var(base, settings, heads, num_layers=case.num_layers, inplace=True)
             else:
-                shift = form.split("-", 1)[1]
+                shift = "kernel" if form == "kernel" else form.split("-", 1)[1]
                 model, _ = apply_fused_var(base, settings, heads, num_layers=case.num_layers, shift=shift, inplace=True)  # type: ignore[arg-type]
             path = paths[base_name].parent / f"{form}-{mode}.onnx"
             ir.save(model, str(path))  # external tensors keep pointing at the base's data file

@@ -157,8 +157,9 @@ inline float mask_value(const Problem& P, int64_t b, int64_t h, int64_t i, int64
   return 0.f;
 }
 
-// The key range [lo, hi) a row may attend (lo >= hi when every key is masked), and whether the
-// mask keeps every key inside it: one task per (b, mask head, query row).
+// The key range [lo, hi) a row may attend, and whether the mask keeps every key inside it: one
+// task per (b, mask head, query row). A row with every key masked gets all T keys, each masked:
+// equal scores, as ONNX Runtime's Attention computes such a row (finite, no NaN for the cache).
 void row_range(void* data, size_t row) {
   Problem& P = *static_cast<Problem*>(data);
   const int64_t i = static_cast<int64_t>(row) % P.S, bm = static_cast<int64_t>(row) / P.S;
@@ -176,7 +177,12 @@ void row_range(void* data, size_t row) {
       mask_value(P, b, h, i, last, &masked);
       if (!masked) break;
     }
-    if (first == end) last = first - 1;
+    if (first == end) {  // every key masked: a softmax over equal (lowest) scores, all T keys
+      P.lo[row] = 0;
+      P.hi[row] = P.T;
+      P.dense[row] = 0;
+      return;
+    }
     for (int64_t j = first + 1; dense && j < last; ++j) {
       mask_value(P, b, h, i, j, &masked);
       dense = !masked;
@@ -325,7 +331,7 @@ void weights_row(const Problem& P, int64_t b, int64_t h, int64_t i, int64_t blo,
   }
   float z = hsum(z8), sink_mass = hsum(s8), vs_mass = hsum(vs8), vn_mass = hsum(vn8);
   for (; j < hi; ++j) {
-    const float e = w[j] == -FLT_MAX ? 0.f : std::exp(w[j] - mx);
+    const float e = w[j] - mx < -87.f ? 0.f : std::exp(w[j] - mx);  // as expv
     w[j] = e;
     z += e;
     sink_mass += e * sink[j];
@@ -353,15 +359,6 @@ void weights_row(const Problem& P, int64_t b, int64_t h, int64_t i, int64_t blo,
   for (; j < hi; ++j) w[j] *= inv + ks * sink[j] + kv * vnon[j];
 }
 
-void uniform_row(const Problem& P, const float* V, float* y) {
-  // every key masked: a softmax over equal (lowest) scores
-  for (int64_t d = 0; d < P.Dv; ++d) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < P.T; ++j) acc += V[j * P.Dv + d];
-    y[d] = acc / static_cast<float>(P.T);
-  }
-}
-
 struct Block {
   int rows = 0;
   int64_t lo[kRows], hi[kRows], blo = 0, bhi = 0;
@@ -369,19 +366,14 @@ struct Block {
   float* y[kRows];
 };
 
-// Up to kRows rows from i0 that attend at least one key; a fully masked row at i0 is done
-// here (returns rows == 0 and consumes it).
-Block next_block(const Problem& P, int64_t b, int64_t h, const float* V, int64_t i0, int64_t end) {
+// Up to kRows rows from i0.
+Block next_block(const Problem& P, int64_t b, int64_t h, int64_t i0, int64_t end) {
   Block k;
   k.blo = P.T;
   for (; k.rows < kRows && i0 + k.rows < end; ++k.rows) {
     const int64_t i = i0 + k.rows;
     const int64_t lo = P.lo[row_index(P, b, h, i)], hi = P.hi[row_index(P, b, h, i)];
     float* y = P.y + ((b * P.H + h) * P.S + i) * P.Dv;
-    if (lo >= hi) {
-      if (k.rows == 0) uniform_row(P, V, y);
-      break;
-    }
     k.lo[k.rows] = lo;
     k.hi[k.rows] = hi;
     k.q[k.rows] = P.q + ((b * P.H + h) * P.S + i) * P.D;
@@ -389,7 +381,7 @@ Block next_block(const Problem& P, int64_t b, int64_t h, const float* V, int64_t
     k.blo = std::min(k.blo, lo);
     k.bhi = std::max(k.bhi, hi);
   }
-  for (int r = k.rows; r < kRows; ++r) k.q[r] = k.rows ? k.q[0] : P.q;
+  for (int r = k.rows; r < kRows; ++r) k.q[r] = k.q[0];
   return k;
 }
 
@@ -404,11 +396,7 @@ void run_task(void* data, size_t task) {
   float* s = scratch.data();
   const int64_t end = std::min(P.S, (blk + 1) * kTaskRows);
   for (int64_t i0 = blk * kTaskRows; i0 < end;) {
-    const Block k = next_block(P, b, h, V, i0, end);
-    if (k.rows == 0) {
-      ++i0;
-      continue;
-    }
+    const Block k = next_block(P, b, h, i0, end);
     if (P.kt) {
       const int64_t j0 = k.blo / kKeyTile * kKeyTile, j1 = (k.bhi + kKeyTile - 1) / kKeyTile * kKeyTile;
       scores_tiled(P, k.q, P.kt + (b * P.Hk + kvh) * P.D * P.Tp, j0, j1, s);
