@@ -294,3 +294,68 @@ def test_fp16_graphs_are_refused(tiny_llava_graphs):
 
     with pytest.raises(ConfigError, match="kernel formulation runs fp32 graphs.*fused-qk"):
         apply_fused_var(ir.load(str(tiny_llava_graphs["fused16-novar"])), _settings("dynamic"), None, shift="kernel")
+
+
+def test_kernel_bundle_generates_what_the_naive_bundle_does(library, tiny, tiny_bundles, tmp_path):
+    """A bundle whose decoder has VarAttention: VarRuntime registers the op itself and generates
+    the naive VAR bundle's tokens (same settings, heads and weights)."""
+    from var_export.bundle import write_bundle
+    from var_export.calibration import tiny_llava as tl
+    from var_export.core.contract import DECODER
+    from var_export.passes.fused_var import apply_fused_var
+    from var_export.passes.pipeline import save_model
+    from var_export.runtime import VarRuntime
+
+    _, fused, _ = tiny
+    heads = sorted(tl.PLANTED_IMAGE_CENTRIC_HEADS + tl.PLANTED_MIXED_HEADS)
+    naive = tiny_bundles["var"]
+    settings = _settings("hybrid")
+    model, report = apply_fused_var(ir.load(str(fused)), settings, heads, shift="kernel")
+    (tmp_path / "dec").mkdir()
+    save_model(model, tmp_path / "dec" / DECODER)
+    graphs = {name: naive / name for name in ("vision_encoder.onnx", "embed_tokens.onnx")}
+    bundle = write_bundle(
+        tmp_path / "kernel_bundle", graphs={**graphs, DECODER: tmp_path / "dec" / DECODER}, calibration=None,
+        processor=tiny_bundles["processor"], extra_files=[naive / n for n in ("config.json", "generation_config.json")],
+        manifest_fields={"model_id": "tiny-llava", "fingerprint": {"test": 1}, "opset": 23, "formulation": "kernel",
+                         "var": settings.to_dict(), "var_layers": report.var_layers, "head_mode": "hybrid",
+                         "heads": [list(h) for h in heads]},
+    )
+    got = VarRuntime(bundle).generate(tiny_bundles["image"], "What is in the picture?", max_new_tokens=8)
+    want = VarRuntime(naive).generate(tiny_bundles["image"], "What is in the picture?", max_new_tokens=8)
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 8
+
+
+def test_cli_kernel_writes_a_library_and_refuses_foreign_files(library, tmp_path, capsys):
+    from var_export.cli import main
+
+    assert main(["kernel"]) == 0
+    assert capsys.readouterr().out.strip() == str(library)
+    out = tmp_path / "serve" / "libvar_attention.so"
+    assert main(["kernel", "--out", str(out)]) == 0 and out.is_file()
+    assert main(["kernel", "--out", str(out)]) == 0  # its own file: replaced
+    foreign = tmp_path / "serve" / "mine.so"
+    foreign.write_bytes(b"not ours")
+    assert main(["kernel", "--out", str(foreign)]) != 0
+    assert foreign.read_bytes() == b"not ours" and "not written by var-export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"formulation": "kernel", "dtype": "fp16"}, "kernel runs fp32 graphs"),
+    ({"fused": True, "formulation": "naive"}, "drop --fused"),
+    ({"formulation": "fused"}, "must be one of naive, fused-qk, fused-mask, kernel"),
+])
+def test_build_options_refuse_impossible_formulations(tmp_path, options, message):
+    from var_export.pipeline import BuildOptions
+
+    with pytest.raises(ConfigError, match=message):
+        BuildOptions(out=tmp_path / "b", **options)
+    assert BuildOptions(out=tmp_path / "b", fused=True).formulation == "fused-qk"
+    assert BuildOptions(out=tmp_path / "b", formulation="kernel").fused
+
+
+def test_tensorrt_plan_with_the_kernel_is_refused_before_any_work(tmp_path, capsys):
+    from var_export.cli import main
+
+    assert main(["--model", "tiny-llava", "--out", str(tmp_path / "e.plan"), "--formulation", "kernel"]) != 0
+    assert "no plugin for it" in capsys.readouterr().err and not any(tmp_path.iterdir())

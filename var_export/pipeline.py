@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 
 
+# naive: eager export, VAR on the Softmax; fused-*: SDPA export (ONNX Attention), VAR as class
+# masses + a score shift; kernel: SDPA export, each VAR layer's Attention -> var_export::VarAttention
+FORMULATIONS: tuple[str, ...] = ("naive", "fused-qk", "fused-mask", "kernel")
+
+
 @dataclasses.dataclass
 class BuildOptions:
     """What to build. Knob values of None mean "from the preset / calibration"."""
@@ -38,6 +43,7 @@ class BuildOptions:
     dtype: str = "fp32"  # fp32 | fp16 (VAR arithmetic stays fp32)
     opset: int | None = None  # default 18, or 23 with fused
     fused: bool = False  # SDPA export (ONNX Attention op) + the fused VAR formulation (passes.fused_var)
+    formulation: str | None = None  # naive | fused-qk | fused-mask | kernel; None: fused-qk with fused, else naive
     trust_remote_code: bool = False
     allow_pickle: bool = False
     triton: bool = False  # also write a Triton model repository beside the bundle
@@ -47,6 +53,17 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         check_overrides(self.overrides, self.convention)  # bad knobs fail before any work
+        if self.formulation is None:
+            self.formulation = "fused-qk" if self.fused else "naive"
+        if self.formulation not in FORMULATIONS:
+            raise ConfigError(f"--formulation must be one of {', '.join(FORMULATIONS)}; found {self.formulation!r}.")
+        if self.fused and self.formulation == "naive":
+            raise ConfigError("--fused exports ONNX Attention ops, which the naive formulation does not read; "
+                              "drop --fused, or pick --formulation fused-qk, fused-mask or kernel.")
+        if self.formulation == "kernel" and self.dtype != "fp32":
+            raise ConfigError("--formulation kernel runs fp32 graphs (ONNX Runtime's CPU execution provider); "
+                              f"found --dtype {self.dtype}. Use --formulation fused-qk for fp16.")
+        self.fused = self.formulation != "naive"  # every other formulation reads the SDPA export
 
 
 @dataclasses.dataclass
@@ -154,7 +171,7 @@ def _build(opts: BuildOptions, spec: Any, tx: Any, progress: Any) -> BuildResult
         "heads": heads,
         "opset": opset,
         "dtype": opts.dtype,
-        "formulation": ("fused-qk" if opts.fused else "naive") if settings else None,
+        "formulation": opts.formulation if settings else None,
         **_token_facts(loaded.config),
         **_family_facts(loaded.config),
     }
@@ -299,11 +316,12 @@ def _graphs(
     t = time.perf_counter()
     heads = [list(map(int, h)) for h in (cal or {}).get("heads", [])] if settings.heads != "dynamic" else []
     model = ir.load(graphs[DECODER])
-    apply = apply_fused_var if opts.fused else apply_var
-    model, report = apply(
-        model, settings, [tuple(h) for h in heads] if settings.heads != "dynamic" else None,
-        num_layers=num_layers,
-    )
+    baked = [tuple(h) for h in heads] if settings.heads != "dynamic" else None
+    if opts.formulation == "naive":
+        model, report = apply_var(model, settings, baked, num_layers=num_layers)
+    else:
+        shift = "kernel" if opts.formulation == "kernel" else str(opts.formulation).split("-", 1)[1]
+        model, report = apply_fused_var(model, settings, baked, num_layers=num_layers, shift=shift)  # type: ignore[arg-type]
     var_path = work / "var" / DECODER
     var_path.parent.mkdir()
     save_model(model, var_path)
@@ -368,6 +386,10 @@ def build_plan(
     from var_export.trt.build import check_replaceable
 
     plan, bundle_dir = plan_paths(opts.out)
+    if opts.formulation == "kernel":
+        from var_export.trt.build import KERNEL_REFUSAL
+
+        raise ConfigError(f"--out {plan}: " + KERNEL_REFUSAL)
     # before the minutes of bundle work: engines this tool did not write, and the bundle folder
     check_replaceable(engine_paths(plan, list(GRAPH_FILES)), engine_manifest_path(plan))
     check_outputs(dataclasses.replace(opts, out=bundle_dir))

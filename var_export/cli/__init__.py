@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "bench",
     "triton": "triton",
     "serve": "serve",
+    "kernel": "kernel",
 }
 
 log = logging.getLogger("var_export")

@@ -21,6 +21,7 @@ def add_build_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (VAR arithmetic stays fp32; default fp32)")
     g.add_argument("--opset", type=int, help="ONNX opset of the exported graphs (default 18; 23 with --fused)")
     g.add_argument("--fused", action="store_true", help="export SDPA attention as the fused ONNX Attention op (opset 23) and bake VAR around it (class masses + shifted scores); the TensorRT lint warns that it needs a parser with opset-23 Attention")
+    g.add_argument("--formulation", choices=("naive", "fused-qk", "fused-mask", "kernel"), help="how VAR is baked in (default naive; fused-qk with --fused): naive = eager attention, VAR on the Softmax; fused-qk / fused-mask = the ONNX Attention op kept, VAR as class masses + a score shift (TensorRT-ready); kernel = each VAR layer's attention becomes var_export::VarAttention, a one-pass ONNX Runtime CPU custom op (fp32; compiled on first use, docs/kernel.md)")
     g.add_argument("--format", choices=("onnx", "triton"), default="onnx", help="triton: also write OUT-triton, a Triton model repository whose var_llava model (Python backend, decoupled) streams generations from the bundle (see var-export triton / serve)")
     g.add_argument("--layout", choices=("bundle", "transformers.js"), default="bundle", help="transformers.js: also write OUT-transformers.js, the onnx-community layout (onnx/*.onnx, preprocessor_config.json; the sink cache named so transformers.js feeds it back; docs/serving.md)")
     common.add_var_args(parser)
@@ -43,6 +44,7 @@ def options_from_args(args: argparse.Namespace, *, no_var: bool = False):
         dtype=args.dtype,
         opset=args.opset,
         fused=args.fused,
+        formulation=args.formulation,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,
         triton=args.format == "triton",

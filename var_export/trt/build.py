@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 ENGINE_SCHEMA_VERSION = 1
 # progress(phase, done, total)
 ProgressFn = Callable[[str, int, int], None]
+KERNEL_REFUSAL = (
+    "the kernel formulation's var_export::VarAttention is an ONNX Runtime CPU custom op; TensorRT has no "
+            "plugin for it (docs/kernel.md). Build the TensorRT bundle with --formulation fused-qk (or naive)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +338,8 @@ def build_engines(
     limits/targets or an ``--out`` that would replace files this tool did not write.
     """
     graphs, manifest, bundle_dir = _sources(Path(source))
+    if (manifest or {}).get("formulation") == "kernel":
+        raise ConfigError(f"{source}: " + KERNEL_REFUSAL)
     for path in graphs.values():
         check_external_data(path)
     flavour = resolve_flavour(config.flavour)

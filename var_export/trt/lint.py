@@ -303,6 +303,14 @@ def rule_unsupported_ops(facts: GraphFacts) -> Iterator[LintFinding]:
 
 def rule_custom_domain(facts: GraphFacts) -> Iterator[LintFinding]:
     for op, where in _by_op(n for n in facts.nodes if not _standard(n)).items():
+        if op.endswith("VarAttention"):
+            yield LintFinding(
+                "error", "custom-domain-op",
+                f"{len(where)} {op} node(s) ({_names(where)}): the kernel formulation's ONNX Runtime CPU custom op",
+                "rebuild with --formulation fused-qk (or naive): TensorRT has no VarAttention plugin",
+                tuple(where),
+            )
+            continue
         yield LintFinding(
             "error",
             "custom-domain-op",
