@@ -33,7 +33,8 @@
      an external data file with several hard links (their hard-link-attack guard) — the output's
      and then the *input's* too, until one of the links is removed. ONNX Runtime, TensorRT's
      parser and var-export's own tools (``rewrite``, ``build-trt``, ``bench``, the graph
-     verifier) load them; ``data="copy"`` is the standalone-copy opt-out.
+     verifier) load them. A tool writing the output's data file in place (not replacing it)
+     would write the input's weights too. ``data="copy"`` is the standalone-copy opt-out.
    * ``data="copy"``: the reflink or copy above, never a hard link (a standalone file).
    * ``data="link"``: a hard link first (even where a reflink would do), else reflink or copy.
 
