@@ -27,8 +27,10 @@ Goal (DESIGN/issue 6): < 10 s and < 500 MB peak RSS.
 
 **Dense weights in another folder** (issue 15 item 4): ``--dense`` writes every byte of the
 data file (a sparse file hides the cost of copying it), ``--other-folder`` rewrites into
-``<work>/other/`` and ``--data copy|link`` chooses how the weights get there (reflink or
-``copy_file_range`` copy; hard link). The numbers then include ``data_how`` (link / reflink /
+``<work>/other/`` and ``--data auto|copy|link`` chooses how the weights get there (auto, the
+default: reflink, else hard link, else copy; copy: reflink or ``copy_file_range`` copy; link: hard
+link first). ``benchmarks/bench_rewrite_data.py`` compares the default with ``--data copy``
+through the CLI, page cache cold and warm. The numbers then include ``data_how`` (link / reflink /
 copy), whether the output's data file is the input's inode, and that the input's data file
 kept its size, mode and mtime. A dense 13.5 GB file is heavy for a shared machine: ``--layers
 4`` (1.9 GB) gives the per-GB copy rate; the link time does not depend on the size.

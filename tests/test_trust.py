@@ -215,7 +215,8 @@ def test_rewrite_disk_full_while_copying_weights_leaves_no_orphan_data(tmp_path,
     monkeypatch.setattr(rw, "_copy_sparse", full)
     out = tmp_path / "other" / "var.onnx"
     with pytest.raises(OutputError, match="disk is full"):
-        rw.rewrite_decoder(folder / "model.onnx", out, VarSettings(sink_dims=(5, 17), heads="dynamic", layers="1:"))
+        rw.rewrite_decoder(folder / "model.onnx", out, VarSettings(sink_dims=(5, 17), heads="dynamic", layers="1:"),
+                           data="copy")  # the default would hard-link (same filesystem): nothing to fill the disk
     assert [p.name for p in out.parent.iterdir()] == []
 
 

@@ -17,18 +17,29 @@
    * ``data="share"`` (default when ``out_path`` is in the input's folder): the new graph
      references the input's external data file(s) by the same relative location — no byte of
      weights is read or written. The output is valid as long as the input's data file stays.
-   * ``data="copy"`` (default for another folder): each data file is cloned beside the output
-     as ``<out name>.data`` (several files: ``<out name>.data.d/<location>``): a reflink
-     (``FICLONE``: copy-on-write, instant, no byte copied) where the filesystem has them
-     (btrfs, XFS with reflink, bcachefs, ...), else a sparse-aware, copy-offloading copy
-     (``SEEK_DATA``/``copy_file_range``) reporting its progress to ``progress(done, total)``.
-     The graph is then relinked to the copies.
-   * ``data="link"``: a hard link (same inode, instant) where source and output share a
-     filesystem, else the copy above. Opt-in because onnx (``onnx.load``, ``onnx.checker``)
-     and onnx-ir refuse an external data file with several hard links (their hard-link attack
-     guard) — and that guard then refuses the *input* model too, whose data file now has two
-     links, until one of them is removed. ONNX Runtime loads both. The file is never written
-     through the link (no chmod either: it would change the input's mode).
+   * ``data="auto"`` (default for another folder): each data file gets beside the output as
+     ``<out name>.data`` (several files: ``<out name>.data.d/<location>``) by the fastest way
+     the filesystems allow, and the graph is relinked to it:
+
+     1. a **reflink** (``FICLONE``: a copy-on-write clone, instant, a standalone file) where the
+        filesystem has them (btrfs, XFS with reflink, bcachefs, ...);
+     2. else a **hard link** (same inode, instant, whatever the size) where source and output
+        share a filesystem (``st_dev``) and the kernel allows the link;
+     3. else a **copy**: sparse-aware and copy-offloading (``SEEK_DATA``/``copy_file_range``),
+        reporting its progress to ``progress(done, total)``.
+
+     :attr:`RewriteResult.data_how` says which, per file (``data_why``: why a faster way was not
+     taken). The catch of a hard link: onnx (``onnx.load``, ``onnx.checker``) and onnx-ir refuse
+     an external data file with several hard links (their hard-link-attack guard) — the output's
+     and then the *input's* too, until one of the links is removed. ONNX Runtime, TensorRT's
+     parser and var-export's own tools (``rewrite``, ``build-trt``, ``bench``, the graph
+     verifier) load them. A tool writing the output's data file in place (not replacing it)
+     would write the input's weights too. ``data="copy"`` is the standalone-copy opt-out.
+   * ``data="copy"``: the reflink or copy above, never a hard link (a standalone file).
+   * ``data="link"``: a hard link first (even where a reflink would do), else reflink or copy.
+
+   The input's data file is never written through a link (no chmod either: it would change the
+   input's mode).
 
    Symlinks are never used: a symlink out of the folder is what :mod:`var_export.safety` refuses.
 
@@ -74,6 +85,24 @@ log = logging.getLogger(__name__)
 DataMode = Literal["auto", "share", "copy", "link"]
 Progress = Callable[[int, int], None]  # (bytes done, bytes total) of the weights being copied
 
+# How a data file reaches an output in another folder, by data mode: the ways tried, in order.
+PLACEMENT: dict[str, tuple[str, ...]] = {
+    "auto": ("reflink", "link", "copy"),
+    "link": ("link", "reflink", "copy"),
+    "copy": ("reflink", "copy"),
+}
+HOW_TEXT = {
+    "share": "shared: the input's own file, referenced by relative location (nothing copied)",
+    "link": "hard link (the input's inode; no byte copied)",
+    "reflink": "reflink (copy-on-write clone; no byte copied, a standalone file)",
+    "copy": "copied (a standalone file)",
+}
+HARD_LINK_NOTE = (
+    "note: hard-linked weights: onnx.load, onnx.checker and onnx-ir refuse an external data file "
+    "with several links (for the input's graph too, until one link is removed); ONNX Runtime, "
+    "TensorRT and var-export load them. `--data copy` (data='copy') gives a standalone copy."
+)
+
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): reflink the whole file
 
 @dataclasses.dataclass
@@ -84,13 +113,34 @@ class RewriteResult:
     out_path: Path | None  # None for a dry run
     dry_run: bool
     report: Any  # passes.pipeline.VarReport: per-layer plan, ignored Softmax nodes
-    data_mode: str  # "inline" (no external data) | "share" | "copy" | "link" (what was asked)
+    data_mode: str  # "inline" (no external data) | "share" | "auto" | "copy" | "link" (resolved mode)
     data_files: list[Path]  # external data files the output reads (would read)
     added_inputs: list[str]
     added_outputs: list[str]
     seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)  # graph form, formulation, unfusing
     data_how: list[str] = dataclasses.field(default_factory=list)  # per data file: share|link|reflink|copy
+    data_why: list[str] = dataclasses.field(default_factory=list)  # per data file: why not a faster way ("")
+    data_sources: list[Path] = dataclasses.field(default_factory=list)  # the input's data files, same order
+
+    def describe_data(self) -> list[str]:
+        """How the weights reach the output: one line per data file (and the hard-link note)."""
+        if not self.data_files:
+            return []
+        if not self.data_how:  # dry run
+            ways = {"share": "shared with the input", "auto": "reflink, else hard link, else copy",
+                    "copy": "reflink, else copy", "link": "hard link, else reflink, else copy"}
+            return [f"weights (--data {self.data_mode}: {ways.get(self.data_mode, self.data_mode)}): "
+                    f"{[str(p) for p in self.data_files]}"]
+        lines = []
+        sources = self.data_sources or self.data_files
+        for src, dst, how, why in zip(sources, self.data_files, self.data_how,
+                                      self.data_why or [""] * len(self.data_how), strict=True):
+            where = str(dst) if src == dst else f"{src} -> {dst}"
+            lines.append(f"weights {where}: {HOW_TEXT.get(how, how)}" + (f" [{why}]" if why else ""))
+        if "link" in self.data_how:
+            lines.append(HARD_LINK_NOTE)
+        return lines
 
     def describe(self) -> str:
         """A human-readable plan: per decoder layer what is (would be) changed."""
@@ -135,9 +185,7 @@ class RewriteResult:
         lines.extend(self.notes)
         lines.append(f"new inputs: {self.added_inputs}; new outputs: {self.added_outputs}; "
                      f"nodes added: {r.nodes_added}")
-        if self.data_files:
-            how = f" by {'/'.join(sorted(set(self.data_how)))}" if self.data_how else ""
-            lines.append(f"weights ({self.data_mode}{how}): {[str(p) for p in self.data_files]}")
+        lines.extend(self.describe_data())
         return "\n".join(lines)
 
 
@@ -225,7 +273,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _copy_sparse(src: Path, dst: Path, progress: Progress | None = None) -> None:
     """Copy ``src`` to ``dst`` keeping holes (SEEK_DATA/SEEK_HOLE) and letting the kernel
     copy the data extents (``copy_file_range``: reflink or in-kernel copy where supported);
-    ``progress(done, total)`` after each chunk of at most 256 MB."""
+    ``progress(done, total)`` after each chunk of at most 64 MB."""
     size = src.stat().st_size
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fd_in, fd_out = fin.fileno(), fout.fileno()
@@ -240,7 +288,7 @@ def _copy_sparse(src: Path, dst: Path, progress: Progress | None = None) -> None
             off = start
             while off < end:
                 try:
-                    n = os.copy_file_range(fd_in, fd_out, min(end - off, 1 << 28), off, off)
+                    n = os.copy_file_range(fd_in, fd_out, min(end - off, 1 << 26), off, off)
                 except OSError:
                     os.lseek(fd_in, off, os.SEEK_SET)
                     os.lseek(fd_out, off, os.SEEK_SET)
@@ -256,45 +304,70 @@ def _copy_sparse(src: Path, dst: Path, progress: Progress | None = None) -> None
         progress(size, size)
 
 
-def _reflink(src: Path, dst: Path) -> bool:
-    """Clone ``src`` into the (empty) file ``dst`` with ``FICLONE``; False where unsupported."""
+def _reflink(src: Path, dst: Path) -> str | None:
+    """Clone ``src`` into the (empty) file ``dst`` with ``FICLONE``; None when done, else why not."""
     import fcntl
 
     try:
         with open(src, "rb") as fin, open(dst, "r+b") as fout:
             fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-        return True
+        return None
     except OSError as exc:
         log.debug("no reflink %s -> %s (%s)", src, dst, exc)
-        return False
+        return f"no reflink: {exc.strerror or exc}"
 
 
-def _stage_data(ref: ExternalDataRef, final: Path, link: bool, progress: Progress | None) -> tuple[Path, str]:
-    """A temporary file beside ``final`` with ``ref``'s bytes: (its path, how: link/reflink/copy)."""
-    if link and ref.path.stat().st_dev == final.parent.stat().st_dev:
-        tmp = final.parent / f".{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
-        try:
-            os.link(ref.path, tmp)
-            return tmp, "link"
-        except OSError as exc:  # EPERM (protected_hardlinks), EMLINK, filesystems without links
-            log.warning("cannot hard-link %s (%s); copying it", ref.path, exc)
-    elif link:
-        log.warning("%s is on another filesystem than %s: copying it", ref.path, final.parent)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
+def _same_filesystem(a: Path, b: Path) -> bool:
+    """Whether ``a`` and the folder ``b`` are on one filesystem (a hard link can join them)."""
+    return a.stat().st_dev == b.stat().st_dev
+
+
+def _hard_link(src: Path, folder: Path, name: str) -> tuple[Path | None, str]:
+    """A hard link of ``src`` in ``folder`` under a temporary name: (its path, "") or (None, why not)."""
+    if not _same_filesystem(src, folder):
+        return None, "no hard link: another filesystem"
+    tmp = folder / f".{name}.{os.getpid()}.{time.monotonic_ns()}.tmp"
     try:
-        if _reflink(ref.path, tmp):
-            how = "reflink"
-        else:
-            log.info("copying weights %s -> %s (%.1f MB apparent)", ref.path, final, ref.size / 1e6)
-            _copy_sparse(ref.path, tmp, progress)
-            how = "copy"
-        os.chmod(tmp, stat.S_IMODE(ref.path.stat().st_mode))  # our own new inode only
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, how
+        os.link(src, tmp)
+    except OSError as exc:  # EXDEV (bind mounts), EPERM (protected_hardlinks), EMLINK, no links
+        log.warning("cannot hard-link %s (%s)", src, exc)
+        return None, f"no hard link: {exc.strerror or exc}"
+    return tmp, ""
+
+
+def _stage_data(ref: ExternalDataRef, final: Path, mode: str,
+                progress: Progress | None) -> tuple[Path, str, str]:
+    """A temporary file beside ``final`` with ``ref``'s bytes, placed by the first way of
+    ``PLACEMENT[mode]`` that works: (its path, how: link/reflink/copy, why not a faster way)."""
+    why: list[str] = []
+    for how in PLACEMENT[mode]:
+        if how == "link":
+            linked, reason = _hard_link(ref.path, final.parent, final.name)
+            if linked is not None:
+                return linked, "link", "; ".join(why)
+            why.append(reason)
+            continue
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            if how == "reflink":
+                reason = _reflink(ref.path, tmp)
+                if reason is not None:
+                    why.append(reason)
+                    tmp.unlink()
+                    continue
+            else:
+                log.log(logging.INFO if mode == "copy" else logging.WARNING,  # asked for, or a fallback
+                        "copying weights %s -> %s (%.1f MB apparent; %s)", ref.path, final,
+                        ref.size / 1e6, "; ".join(why) or "asked")
+                _copy_sparse(ref.path, tmp, progress)
+            os.chmod(tmp, stat.S_IMODE(ref.path.stat().st_mode))  # our own new inode only
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, how, "; ".join(why)
+    raise AssertionError(f"PLACEMENT[{mode!r}] ends without a copy")  # unreachable: every mode ends with copy
 
 
 def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
@@ -333,16 +406,19 @@ def _relink(model: ir.Model, mapping: dict[str, tuple[str, Path]]) -> int:
 def _write(
     model: ir.Model, in_path: Path, out_path: Path, refs: list[ExternalDataRef], mode: str,
     progress: Progress | None = None,
-) -> tuple[list[Path], list[str]]:
-    """Save atomically; returns the data files the output references and how each got there."""
+) -> tuple[list[Path], list[str], list[str]]:
+    """Save atomically; returns the data files the output references, how each got there and
+    why not a faster way. ``progress(done, total)`` counts over all data files."""
     out_dir = out_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[Path, Path]] = []  # (temporary, final) data files
     data_files: list[Path] = []
     how: list[str] = []
+    why: list[str] = []
     try:
-        if refs and mode in ("copy", "link"):
+        if refs and mode in PLACEMENT:
             mapping: dict[str, tuple[str, Path]] = {}
+            total, placed = sum(r.size for r in refs), 0
             for ref in refs:
                 location = (f"{out_path.name}.data" if len(refs) == 1
                             else f"{out_path.name}.data.d/{os.path.normpath(ref.location)}")
@@ -351,15 +427,20 @@ def _write(
                     raise ConfigError(f"the copy of {ref.location!r} would overwrite the input's "
                                       f"data file {final}; choose another --out name.")
                 final.parent.mkdir(parents=True, exist_ok=True)
-                tmp, done = _stage_data(ref, final, mode == "link", progress)
+                step = None if progress is None else (
+                    lambda done, _total, base=placed: progress(base + done, total))
+                tmp, done, reason = _stage_data(ref, final, mode, step)
+                placed += ref.size
                 staged.append((tmp, final))
                 how.append(done)
+                why.append(reason)
                 mapping[os.path.normpath(os.path.abspath(ref.path))] = (location, out_dir)
                 data_files.append(final)
             _relink(model, mapping)
         elif refs:  # share: same folder, same relative locations
             data_files = [ref.path for ref in refs]
             how = ["share"] * len(refs)
+            why = [""] * len(refs)
         fd, tmp_model = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_dir)
         os.close(fd)
         staged_model = Path(tmp_model)
@@ -376,7 +457,7 @@ def _write(
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    return data_files, how
+    return data_files, how, why
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,34 +627,37 @@ def _load_input(in_path: Path, out: Path | None, dry_run: bool) -> tuple[ir.Mode
 
 
 def _data_mode(refs: list[ExternalDataRef], data: DataMode, in_path: Path, out: Path | None) -> str:
-    """How the external weights reach the output: ``inline`` without any, else ``data``
-    (``auto``: shared in the input's folder, copied elsewhere)."""
+    """How the external weights reach the output: ``inline`` without any, ``share`` for
+    ``auto`` in the input's folder, else ``data`` (``auto`` elsewhere: reflink, hard link or copy)."""
     if not refs:
         return "inline"
+    if data not in ("auto", "share", *PLACEMENT):
+        raise ConfigError(f"data={data!r}: expected one of auto, share, copy, link.")
     same_dir = out is None or os.path.realpath(out.parent) == os.path.realpath(in_path.parent)
-    if data == "auto":
-        return "share" if same_dir else "copy"
+    if data == "auto" and same_dir:
+        return "share"
     if data == "share" and not same_dir:
         assert out is not None
         raise ConfigError(
             "data='share' needs the output in the input's folder (its weights are referenced "
-            f"by relative location); {out.parent} is another folder. Use data='copy'."
+            f"by relative location); {out.parent} is another folder. Use data='auto' (reflink, "
+            "hard link or copy) or data='copy' (a standalone copy)."
         )
     return data
 
 
 def _write_output(
     model: ir.Model, in_path: Path, out: Path, refs: list[ExternalDataRef], mode: str, progress: Progress | None
-) -> tuple[list[Path], list[str]]:
+) -> tuple[list[Path], list[str], list[str]]:
     """Write the graph and its weights (``_write``), then mark what it wrote as ours."""
     from var_export.outputs import claim, write_error
 
     try:
-        data_files, data_how = _write(model, in_path, out, refs, mode, progress)
+        data_files, data_how, data_why = _write(model, in_path, out, refs, mode, progress)
     except OSError as exc:  # disk full, read-only, ...: a clear error; _write removed its temp files
         raise write_error(exc, [out]) from exc
     claim([out, *(p for p in data_files if p.parent == out.parent)])  # ours: replaceable next time
-    return data_files, data_how
+    return data_files, data_how, data_why
 
 
 def rewrite_decoder(
@@ -592,13 +676,15 @@ def rewrite_decoder(
     ``heads``: calibrated (layer, head) pairs for static/hybrid; default: the calibration's
     ``heads``. ``calibration``: a ``calibration.json`` path or its parsed dict (heads and a
     fingerprint check against the graph). ``dry_run``: plan only, nothing written.
-    ``data``: how external weights reach the output (module docstring); ``auto`` shares them
-    when ``out_path`` is in the input's folder and copies (reflinks where possible) them
-    otherwise; ``link`` hard-links them. ``progress(done, total)``: bytes of a weight copy.
+    ``data``: how external weights reach the output (module docstring): ``auto`` shares them
+    when ``out_path`` is in the input's folder, else reflinks, hard-links (same filesystem) or
+    copies them; ``copy`` never hard-links; ``link`` prefers a hard link.
+    ``progress(done, total)``: bytes of a weight copy (over all data files; links report none).
     """
     t0 = time.perf_counter()
     in_path, out = _check_paths(in_path, out_path, dry_run)
     model, refs = _load_input(in_path, out, dry_run)
+    mode = _data_mode(refs, data, in_path, out)  # before any pass: a bad mode is refused first
 
     cal = load_calibration(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
     head_list = [(int(a), int(b)) for a, b in heads] if heads is not None else calibration_heads(cal)
@@ -610,17 +696,18 @@ def rewrite_decoder(
     added_in = [v.name for v in model.graph.inputs if v.name not in inputs_before]
     added_out = [v.name for v in model.graph.outputs if v.name not in outputs_before]
 
-    mode = _data_mode(refs, data, in_path, out)
     data_files = [r.path for r in refs]
     data_how: list[str] = []
+    data_why: list[str] = []
     if not refs and not _onnx_checkable(model):
         _check_loads_in_ort(model)
     if not dry_run:
         assert out is not None
-        data_files, data_how = _write_output(model, in_path, out, refs, mode, progress)
+        data_files, data_how, data_why = _write_output(model, in_path, out, refs, mode, progress)
         log.info("wrote %s (%d VAR layers, weights %s)", out, len(report.var_layers), mode)
     return RewriteResult(
         in_path=in_path, out_path=None if dry_run else out, dry_run=dry_run, report=report,
         data_mode=mode, data_files=data_files, added_inputs=added_in,
         added_outputs=added_out, seconds=time.perf_counter() - t0, notes=notes, data_how=data_how,
+        data_why=data_why, data_sources=[r.path for r in refs],
     )
