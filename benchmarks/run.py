@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch per-token comparison")
+    p.add_argument("--formulations", help="comma list of VAR formulations to time (default: all of "
+                   "naive, fused-qk, fused-mask, kernel)")
+    p.add_argument("--modes", help="comma list of head modes (default: dynamic, static, hybrid)")
     p.add_argument("--from-json", type=Path, metavar="BENCH_JSON",
                    help="measure nothing: rewrite bench.md and bench.png from a bench.json into --out")
     args = p.parse_args(argv)
@@ -37,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         config_for(full=args.full, threads=args.threads), provider=args.provider,
         torch_compare=not args.no_torch,
     )
+    if args.formulations:
+        config = dataclasses.replace(config, formulations=tuple(args.formulations.split(",")))
+    if args.modes:
+        config = dataclasses.replace(config, modes=tuple(args.modes.split(",")))
     result = run_bench(config, args.out, progress=print)
     print(markdown_table(result))
     print(f"wrote {args.out}/bench.json, bench.md, bench.png")

@@ -3,7 +3,7 @@
     python benchmarks/var_nodes.py [--out DIR]
 
 Exports tiny-llava's decoder (eager fp32, eager fp16, SDPA/opset-23 fp32), applies VAR
-(naive on the eager graphs, fused qk/mask on the SDPA graph, dynamic and hybrid heads) and
+(naive on the eager graphs, fused qk/mask and kernel on the SDPA graph, dynamic and hybrid heads) and
 prints, per formulation: nodes added per VAR layer, per graph, the per-layer nodes whose
 output is (B, H, S, T)-shaped (symbolic last two dims after shape inference: full passes over
 the attention matrix), and what onnx-ir's CSE would still remove from the VAR graph beyond
@@ -83,7 +83,7 @@ def main() -> None:
         for mode in ("dynamic", "hybrid"):
             settings = VarSettings(sink_dims=tl.TINY_SINK_DIMS, heads=mode, layers="2:")
             runs = [("naive fp32", "eager", None), ("naive fp16", "eager16", None),
-                    ("fused-qk", "sdpa", "qk"), ("fused-mask", "sdpa", "mask")]  # fmt: skip
+                    ("fused-qk", "sdpa", "qk"), ("fused-mask", "sdpa", "mask"), ("kernel", "sdpa", "kernel")]  # fmt: skip
             for name, graph, shift in runs:
                 base = ir.load(str(paths[graph]))
                 if shift is None:
