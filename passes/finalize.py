@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import onnx_ir as ir
 from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
@@ -77,5 +78,28 @@ class FinalizePass(ir.passes.InPlacePass):
         if self.shape_inference:
             ShapeInferencePass(strict_mode=False)(model)
         if self.check:
-            CheckerPass()(model)
+            with _external_data_hidden(model):
+                CheckerPass()(model)
         return ir.passes.PassResult(model, modified=True)
+
+
+@contextlib.contextmanager
+def _external_data_hidden(model: ir.Model) -> Iterator[None]:
+    """Initializers stored in external data are handed to onnx.checker as plain inputs (their
+    type and shape, no data), then restored. onnx_ir's CheckerPass keeps initializers up to 1 KB
+    in the proto it checks; an external one of them would be resolved against the working
+    directory (an in-memory proto has no model folder) and fail as "not regular file", although
+    the file is beside the model (graphs saved with every tensor external, size_threshold=0).
+    The checker never reads weights either way."""
+    hidden = {}
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            hidden[value] = value.const_value
+            value.shape = value.shape or value.const_value.shape
+            value.dtype = value.dtype or value.const_value.dtype
+            value.const_value = None
+    try:
+        yield
+    finally:
+        for value, tensor in hidden.items():
+            value.const_value = tensor
