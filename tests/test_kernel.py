@@ -344,6 +344,7 @@ def test_cli_kernel_writes_a_library_and_refuses_foreign_files(library, tmp_path
     ({"formulation": "kernel", "dtype": "fp16"}, "kernel runs fp32 graphs"),
     ({"fused": True, "formulation": "naive"}, "drop --fused"),
     ({"formulation": "fused"}, "must be one of naive, fused-qk, fused-mask, kernel"),
+    ({"formulation": "kernel", "layout": "transformers.js"}, "onnxruntime-web cannot load"),
 ])
 def test_build_options_refuse_impossible_formulations(tmp_path, options, message):
     from var_export.pipeline import BuildOptions

@@ -63,6 +63,9 @@ class BuildOptions:
         if self.formulation == "kernel" and self.dtype != "fp32":
             raise ConfigError("--formulation kernel runs fp32 graphs (ONNX Runtime's CPU execution provider); "
                               f"found --dtype {self.dtype}. Use --formulation fused-qk for fp16.")
+        if self.formulation == "kernel" and self.layout == "transformers.js":
+            raise ConfigError("--layout transformers.js: onnxruntime-web cannot load the kernel formulation's "
+                              "custom op (var_export::VarAttention); use --formulation naive or fused-qk for it.")
         self.fused = self.formulation != "naive"  # every other formulation reads the SDPA export
 
 
