@@ -238,37 +238,47 @@ void scores_tiled(const Problem& P, const float* const* qrow, const float* Kt, i
   }
 }
 
+// R rows (1 for decode, kRows otherwise); two partial sums per row hide the FMA latency.
+template <int R>
 void scores_direct(const Problem& P, const float* const* qrow, const float* K, int64_t lo, int64_t hi,
                    float* out) {
   const int64_t D = P.D, Dw = D / VW * VW;
   for (int64_t j = lo; j < hi; ++j) {
     const float* kj = K + j * D;
-    vf acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = splat(0.f);
-    for (int64_t d = 0; d < Dw; d += VW) {
-      const vf kk = loadv(kj + d);
-      for (int r = 0; r < kRows; ++r) acc[r] += loadv(qrow[r] + d) * kk;
+    vf acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = splat(0.f);
+    int64_t d = 0;
+    for (; d + 2 * VW <= Dw; d += 2 * VW) {
+      const vf k0 = loadv(kj + d), k1 = loadv(kj + d + VW);
+      for (int r = 0; r < R; ++r) {
+        acc[r][0] += loadv(qrow[r] + d) * k0;
+        acc[r][1] += loadv(qrow[r] + d + VW) * k1;
+      }
     }
-    for (int r = 0; r < kRows; ++r) {
-      float s = hsum(acc[r]);
-      for (int64_t d = Dw; d < D; ++d) s += qrow[r][d] * kj[d];
+    for (; d < Dw; d += VW) {
+      const vf kk = loadv(kj + d);
+      for (int r = 0; r < R; ++r) acc[r][0] += loadv(qrow[r] + d) * kk;
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[r][0] + acc[r][1]);
+      for (int64_t e = Dw; e < D; ++e) s += qrow[r][e] * kj[e];
       out[r * P.Tp + j] = s * P.a->scale;
     }
   }
 }
 
-template <int C>
+template <int R, int C>
 int64_t values_pass(const Problem& P, const float* const* wrow, const float* V, int64_t blo, int64_t bhi,
                     int64_t d, float* const* yrow, int rows) {
   for (; d + C * VW <= P.Dv; d += C * VW) {
-    vf acc[kRows][C];
-    for (int r = 0; r < kRows; ++r)
+    vf acc[R][C];
+    for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) acc[r][c] = splat(0.f);
     for (int64_t j = blo; j < bhi; ++j) {
       const float* vj = V + j * P.Dv + d;
       vf x[C];
       for (int c = 0; c < C; ++c) x[c] = loadv(vj + c * VW);
-      for (int r = 0; r < kRows; ++r) {
+      for (int r = 0; r < R; ++r) {
         const vf w = splat(wrow[r][j]);
         for (int c = 0; c < C; ++c) acc[r][c] += w * x[c];
       }
@@ -279,10 +289,11 @@ int64_t values_pass(const Problem& P, const float* const* wrow, const float* V, 
   return d;
 }
 
+template <int R>
 void values(const Problem& P, const float* const* wrow, const float* V, int64_t blo, int64_t bhi,
             float* const* yrow, int rows) {
-  int64_t d = values_pass<kValVecs>(P, wrow, V, blo, bhi, 0, yrow, rows);
-  d = values_pass<1>(P, wrow, V, blo, bhi, d, yrow, rows);
+  int64_t d = values_pass<R, kValVecs>(P, wrow, V, blo, bhi, 0, yrow, rows);
+  d = values_pass<R, 1>(P, wrow, V, blo, bhi, d, yrow, rows);
   for (; d < P.Dv; ++d) {
     for (int r = 0; r < rows; ++r) {
       float acc = 0.f;
@@ -401,14 +412,16 @@ void run_task(void* data, size_t task) {
       const int64_t j0 = k.blo / kKeyTile * kKeyTile, j1 = (k.bhi + kKeyTile - 1) / kKeyTile * kKeyTile;
       scores_tiled(P, k.q, P.kt + (b * P.Hk + kvh) * P.D * P.Tp, j0, j1, s);
     } else {
-      scores_direct(P, k.q, K, k.blo, k.bhi, s);
+      if (k.rows == 1) scores_direct<1>(P, k.q, K, k.blo, k.bhi, s);
+      else scores_direct<kRows>(P, k.q, K, k.blo, k.bhi, s);
     }
     const float* wrow[kRows];
     for (int r = 0; r < kRows; ++r) {
       wrow[r] = s + (r < k.rows ? r : 0) * P.Tp;
       if (r < k.rows) weights_row(P, b, h, i0 + r, k.blo, k.bhi, s + r * P.Tp);
     }
-    values(P, wrow, V, k.blo, k.bhi, k.y, k.rows);
+    if (k.rows == 1) values<1>(P, wrow, V, k.blo, k.bhi, k.y, 1);  // decode: no padding rows
+    else values<kRows>(P, wrow, V, k.blo, k.bhi, k.y, k.rows);
     i0 += k.rows;
   }
 }
