@@ -13,8 +13,11 @@ all over ``input_ids`` and from the same weights:
   ``GroupQueryAttention`` + ``SkipSimplifiedLayerNormalization``), ``sdpa23`` (torch dynamo,
   opset 23: ONNX ``Attention``), ``eager`` (torch dynamo, eager attention, opset 18);
 * VAR by ``var_export.rewrite.rewrite_decoder`` on each, ``dynamic`` and ``hybrid`` (2
-  calibrated heads per layer): ``genai+var-*`` (GQA unfused on the VAR layers that change),
-  ``sdpa23+var-*`` (fused-qk formulation), ``eager+var-*`` (naive formulation).
+  calibrated heads per layer): ``genai+var-*-naive`` (GQA unfused into eager ops on the VAR layers
+  that change), ``genai+var-*-fused-qk`` (GQA -> one ONNX ``Attention`` per VAR layer, fused-qk),
+  ``sdpa23+var-*`` (fused-qk formulation), ``eager+var-*`` (naive formulation);
+* ``genai+attention-novar``: genai with every GQA normalised into one ONNX ``Attention``, no VAR
+  (the price of the normalisation alone; not a baseline).
 
 Protocol (as ``var_export.timing.interleaved``): all sessions loaded at once, plus a second session
 of the first baseline (``genai#aa``: the A/A pair); each round runs every session (prefill +
@@ -148,10 +151,29 @@ def build(work: Path, hidden: int, layers: int) -> dict[str, Path]:
     for base in ("genai", "sdpa23", "eager"):
         for mode in ("dynamic", "hybrid"):
             s = VarSettings(sink_dims=SINK_DIMS, layers="0:", heads=mode)
-            out = paths[base].parent / f"var-{mode}.onnx"
-            rewrite_decoder(paths[base], out, s, heads=hybrid_heads if mode == "hybrid" else None)
-            paths[f"{base}+var-{mode}"] = out
+            formulations = ["naive", "fused-qk"] if base == "genai" else ["auto"]
+            for formulation in formulations:
+                tag = f"-{formulation}" if len(formulations) > 1 else ""
+                out = paths[base].parent / f"var-{mode}{tag}.onnx"
+                rewrite_decoder(paths[base], out, s, heads=hybrid_heads if mode == "hybrid" else None,
+                                formulation=formulation)
+                paths[f"{base}+var-{mode}{tag}"] = out
+    paths["genai+attention-novar"] = genai_as_attention(paths["genai"], layers)
     return paths
+
+
+def genai_as_attention(path: Path, layers: int) -> Path:
+    """The genai graph with every GroupQueryAttention as one ONNX Attention, no VAR (what the
+    fused formulations start from: the price of the normalisation alone)."""
+    import onnx_ir as ir
+
+    from var_export.passes.unfuse_contrib import normalize_contrib
+
+    model = ir.load(str(path))
+    normalize_contrib(model, range(layers), target="attention")
+    out = path.parent / "attention-novar.onnx"
+    ir.save(model, str(out))  # external weights keep their location (same folder)
+    return out
 
 
 def session(path: Path, threads: int, optimized: Path | None = None):
