@@ -304,12 +304,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "var_export_bench_foreign")
+    ap.add_argument("--only", help="comma-separated VAR graph names to measure (the baselines always are), "
+                    "e.g. genai+var-dynamic-naive,genai+var-dynamic-fused-qk: shorter rounds on a busy machine")
+    ap.add_argument("--reuse", action="store_true", help="reuse the graphs of an earlier run in --work")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
     work = args.work / f"h{args.hidden}-L{args.layers}"
     t0 = time.perf_counter()
-    paths = build(work, args.hidden, args.layers)
+    saved = work / "paths.json"
+    if args.reuse and saved.exists():
+        paths = {k: Path(v) for k, v in json.loads(saved.read_text()).items()}
+    else:
+        paths = build(work, args.hidden, args.layers)
+        saved.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    if args.only:
+        keep = {"genai", "sdpa23", "eager", *args.only.split(",")}
+        unknown = keep - set(paths)
+        if unknown:
+            ap.error(f"--only: unknown graphs {sorted(unknown)}; expected some of {sorted(paths)}")
+        paths = {k: v for k, v in paths.items() if k in keep}
     build_s = time.perf_counter() - t0
     result = measure(paths, args.layers, args.rounds, args.steps, args.threads, work)
     import platform
