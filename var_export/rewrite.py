@@ -640,9 +640,11 @@ def _check_loads_in_ort(model: ir.Model) -> None:
     (only for self-contained graphs: a session would read external weights)."""
     import onnxruntime as ort
 
+    from var_export import kernels
+
     try:
         ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
-                             providers=["CPUExecutionProvider"])
+                             kernels.session_options(model), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any load failure is the same refusal
         raise GraphPatternError(
             f"the rewritten graph does not load in ONNX Runtime ({type(exc).__name__}: {exc}); "
