@@ -14,7 +14,8 @@ all over ``input_ids`` and from the same weights:
   opset 23: ONNX ``Attention``), ``eager`` (torch dynamo, eager attention, opset 18);
 * VAR by ``var_export.rewrite.rewrite_decoder`` on each, ``dynamic`` and ``hybrid`` (2
   calibrated heads per layer): ``genai+var-*-naive`` (GQA unfused into eager ops on the VAR layers
-  that change), ``genai+var-*-fused-qk`` (GQA -> one ONNX ``Attention`` per VAR layer, fused-qk),
+  that change), ``genai+var-*-fused-qk`` / ``-kernel`` (GQA -> one ONNX ``Attention`` per VAR
+  layer, then fused-qk or the ``var_export::VarAttention`` custom op),
   ``sdpa23+var-*`` (fused-qk formulation), ``eager+var-*`` (naive formulation);
 * ``genai+attention-novar``: genai with every GQA normalised into one ONNX ``Attention``, no VAR
   (the price of the normalisation alone; not a baseline).
@@ -151,7 +152,7 @@ def build(work: Path, hidden: int, layers: int) -> dict[str, Path]:
     for base in ("genai", "sdpa23", "eager"):
         for mode in ("dynamic", "hybrid"):
             s = VarSettings(sink_dims=SINK_DIMS, layers="0:", heads=mode)
-            formulations = ["naive", "fused-qk"] if base == "genai" else ["auto"]
+            formulations = ["naive", "fused-qk", "kernel"] if base == "genai" else ["auto"]
             for formulation in formulations:
                 tag = f"-{formulation}" if len(formulations) > 1 else ""
                 out = paths[base].parent / f"var-{mode}{tag}.onnx"
@@ -179,7 +180,9 @@ def genai_as_attention(path: Path, layers: int) -> Path:
 def session(path: Path, threads: int, optimized: Path | None = None):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from var_export import kernels
+
+    opts = kernels.session_options(path)  # VarAttention registered for the kernel formulation
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

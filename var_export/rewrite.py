@@ -494,7 +494,9 @@ _ORT_ONLY_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization", "LayerNormalization"
 
 FORMULATIONS = ("auto", "naive", "fused-qk", "fused-mask", "kernel")
 Formulation = Literal["auto", "naive", "fused-qk", "fused-mask", "kernel"]
-# auto on GroupQueryAttention / MultiHeadAttention graphs (docs/bench/foreign.md, measured)
+# auto on GroupQueryAttention / MultiHeadAttention graphs: naive, measured faster than the ONNX
+# Attention form + fused-qk on CPU (docs/foreign-graphs.md, "Parity and price"); kernel is faster
+# still but needs the custom op registered wherever the graph runs, so auto never picks it.
 CONTRIB_AUTO = "naive"
 _FUSED = {"fused-qk": "qk", "fused-mask": "mask", "kernel": "kernel"}  # formulation -> fused_var shift
 _LABEL = {shift: name for name, shift in _FUSED.items()}

@@ -44,8 +44,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
                    "GroupQueryAttention / MultiHeadAttention unfused into it), fused-qk / fused-mask (attention "
                    "stays one ONNX Attention op: the score shift as extra Q/K columns or in the mask; contrib "
                    "attention becomes one Attention per VAR layer), kernel (the var_export::VarAttention "
-                   "custom op), or auto (ONNX Attention graphs: fused-qk; contrib graphs: the faster one "
-                   "measured, docs/bench/foreign.md; others: naive)")
+                   "custom op, registered with var_export.kernels where the graph runs), or auto (ONNX "
+                   "Attention graphs: fused-qk; others, contrib graphs included: naive, measured faster "
+                   "than fused-qk there, docs/foreign-graphs.md)")
     common.add_var_args(p)
 
 
