@@ -594,7 +594,7 @@ def _apply_contrib_fused(model: ir.Model, settings: VarSettings, heads: list[tup
     kept = [r for r in replaced if r.layer not in changed]
     restore(model, kept)
     notes.append(
-        "contrib ops: one ONNX Attention (opset 23) on layers "
+        f"contrib ops: one {'var_export::VarAttention' if shift == 'kernel' else 'ONNX Attention (opset 23)'} on layers "
         f"{sorted({r.layer for r in replaced} & changed)}, fused ops kept on "
         f"{sorted({r.layer for r in kept})} (VAR changes nothing there)"
     )
