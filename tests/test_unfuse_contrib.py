@@ -286,3 +286,29 @@ def test_opset_raise_refuses_ops_whose_form_changed_before_any_change():
         normalize_contrib(model, [1, 2], target="attention")
     assert model.graph.num_nodes() == before and model.opset_imports[""] == 14
     assert sorted(contrib_attention_layers(model)) == [0, 1, 2]
+
+
+def test_attention_form_partial_rotary_matches_the_eager_form():
+    """cos/sin caches of hd/4 columns (rotary on half of each head: ONNX RotaryEmbedding's
+    rotary_embedding_dim). ONNX Runtime's GQA refuses such caches for head size 16 (it needs a
+    multiple of 8 columns), so the eager unfusing (its own rotate-half on the first dims) is the
+    reference here; the full-rotary graph computes something else."""
+    def load() -> ir.Model:
+        model = ir.load(str(GRAPHS["genai"]))
+        node = contrib_attention_layers(model)[0]
+        for cache in (node.inputs[7], node.inputs[8]):  # shared by every layer
+            half = np.ascontiguousarray(cache.const_value.numpy()[:, : tl.HEAD_DIM // 4])
+            cache.const_value, cache.shape = ir.tensor(half), ir.Shape(list(half.shape))
+        return model
+
+    ids = np.array([[1, 20, 7, 30, 31, 11, 32, 21]])
+    eager, attention = load(), load()
+    normalize_contrib(eager, range(LAYERS))
+    normalize_contrib(attention, range(LAYERS), target="attention")
+    rotary = [n for n in attention.graph if n.op_type == "RotaryEmbedding"]
+    assert {n.attributes["rotary_embedding_dim"].value for n in rotary} == {tl.HEAD_DIM // 2}
+    a, b = _generate(_session(eager), ids), _generate(_session(attention), ids)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=2e-5)
+    full = _generate(_session(ir.load(str(GRAPHS["genai"]))), ids)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, full)) > 1e-1
