@@ -8,7 +8,8 @@ these instead of the eager unfusers: the layer keeps one attention op, which
 ``com.microsoft::GroupQueryAttention`` (onnxruntime-genai)::
 
     q, k, v   = Split(Transpose(Reshape(packed QKV)), [H, KV, KV], axis=1)   # (B, H|KV, S, hd)
-    q, k      = RotaryEmbedding(q|k, cos_cache, sin_cache, pos)             # ONNX opset 23
+    q, k      = RotaryEmbedding(q|k, cos_cache, sin_cache, pos)             # ONNX opset 23, GQA's
+                                                                            #   rotary_interleaved
     present_k = Concat(past_k, k); present_v = Concat(past_v, v)            # (B, KV, T, hd)
     out       = Attention(q, present_k, present_v, allowed, scale)          # (B, H, S, hd)
     out       = Reshape(Transpose(out)) -> (B, S, H*hd)
@@ -189,7 +190,7 @@ def _split_packed(b: Builder, graph: ir.Graph, qkv: ir.Value, heads: int, kv_hea
 
 def gqa_to_attention(graph: ir.Graph, node: ir.Node, layer: int, shared: GraphValues) -> Replaced:
     """Replace one ``GroupQueryAttention`` by an ONNX ``Attention`` (module docstring)."""
-    heads, kv_heads, scale, do_rotary = _check_gqa(node)
+    heads, kv_heads, scale, do_rotary = _check_gqa(node, interleaved=True)
     where = f"{_GQA} {node.name!r}"
     ins = list(node.inputs) + [None] * (12 - len(node.inputs))
     query, key, value, past_k, past_v, seqlens_k = ins[:6]
@@ -212,7 +213,8 @@ def gqa_to_attention(graph: ir.Graph, node: ir.Node, layer: int, shared: GraphVa
             raise GraphPatternError(f"{where}: do_rotary without cos/sin caches.")
         rot = 2 * int(cos_cache.shape[1]) if cos_cache.shape is not None and isinstance(cos_cache.shape[1], int) else hd
         pos = position_ids if position_ids is not None else positions  # (B, S) int64
-        attrs = {"interleaved": 0, **({"rotary_embedding_dim": rot} if rot < hd else {})}
+        interleaved = int(node.attributes.get_int("rotary_interleaved", 0))  # 0 or 1 (GQA's schema)
+        attrs = {"interleaved": interleaved, **({"rotary_embedding_dim": rot} if rot < hd else {})}
         q = b.op("RotaryEmbedding", [q, cos_cache, sin_cache, pos], "q_rot", attrs)  # (B, H, S, hd)
         k = b.op("RotaryEmbedding", [k, cos_cache, sin_cache, pos], "k_rot", attrs)  # (B, KV, S, hd)
     for x, n in ((q, heads), (k, kv_heads), (v, kv_heads)):

@@ -209,13 +209,15 @@ def _finish(graph: ir.Graph, node: ir.Node, layer: int, start: int, outputs: lis
 # GroupQueryAttention -> standard ops
 
 
-def _check_gqa(node: ir.Node) -> tuple[int, int, float, bool]:
-    """(H, KV, scale or 0, do_rotary); refuses what the unfused form does not reproduce."""
+def _check_gqa(node: ir.Node, *, interleaved: bool = False) -> tuple[int, int, float, bool]:
+    """(H, KV, scale or 0, do_rotary); refuses what the unfused form does not reproduce
+    (``interleaved``: the form has an interleaved rotary, as the ONNX Attention form has)."""
     where = f"{_GQA} {node.name!r}"
     _refuse_unsupported(where, [
         (int(_attr(node, "local_window_size", -1)) != -1, "local_window_size (sliding window)"),
         (float(_attr(node, "softcap", 0.0)) != 0.0, "softcap"),
-        (int(_attr(node, "rotary_interleaved", 0)) != 0, "rotary_interleaved=1"),
+        (not interleaved and int(_attr(node, "rotary_interleaved", 0)) != 0,
+         "rotary_interleaved=1 (the ONNX Attention form, --formulation fused-qk, has it)"),
         (int(_attr(node, "smooth_softmax", 0)) != 0, "smooth_softmax"),
         (any(v is not None for v in node.inputs[10:]), "attention_bias / head_sink inputs"),
         (int(_attr(node, "qk_output", 0)) != 0, "qk_output"),
@@ -535,8 +537,11 @@ def normalize_contrib(model: ir.Model, layers: Iterable[int], *, target: Target 
     graph = model.graph
     layers = sorted(set(layers))
     fused = {layer: node for layer, node in contrib_attention_layers(model).items() if layer in layers}
-    for node in fused.values():
-        _UNFUSERS[node.op_type][0](node)  # refuses an unsupported attribute / input by name
+    for node in fused.values():  # refuses an unsupported attribute / input by name
+        if target == "attention" and node.op_type == _GQA:
+            _check_gqa(node, interleaved=True)
+        else:
+            _UNFUSERS[node.op_type][0](node)
     if target == "attention":
         from var_export.passes import contrib_attention as ca  # it builds on this module's helpers
 

@@ -261,6 +261,16 @@ def test_auto_formulation_per_graph_form(graph, expected):
     assert rewrite.resolve_formulation(ir.load(str(GRAPHS[graph]))) == want
 
 
+def test_auto_on_interleaved_rotary_gqa_is_the_attention_form():
+    """The eager unfusing refuses GQA's rotary_interleaved=1; auto takes the Attention form."""
+    from var_export import rewrite
+
+    model = ir.load(str(GRAPHS["genai"]))
+    for node in rewrite.contrib_layers(model).values():
+        node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", 1)
+    assert rewrite.resolve_formulation(model) == "fused-qk"
+
+
 def test_auto_on_contrib_falls_back_to_naive_where_opset_23_would_change_an_op(monkeypatch):
     from var_export import rewrite
 

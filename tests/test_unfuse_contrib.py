@@ -312,3 +312,26 @@ def test_attention_form_partial_rotary_matches_the_eager_form():
         np.testing.assert_allclose(x, y, atol=2e-5)
     full = _generate(_session(ir.load(str(GRAPHS["genai"]))), ids)
     assert max(float(np.abs(x - y).max()) for x, y in zip(a, full)) > 1e-1
+
+
+def test_attention_form_has_the_interleaved_rotary_the_eager_form_refuses():
+    """GQA with rotary_interleaved=1: the Attention form computes what the fused graph does
+    (ONNX RotaryEmbedding interleaved=1; batch 2 of unpadded rows, prefill + 3 decode steps); the
+    eager unfusing refuses it by name and points at the Attention form."""
+    def load() -> ir.Model:
+        model = ir.load(str(GRAPHS["genai"]))
+        for node in contrib_attention_layers(model).values():
+            node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", 1)
+        return model
+
+    with pytest.raises(GraphPatternError, match="rotary_interleaved=1.*--formulation fused-qk"):
+        normalize_contrib(load(), [1])
+    model = load()
+    normalize_contrib(model, range(LAYERS), target="attention")
+    assert {n.attributes["interleaved"].value for n in model.graph if n.op_type == "RotaryEmbedding"} == {1}
+    ids = np.array([[1, 20, 7, 30, 31, 11, 32, 21], [1, 25, 26, 7, 11, 40, 41, 22]])
+    a, b = _generate(_session(load()), ids), _generate(_session(model), ids)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=2e-5)
+    plain = _generate(_session(ir.load(str(GRAPHS["genai"]))), ids)
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, plain)) > 1e-1  # interleaving matters here

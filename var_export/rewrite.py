@@ -538,9 +538,13 @@ def resolve_formulation(model: ir.Model, formulation: str = "auto") -> str:
 
 
 def _contrib_auto(model: ir.Model) -> str:
-    """auto on contrib attention: ``CONTRIB_AUTO``; naive where the opset bump the ONNX
-    Attention form needs would change an op's meaning."""
-    if CONTRIB_AUTO == "naive":
+    """auto on contrib attention: ``CONTRIB_AUTO``; fused-qk where only the ONNX Attention form
+    reproduces the graph (GQA with ``rotary_interleaved=1``); naive where the opset bump that
+    form needs would change an op's meaning."""
+    interleaved = any(n.op_type == "GroupQueryAttention" and n.attributes.get_int("rotary_interleaved", 0)
+                      for n in contrib_layers(model).values())
+    wanted = "fused-qk" if interleaved else CONTRIB_AUTO
+    if wanted == "naive":
         return "naive"
     from var_export.passes.contrib_attention import opset_blockers
 
@@ -548,7 +552,7 @@ def _contrib_auto(model: ir.Model) -> str:
     if blockers:
         log.info("auto formulation: naive (opset 23 would change %s)", blockers)
         return "naive"
-    return CONTRIB_AUTO
+    return wanted
 
 
 def _apply(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
