@@ -13,8 +13,12 @@ all over ``input_ids`` and from the same weights:
   ``GroupQueryAttention`` + ``SkipSimplifiedLayerNormalization``), ``sdpa23`` (torch dynamo,
   opset 23: ONNX ``Attention``), ``eager`` (torch dynamo, eager attention, opset 18);
 * VAR by ``var_export.rewrite.rewrite_decoder`` on each, ``dynamic`` and ``hybrid`` (2
-  calibrated heads per layer): ``genai+var-*`` (GQA unfused on the VAR layers that change),
-  ``sdpa23+var-*`` (fused-qk formulation), ``eager+var-*`` (naive formulation).
+  calibrated heads per layer): ``genai+var-*-naive`` (GQA unfused into eager ops on the VAR layers
+  that change), ``genai+var-*-fused-qk`` / ``-kernel`` (GQA -> one ONNX ``Attention`` per VAR
+  layer, then fused-qk or the ``var_export::VarAttention`` custom op),
+  ``sdpa23+var-*`` (fused-qk formulation), ``eager+var-*`` (naive formulation);
+* ``genai+attention-novar``: genai with every GQA normalised into one ONNX ``Attention``, no VAR
+  (the price of the normalisation alone; not a baseline).
 
 Protocol (as ``var_export.timing.interleaved``): all sessions loaded at once, plus a second session
 of the first baseline (``genai#aa``: the A/A pair); each round runs every session (prefill +
@@ -148,16 +152,37 @@ def build(work: Path, hidden: int, layers: int) -> dict[str, Path]:
     for base in ("genai", "sdpa23", "eager"):
         for mode in ("dynamic", "hybrid"):
             s = VarSettings(sink_dims=SINK_DIMS, layers="0:", heads=mode)
-            out = paths[base].parent / f"var-{mode}.onnx"
-            rewrite_decoder(paths[base], out, s, heads=hybrid_heads if mode == "hybrid" else None)
-            paths[f"{base}+var-{mode}"] = out
+            formulations = ["naive", "fused-qk", "kernel"] if base == "genai" else ["auto"]
+            for formulation in formulations:
+                tag = f"-{formulation}" if len(formulations) > 1 else ""
+                out = paths[base].parent / f"var-{mode}{tag}.onnx"
+                rewrite_decoder(paths[base], out, s, heads=hybrid_heads if mode == "hybrid" else None,
+                                formulation=formulation)
+                paths[f"{base}+var-{mode}{tag}"] = out
+    paths["genai+attention-novar"] = genai_as_attention(paths["genai"], layers)
     return paths
+
+
+def genai_as_attention(path: Path, layers: int) -> Path:
+    """The genai graph with every GroupQueryAttention as one ONNX Attention, no VAR (what the
+    fused formulations start from: the price of the normalisation alone)."""
+    import onnx_ir as ir
+
+    from var_export.passes.unfuse_contrib import normalize_contrib
+
+    model = ir.load(str(path))
+    normalize_contrib(model, range(layers), target="attention")
+    out = path.parent / "attention-novar.onnx"
+    ir.save(model, str(out))  # external weights keep their location (same folder)
+    return out
 
 
 def session(path: Path, threads: int, optimized: Path | None = None):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    from var_export import kernels
+
+    opts = kernels.session_options(path)  # VarAttention registered for the kernel formulation
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -282,12 +307,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "var_export_bench_foreign")
+    ap.add_argument("--only", help="comma-separated VAR graph names to measure (the baselines always are), "
+                    "e.g. genai+var-dynamic-naive,genai+var-dynamic-fused-qk: shorter rounds on a busy machine")
+    ap.add_argument("--reuse", action="store_true", help="reuse the graphs of an earlier run in --work")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
     work = args.work / f"h{args.hidden}-L{args.layers}"
     t0 = time.perf_counter()
-    paths = build(work, args.hidden, args.layers)
+    saved = work / "paths.json"
+    if args.reuse and saved.exists():
+        paths = {k: Path(v) for k, v in json.loads(saved.read_text()).items()}
+    else:
+        paths = build(work, args.hidden, args.layers)
+        saved.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    if args.only:
+        keep = {"genai", "sdpa23", "eager", *args.only.split(",")}
+        unknown = keep - set(paths)
+        if unknown:
+            ap.error(f"--only: unknown graphs {sorted(unknown)}; expected some of {sorted(paths)}")
+        paths = {k: v for k, v in paths.items() if k in keep}
     build_s = time.perf_counter() - t0
     result = measure(paths, args.layers, args.rounds, args.steps, args.threads, work)
     import platform

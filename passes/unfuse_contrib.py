@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 
 CONTRIB_DOMAIN = "com.microsoft"
 UNFUSED_PREFIX = "unfused/"  # names of the nodes and values this module adds
+Target = Literal["eager", "attention"]  # what normalize_contrib turns the contrib attention into
 _SKIP_NORM = "SkipSimplifiedLayerNormalization"
 _GQA, _MHA = "GroupQueryAttention", "MultiHeadAttention"
 # Ops between the attention output and the skip norm: heads merge, output projection, bias.
@@ -207,13 +209,15 @@ def _finish(graph: ir.Graph, node: ir.Node, layer: int, start: int, outputs: lis
 # GroupQueryAttention -> standard ops
 
 
-def _check_gqa(node: ir.Node) -> tuple[int, int, float, bool]:
-    """(H, KV, scale or 0, do_rotary); refuses what the unfused form does not reproduce."""
+def _check_gqa(node: ir.Node, *, interleaved: bool = False) -> tuple[int, int, float, bool]:
+    """(H, KV, scale or 0, do_rotary); refuses what the unfused form does not reproduce
+    (``interleaved``: the form has an interleaved rotary, as the ONNX Attention form has)."""
     where = f"{_GQA} {node.name!r}"
     _refuse_unsupported(where, [
         (int(_attr(node, "local_window_size", -1)) != -1, "local_window_size (sliding window)"),
         (float(_attr(node, "softcap", 0.0)) != 0.0, "softcap"),
-        (int(_attr(node, "rotary_interleaved", 0)) != 0, "rotary_interleaved=1"),
+        (not interleaved and int(_attr(node, "rotary_interleaved", 0)) != 0,
+         "rotary_interleaved=1 (the ONNX Attention form, --formulation fused-qk, has it)"),
         (int(_attr(node, "smooth_softmax", 0)) != 0, "smooth_softmax"),
         (any(v is not None for v in node.inputs[10:]), "attention_bias / head_sink inputs"),
         (int(_attr(node, "qk_output", 0)) != 0, "qk_output"),
@@ -259,9 +263,9 @@ def _positions(b: Builder, seqlens_k: ir.Value, past_key: ir.Value, q: ir.Value)
     return start, _arange(b, s, "query_index"), total
 
 
-def _gqa_mask(b: Builder, present_k: ir.Value, start: ir.Value, qi: ir.Value, total: ir.Value) -> ir.Value:
-    """GQA's own mask (B, 1, S, T): key j < total_b and j <= start_b + i."""
-    j = _arange(b, _dim(b, present_k, 2, "t_len"), "key_index")  # (T,)
+def _gqa_mask(b: Builder, t_len: ir.Value, start: ir.Value, qi: ir.Value, total: ir.Value) -> ir.Value:
+    """GQA's own mask (B, 1, S, T): key j < total_b and j <= start_b + i; ``t_len``: T."""
+    j = _arange(b, t_len, "key_index")  # (T,)
     last = b.op("Add", [start, qi], "last_key")  # (B, S)
     last = b.op("Unsqueeze", [last, b.const("last_axes", [1, 3], np.int64)], "last_key_b1s1")  # (B, 1, S, 1)
     causal = b.op("LessOrEqual", [j, last], "causal")  # (B, 1, S, T)
@@ -306,7 +310,7 @@ def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> 
     present_k, present_v = _kv_cache(b, past_k, past_v, k, v)  # (B, KV, T, hd)
     k_all = _repeat_kv(b, present_k, heads, kv_heads, hd, "key_heads")  # (B, H, T, hd)
     v_all = _repeat_kv(b, present_v, heads, kv_heads, hd, "value_heads")
-    allowed = _gqa_mask(b, present_k, pos_start, qi, total)  # (B, 1, S, T)
+    allowed = _gqa_mask(b, _dim(b, present_k, 2, "t_len"), pos_start, qi, total)  # (B, 1, S, T)
     lowest = b.const("lowest", np.float32(np.finfo(np.float32).min))
     out, floats = _attend(b, q, k_all, v_all, scale, heads, hd,
                           lambda scores: b.op("Where", [allowed, scores, lowest], "masked_scores"))
@@ -521,16 +525,35 @@ def _softmax_attention_outputs(model: ir.Model) -> dict[int, ir.Value]:
     return found
 
 
-def normalize_contrib(model: ir.Model, layers: Iterable[int]) -> list[Replaced]:
-    """Unfuse GroupQueryAttention / MultiHeadAttention and split the post-attention
+def normalize_contrib(model: ir.Model, layers: Iterable[int], *, target: Target = "eager") -> list[Replaced]:
+    """Replace GroupQueryAttention / MultiHeadAttention and split the post-attention
     SkipSimplifiedLayerNormalization on ``layers`` (in place); returns the replacements (for
-    :func:`restore`). Every fused node of ``layers`` is checked before any is replaced."""
+    :func:`restore`). Every fused node of ``layers`` is checked before any is replaced.
+
+    ``target``: ``"eager"`` — standard ops ending in ``MatMul -> Softmax -> MatMul`` (the naive
+    formulation, ``passes.pipeline.apply_var``); ``"attention"`` — one ONNX ``Attention`` per layer
+    (the fused formulations, ``passes.fused_var``; ``passes/contrib_attention.py``), the default
+    opset raised to 23 where lower."""
     graph = model.graph
     layers = sorted(set(layers))
     fused = {layer: node for layer, node in contrib_attention_layers(model).items() if layer in layers}
-    for node in fused.values():
-        _UNFUSERS[node.op_type][0](node)  # refuses an unsupported attribute / input by name
-    done = [_UNFUSERS[node.op_type][1](graph, node, layer) for layer, node in sorted(fused.items())]
+    for node in fused.values():  # refuses an unsupported attribute / input by name
+        if target == "attention" and node.op_type == _GQA:
+            _check_gqa(node, interleaved=True)
+        else:
+            _UNFUSERS[node.op_type][0](node)
+    if target == "attention":
+        from var_export.passes import contrib_attention as ca  # it builds on this module's helpers
+
+        if fused:
+            ca.raise_default_opset(model)
+        shared = ca.GraphValues(graph)
+        to_attention = {_GQA: ca.gqa_to_attention, _MHA: ca.mha_to_attention}
+        done = [to_attention[node.op_type](graph, node, layer, shared) for layer, node in sorted(fused.items())]
+    elif target == "eager":
+        done = [_UNFUSERS[node.op_type][1](graph, node, layer) for layer, node in sorted(fused.items())]
+    else:
+        raise ValueError(f"target must be 'eager' or 'attention', found {target!r}")
     outputs = _softmax_attention_outputs(model)
     for layer in layers:
         unfused = next((r for r in done if r.layer == layer and r.op_type in _UNFUSERS), None)
@@ -565,8 +588,20 @@ def restore(model: ir.Model, replaced: Iterable[Replaced]) -> int:
             if dead.graph is graph and not any(o.uses() or o.is_graph_output() for o in dead.outputs):
                 graph.remove(dead, safe=True)
         count += 1
+    _drop_dead_unfused(graph)  # per-graph values (unfused/graph/) no remaining layer reads
     for name, init in list(graph.initializers.items()):  # the restored layers' constants
         if name.startswith(UNFUSED_PREFIX) and not init.uses():
             del graph.initializers[name]
     graph.sort()
     return count
+
+
+def _drop_dead_unfused(graph: ir.Graph) -> None:
+    """Remove ``unfused/`` nodes whose outputs nothing reads, until none is left."""
+    while True:
+        dead = [n for n in graph if n.name and n.name.startswith(UNFUSED_PREFIX)
+                and not any(o.uses() or o.is_graph_output() for o in n.outputs)]
+        if not dead:
+            return
+        for node in dead:
+            graph.remove(node, safe=True)

@@ -22,6 +22,7 @@ import torch
 
 from tests.fixtures.foreign import tiny_llama as tl
 from tests.fixtures.foreign.make_fixtures import GRAPHS
+from var_export import kernels
 from var_export.calibration.reference import VarReference
 from var_export.core.settings import VarSettings
 from var_export.rewrite import rewrite_decoder
@@ -75,7 +76,7 @@ def compare(model, graph, s: VarSettings, heads=None, *, steps: int = 3, visual=
             ids=IDS, mask=MASK, kv_heads: int = KV_HEADS) -> dict:
     """Prefill + ``steps`` decode steps; returns max |Δlogits| vs the reference and VAR's effect
     (``kv_heads``: the graph's KV-cache heads; MultiHeadAttention graphs cache every head)."""
-    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(graph), kernels.session_options(graph), providers=["CPUExecutionProvider"])
     ref = VarReference(model, s, heads)
     plain = VarReference(model, None)
     n_var = len(s.var_layers(NUM_LAYERS))

@@ -31,6 +31,7 @@ import torch
 from tests.fixtures.foreign import tiny_llama as tl
 from tests.fixtures.foreign.make_fixtures import GRAPHS, mha_graph
 from tests.test_rewrite_foreign import IDS, MASK, MIN_VAR_EFFECT, TOL, VISUAL, compare, settings
+from var_export.core.contract import KERNEL_DOMAIN, KERNEL_OP
 from var_export.rewrite import graph_form, rewrite_decoder
 
 STEPS = 4
@@ -158,3 +159,134 @@ def test_fixture_graphs_are_what_the_docstring_says():
     node = next(n for n in mha.graph.node if n.op_type == "MultiHeadAttention")
     assert node.input[3:6] == ["", "", node.input[5]] and node.input[5] and node.input[6:] == [
         "past_key_values.0.key", "past_key_values.0.value"]  # attention_bias, no key_padding_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# --formulation: contrib attention as one ONNX Attention per VAR layer + the fused formulation
+
+FUSED_CASES = [
+    # (graph, head mode, heads, batch, formulation)
+    pytest.param("genai", "dynamic", None, "b1", "fused-qk"),
+    pytest.param("genai", "hybrid", [(2, 1), (2, 2)], "b1", "fused-qk"),
+    pytest.param("genai", "dynamic", None, "b2-unpadded", "fused-mask", marks=SLOW),
+    pytest.param("mha", "dynamic", None, "b2-left-padded", "fused-qk"),
+    pytest.param("mha", "hybrid", [(1, 0), (1, 3), (2, 1), (2, 2)], "b2-left-padded", "fused-qk"),
+    pytest.param("mha-padding", "hybrid", [(2, 1), (2, 2)], "b2-left-padded", "fused-mask", marks=SLOW),
+    pytest.param("genai", "dynamic", None, "b1", "kernel"),
+    pytest.param("mha", "dynamic", None, "b2-left-padded", "kernel"),
+    pytest.param("sdpa23", "hybrid", [(1, 0), (1, 3), (2, 1), (2, 2)], "b2-left-padded", "kernel"),
+]
+
+
+@pytest.mark.parametrize(("graph", "mode", "heads", "batch", "formulation"), FUSED_CASES,
+                         ids=[f"{c.values[0]}-{c.values[1]}-{c.values[3]}-{c.values[4]}" for c in FUSED_CASES])
+def test_contrib_attention_fused_parity_with_reference(models, tmp_path, graph, mode, heads, batch, formulation):
+    """GQA / MHA -> ONNX Attention -> fused formulation (sdpa23: its own Attention ops), against
+    the PyTorch reference over prefill + 4 decode steps (genai: batch 1 / unpadded rows, its CPU
+    GQA does not follow HF left padding; MHA, sdpa23: batch 2 left-padded). Attention stays one
+    op per VAR layer (no Softmax)."""
+    if formulation == "kernel":
+        from var_export.passes.fused_var import SHIFTS
+
+        if "kernel" not in SHIFTS:
+            pytest.skip("passes.fused_var has no 'kernel' shift in this build")
+    out = tmp_path / f"{graph}_var.onnx"
+    s = settings(heads=mode)
+    result = rewrite_decoder(_source(graph, tmp_path), out, s, heads=heads, formulation=formulation)
+    assert result.formulation == formulation
+    assert onnx.load(str(out)).metadata_props and dict(
+        (p.key, p.value) for p in onnx.load(str(out)).metadata_props)["var_export.formulation"] == formulation
+    changed = [1, 2] if mode == "dynamic" or {la for la, _ in heads} == {1, 2} else [2]
+    ops = _ops(out)
+    one_op = (KERNEL_DOMAIN, KERNEL_OP) if formulation == "kernel" else ("", "Attention")
+    layer_ops = [n for n in onnx.load(str(out)).graph.node if (n.domain, n.op_type) == one_op
+                 and (formulation == "kernel" or not n.name.startswith("var/"))]  # var/ Attention: class masses
+    assert len(layer_ops) == len(changed)  # one attention op per changed layer
+    assert not [o for _, o in ops if o == "Softmax"]
+    if graph != "sdpa23":
+        contrib = "GroupQueryAttention" if graph == "genai" else "MultiHeadAttention"
+        assert sum(1 for _, o in ops if o == contrib) == 3 - len(changed)  # kept where VAR changes nothing
+    ids, mask, visual = BATCHES[batch]
+    got = compare(models["wide" if graph == "genai" else "base"], out, s, heads, steps=STEPS, ids=ids, mask=mask,
+                  visual=visual, kv_heads=KV_CACHE_HEADS.get(graph, tl.CONFIG["num_key_value_heads"]))
+    print(f"{graph} {mode} {batch} {formulation}: max|dlogits| per step {got['delta']}, VAR effect {got['effect']}")
+    assert all(got["sinks_equal"])
+    assert max(got["delta"]) < TOL
+    assert got["effect"][0] > MIN_VAR_EFFECT
+    assert max(got["effect"][1:]) > MIN_VAR_EFFECT
+
+
+def test_contrib_attention_form_adds_fewer_nodes_than_the_eager_unfusing(tmp_path):
+    """genai, dynamic (both VAR layers change): the whole VAR graph, fused-qk on the Attention
+    form against naive on the eager unfusing."""
+    added = {}
+    for formulation in ("naive", "fused-qk"):
+        result = rewrite_decoder(GRAPHS["genai"], tmp_path / f"{formulation}.onnx", settings(), formulation=formulation)
+        added[formulation] = result.report.nodes_added / len(result.report.var_layers)
+    print(f"genai dynamic: nodes added per VAR layer {added}")
+    assert added["fused-qk"] < added["naive"]
+
+
+@pytest.mark.parametrize(("graph", "formulation", "message"), [
+    ("sdpa23", "naive", "found ONNX Attention ops"),
+    ("optimum", "fused-qk", "found none"),
+    ("ortopt", "fused-mask", "found none"),  # contrib skip norms, attention MatMul -> Softmax -> MatMul
+    ("genai", "fused", "must be one of"),
+])
+def test_impossible_formulations_are_refused_before_anything_is_written(tmp_path, graph, formulation, message):
+    from var_export.core.errors import ConfigError
+
+    out = tmp_path / "out.onnx"
+    with pytest.raises(ConfigError, match=message):
+        rewrite_decoder(GRAPHS[graph], out, settings(), formulation=formulation)
+    assert not out.exists()
+
+
+def test_kernel_formulation_without_the_custom_op_says_what_to_do(tmp_path, monkeypatch):
+    from var_export.core.errors import ConfigError
+    from var_export.passes import fused_var
+
+    monkeypatch.setattr(fused_var, "SHIFTS", ("qk", "mask"))
+    with pytest.raises(ConfigError, match="VarAttention custom op.*--formulation auto or fused-qk"):
+        rewrite_decoder(GRAPHS["genai"], tmp_path / "out.onnx", settings(), formulation="kernel")
+
+
+@pytest.mark.parametrize(("graph", "expected"), [
+    ("sdpa23", "fused-qk"), ("optimum", "naive"), ("ortopt", "naive"), ("genai", "CONTRIB_AUTO"), ("mha", "CONTRIB_AUTO"),
+])
+def test_auto_formulation_per_graph_form(graph, expected):
+    from var_export import rewrite
+
+    want = rewrite.CONTRIB_AUTO if expected == "CONTRIB_AUTO" else expected
+    assert rewrite.resolve_formulation(ir.load(str(GRAPHS[graph]))) == want
+
+
+def test_auto_on_interleaved_rotary_gqa_is_the_attention_form():
+    """The eager unfusing refuses GQA's rotary_interleaved=1; auto takes the Attention form."""
+    from var_export import rewrite
+
+    model = ir.load(str(GRAPHS["genai"]))
+    for node in rewrite.contrib_layers(model).values():
+        node.attributes["rotary_interleaved"] = ir.AttrInt64("rotary_interleaved", 1)
+    assert rewrite.resolve_formulation(model) == "fused-qk"
+
+
+def test_auto_on_contrib_falls_back_to_naive_where_opset_23_would_change_an_op(monkeypatch):
+    from var_export import rewrite
+
+    monkeypatch.setattr(rewrite, "CONTRIB_AUTO", "fused-qk")
+    model = ir.load(str(GRAPHS["mha"]))
+    assert rewrite.resolve_formulation(model) == "fused-qk"
+    model.graph.append(ir.node("ReduceMean", [model.graph.inputs[0]], {"axes": [1]}, name="old_reduce_mean"))
+    assert rewrite.resolve_formulation(model) == "naive"
+
+
+def test_cli_rewrite_takes_the_formulation(tmp_path, capsys):
+    from var_export.cli import main
+
+    out = tmp_path / "genai_var.onnx"
+    assert main(["rewrite", str(GRAPHS["genai"]), "--out", str(out), "--formulation", "fused-qk",
+                 "--sink-dims", "5,17", "--layers", "1:", "--heads", "dynamic"]) == 0
+    printed = capsys.readouterr().out
+    assert "formulation: fused-qk" in printed and "one ONNX Attention (opset 23) on layers [1, 2]" in printed
+    assert dict((p.key, p.value) for p in onnx.load(str(out)).metadata_props)["var_export.formulation"] == "fused-qk"

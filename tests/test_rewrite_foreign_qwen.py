@@ -75,12 +75,19 @@ def test_genai_graph_form(genai_decoder):
     assert inputs["position_ids"] == [3, "batch_size", "sequence_length"] and "inputs_embeds" in inputs
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static", "hybrid"])
-def test_rewrite_genai_qwen_decoder_matches_the_reference(tiny_qwen_loaded, genai_decoder, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "formulation"), [
+    ("dynamic", "naive"), ("static", "naive"), ("hybrid", "naive"), ("dynamic", "fused-qk"), ("hybrid", "fused-qk"),
+])
+def test_rewrite_genai_qwen_decoder_matches_the_reference(tiny_qwen_loaded, genai_decoder, tmp_path, mode,
+                                                          formulation):
+    """naive: GQA unfused into eager ops; fused-qk: GQA (do_rotary=0, MRotaryEmbedding left as
+    it is) -> one ONNX Attention per VAR layer, then the fused formulation."""
     model = tiny_qwen_loaded.model
     settings = SETTINGS.replace(heads=mode)
     heads = None if mode == "dynamic" else HEADS
-    result = rewrite_decoder(genai_decoder, tmp_path / "var" / "model.onnx", settings, heads=heads)
+    result = rewrite_decoder(genai_decoder, tmp_path / "var" / "model.onnx", settings, heads=heads,
+                             formulation=formulation)
+    assert result.formulation == formulation
     assert list(result.report.var_layers) == [2, 3]
     assert result.added_inputs == ["visual_token_mask", "past_sink_mask"]
     sess = ort.InferenceSession(str(result.out_path), providers=["CPUExecutionProvider"])
@@ -117,7 +124,7 @@ def test_rewrite_genai_qwen_decoder_matches_the_reference(tiny_qwen_loaded, gena
         plain = VarReference(model, None).step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"])
         first = ref.step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"], None)
     effect = float((plain.logits - first.logits).abs().max())
-    print(f"\ngenai Qwen2.5-VL text decoder + rewrite ({mode}): max |Δlogits| vs reference = {worst:.2e}, "
+    print(f"\ngenai Qwen2.5-VL text decoder + rewrite ({mode}, {formulation}): max |Δlogits| vs reference = {worst:.2e}, "
           f"VAR effect = {effect:.3f}")
     assert worst < TOL
     assert effect > 1e-2

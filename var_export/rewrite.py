@@ -73,9 +73,11 @@ from var_export.passes.unfuse_contrib import CONTRIB_DOMAIN
 from var_export.safety import ExternalDataRef, check_external_data
 
 __all__ = [
+    "FORMULATIONS",
     "RewriteResult",
     "graph_form",
     "load_calibration",
+    "resolve_formulation",
     "resolve_settings",
     "rewrite_decoder",
 ]
@@ -141,6 +143,7 @@ class RewriteResult:
         if "link" in self.data_how:
             lines.append(HARD_LINK_NOTE)
         return lines
+    formulation: str = ""  # the VAR formulation applied (FORMULATIONS, auto resolved)
 
     def describe(self) -> str:
         """A human-readable plan: per decoder layer what is (would be) changed."""
@@ -489,25 +492,131 @@ def _onnx_checkable(model: ir.Model) -> bool:
 _ORT_ONLY_DEFAULT_DOMAIN = {"SimplifiedLayerNormalization", "LayerNormalization"}  # < opset 17 for the latter
 
 
+FORMULATIONS = ("auto", "naive", "fused-qk", "fused-mask", "kernel")
+Formulation = Literal["auto", "naive", "fused-qk", "fused-mask", "kernel"]
+# auto on GroupQueryAttention / MultiHeadAttention graphs: naive, measured faster than the ONNX
+# Attention form + fused-qk on CPU (docs/foreign-graphs.md, "Parity and price"); kernel is faster
+# still but needs the custom op registered wherever the graph runs, so auto never picks it.
+CONTRIB_AUTO = "naive"
+_FUSED = {"fused-qk": "qk", "fused-mask": "mask", "kernel": "kernel"}  # formulation -> fused_var shift
+_LABEL = {shift: name for name, shift in _FUSED.items()}
+
+
+def resolve_formulation(model: ir.Model, formulation: str = "auto") -> str:
+    """The formulation ``formulation`` stands for on this graph (``auto`` resolved), or a
+    ``ConfigError`` for one the graph cannot take: ``naive`` needs eager attention (or contrib
+    attention it unfuses); ``fused-*`` / ``kernel`` need attention kept as one op (ONNX
+    ``Attention``, or GroupQueryAttention / MultiHeadAttention it normalises into one)."""
+    if formulation not in FORMULATIONS:
+        raise ConfigError(f"formulation must be one of {FORMULATIONS}, found {formulation!r}.")
+    form = graph_form(model)
+    fusable = form == "onnx-attention" or bool(contrib_layers(model))
+    if formulation == "auto":
+        return "fused-qk" if form == "onnx-attention" else _contrib_auto(model) if fusable else "naive"
+    if formulation == "naive" and form == "onnx-attention":
+        raise ConfigError(
+            "--formulation naive needs attention as MatMul -> Softmax -> MatMul; found ONNX Attention ops, "
+            "which only the fused formulations rewrite. Use --formulation auto, fused-qk, fused-mask or kernel "
+            "(or export the model with eager attention)."
+        )
+    if formulation in _FUSED and not fusable:
+        raise ConfigError(
+            f"--formulation {formulation} keeps attention one op: expected ONNX Attention or "
+            "GroupQueryAttention / MultiHeadAttention nodes; found none (attention as MatMul -> "
+            "Softmax -> MatMul). Use --formulation auto or naive."
+        )
+    if formulation == "kernel":
+        from var_export.passes.fused_var import SHIFTS
+
+        if "kernel" not in SHIFTS:
+            raise ConfigError(
+                "--formulation kernel needs the var_export::VarAttention custom op (passes.fused_var "
+                f"shift 'kernel'); this installation has the shifts {SHIFTS} only. Use --formulation "
+                "auto or fused-qk."
+            )
+    return formulation
+
+
+def _contrib_auto(model: ir.Model) -> str:
+    """auto on contrib attention: ``CONTRIB_AUTO``; fused-qk where only the ONNX Attention form
+    reproduces the graph (GQA with ``rotary_interleaved=1``); naive where the opset bump that
+    form needs would change an op's meaning."""
+    interleaved = any(n.op_type == "GroupQueryAttention" and n.attributes.get_int("rotary_interleaved", 0)
+                      for n in contrib_layers(model).values())
+    wanted = "fused-qk" if interleaved else CONTRIB_AUTO
+    if wanted == "naive":
+        return "naive"
+    from var_export.passes.contrib_attention import opset_blockers
+
+    blockers = opset_blockers(model)
+    if blockers:
+        log.info("auto formulation: naive (opset 23 would change %s)", blockers)
+        return "naive"
+    return wanted
+
+
 def _apply(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
-           num_layers: int | None, cal: dict[str, Any] | None) -> tuple[Any, list[str]]:
-    """Route the graph to its formulation (in place); returns the VarReport and notes."""
+           num_layers: int | None, cal: dict[str, Any] | None,
+           formulation: str = "auto") -> tuple[Any, list[str], str]:
+    """Route the graph to its formulation (in place); returns the VarReport, notes and the
+    formulation applied."""
+    form = graph_form(model)
+    chosen = resolve_formulation(model, formulation)
+    notes = [f"graph form: {form}", f"formulation: {chosen}" + (" (auto)" if formulation == "auto" else "")]
+    if form == "onnx-attention":
+        notes[-1] += " (passes.fused_var; each Attention op stays one op)"
+        report = _apply_fused(model, settings, heads, num_layers, cal, _FUSED[chosen])
+    elif chosen in _FUSED:
+        report = _apply_contrib_fused(model, settings, heads, num_layers, cal, _FUSED[chosen], notes)
+    else:
+        report = _apply_naive(model, settings, heads, num_layers, cal, form, notes)
+    if not _onnx_checkable(model):
+        notes.append("onnx.checker skipped: the graph has ONNX Runtime-only ops (loads in ONNX Runtime only)")
+    if chosen != "naive" or form != "contrib":
+        model.metadata_props["var_export.formulation"] = chosen
+    return report, notes, chosen
+
+
+def _contrib_num_layers(model: ir.Model, num_layers: int | None) -> int:
+    n = num_layers if num_layers is not None else len(contrib_layers(model)) or None
+    if n is None:
+        raise ModelLoadError("no past_key_values.{i}.key inputs: cannot tell the decoder's layers.")
+    return n
+
+
+def _apply_contrib_fused(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
+                         num_layers: int | None, cal: dict[str, Any] | None, shift: str, notes: list[str]) -> Any:
+    """GroupQueryAttention / MultiHeadAttention: one ONNX Attention per VAR layer, the fused
+    formulation, then the contrib ops put back where VAR changes nothing."""
+    from var_export.passes.unfuse_contrib import normalize_contrib, restore
+
+    before = model.graph.num_nodes()
+    n = _contrib_num_layers(model, num_layers)
+    replaced = normalize_contrib(model, settings.var_layers(n), target="attention")
+    report = _apply_fused(model, settings, heads, n, cal, shift, check=_onnx_checkable(model))
+    changed = {lr.layer for lr in report.layers if lr.redistribution}
+    kept = [r for r in replaced if r.layer not in changed]
+    restore(model, kept)
+    notes.append(
+        f"contrib ops: one {'var_export::VarAttention' if shift == 'kernel' else 'ONNX Attention (opset 23)'} on layers "
+        f"{sorted({r.layer for r in replaced} & changed)}, fused ops kept on "
+        f"{sorted({r.layer for r in kept})} (VAR changes nothing there)"
+    )
+    report.nodes_added = model.graph.num_nodes() - before
+    return report
+
+
+def _apply_naive(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
+                 num_layers: int | None, cal: dict[str, Any] | None, form: str, notes: list[str]) -> Any:
+    """The naive formulation (``apply_var``); contrib attention unfused into eager ops first."""
     from var_export.passes.pipeline import apply_var
 
-    form = graph_form(model)
-    notes = [f"graph form: {form}"]
-    if form == "onnx-attention":
-        notes.append("formulation: fused-qk (passes.fused_var; each Attention op stays one op)")
-        return _apply_fused(model, settings, heads, num_layers, cal), notes
     before = model.graph.num_nodes()
     replaced = []
     if form == "contrib":
         from var_export.passes.unfuse_contrib import normalize_contrib
 
-        n = num_layers if num_layers is not None else len(contrib_layers(model)) or None
-        if n is None:
-            raise ModelLoadError("no past_key_values.{i}.key inputs: cannot tell the decoder's layers.")
-        replaced = normalize_contrib(model, settings.var_layers(n))
+        replaced = normalize_contrib(model, settings.var_layers(_contrib_num_layers(model, num_layers)))
     if cal:
         from var_export.passes.locate import locate_layers
 
@@ -515,8 +624,7 @@ def _apply(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] 
         hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
                        and isinstance(m.residual.shape[-1], int)), None)
         _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
-    checkable = _onnx_checkable(model)
-    _, report = apply_var(model, settings, heads, num_layers=num_layers, inplace=True, check=checkable)
+    _, report = apply_var(model, settings, heads, num_layers=num_layers, inplace=True, check=_onnx_checkable(model))
     if replaced:
         from var_export.passes.unfuse_contrib import restore
 
@@ -530,9 +638,7 @@ def _apply(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] 
         )
         model.metadata_props["var_export.formulation"] = "naive-unfused-contrib"
     report.nodes_added = model.graph.num_nodes() - before
-    if not checkable:
-        notes.append("onnx.checker skipped: the graph has ONNX Runtime-only ops (loads in ONNX Runtime only)")
-    return report, notes
+    return report
 
 
 def _check_loads_in_ort(model: ir.Model) -> None:
@@ -540,9 +646,11 @@ def _check_loads_in_ort(model: ir.Model) -> None:
     (only for self-contained graphs: a session would read external weights)."""
     import onnxruntime as ort
 
+    from var_export import kernels
+
     try:
         ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
-                             providers=["CPUExecutionProvider"])
+                             kernels.session_options(model), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any load failure is the same refusal
         raise GraphPatternError(
             f"the rewritten graph does not load in ONNX Runtime ({type(exc).__name__}: {exc}); "
@@ -557,7 +665,8 @@ def contrib_layers(model: ir.Model) -> dict[int, Any]:
 
 
 def _apply_fused(model: ir.Model, settings: VarSettings, heads: list[tuple[int, int]] | None,
-                 num_layers: int | None, cal: dict[str, Any] | None) -> Any:
+                 num_layers: int | None, cal: dict[str, Any] | None, shift: str = "qk", *,
+                 check: bool = True) -> Any:
     """ONNX ``Attention`` graphs: the fused formulation (attention stays one op)."""
     from var_export.passes.fused_var import apply_fused_var, locate_fused_layers
     from var_export.passes.pipeline import LayerReport, VarReport
@@ -567,11 +676,12 @@ def _apply_fused(model: ir.Model, settings: VarSettings, heads: list[tuple[int, 
         hidden = next((m.residual.shape[-1] for m in matches if m.residual.shape is not None
                        and isinstance(m.residual.shape[-1], int)), None)
         _check_fingerprint(cal, num_layers or len(matches), hidden, {m.layer: m.num_heads for m in matches})
-    log.info("ONNX Attention ops: the fused formulation (passes.fused_var, shift qk)")
-    _, fr = apply_fused_var(model, settings, heads, num_layers=num_layers, inplace=True)
+    log.info("ONNX Attention ops: the fused formulation (passes.fused_var, shift %s)", shift)
+    _, fr = apply_fused_var(model, settings, heads, num_layers=num_layers, inplace=True,
+                            shift=shift, check=check)  # type: ignore[arg-type]
     by_layer = {int(d["layer"]): d for d in fr.layers}  # type: ignore[call-overload]
     layers = [
-        LayerReport(layer=la, found={**by_layer[la], "formulation": f"fused-{fr.shift}"}, sink_detection=True,
+        LayerReport(layer=la, found={**by_layer[la], "formulation": _LABEL.get(fr.shift, fr.shift)}, sink_detection=True,
                     redistribution=la in fr.changed_layers,
                     heads=None if settings.heads == "dynamic" else sorted(h for l2, h in heads or [] if l2 == la))
         for la in fr.var_layers
@@ -670,6 +780,7 @@ def rewrite_decoder(
     dry_run: bool = False,
     data: DataMode = "auto",
     progress: Progress | None = None,
+    formulation: Formulation = "auto",
 ) -> RewriteResult:
     """Bake VAR into the decoder graph ``in_path`` and write it to ``out_path``.
 
@@ -680,6 +791,9 @@ def rewrite_decoder(
     when ``out_path`` is in the input's folder, else reflinks, hard-links (same filesystem) or
     copies them; ``copy`` never hard-links; ``link`` prefers a hard link.
     ``progress(done, total)``: bytes of a weight copy (over all data files; links report none).
+    ``formulation``: ``auto`` (ONNX Attention graphs: fused-qk; GroupQueryAttention /
+    MultiHeadAttention graphs: ``CONTRIB_AUTO``; others: naive), ``naive``, ``fused-qk``,
+    ``fused-mask`` or ``kernel`` (:func:`resolve_formulation`; impossible ones are refused).
     """
     t0 = time.perf_counter()
     in_path, out = _check_paths(in_path, out_path, dry_run)
@@ -692,7 +806,7 @@ def rewrite_decoder(
     num_layers = graph_num_layers(model)
     inputs_before = [v.name for v in model.graph.inputs]
     outputs_before = [v.name for v in model.graph.outputs]
-    report, notes = _apply(model, settings, head_list, num_layers, cal)
+    report, notes, chosen = _apply(model, settings, head_list, num_layers, cal, formulation)
     added_in = [v.name for v in model.graph.inputs if v.name not in inputs_before]
     added_out = [v.name for v in model.graph.outputs if v.name not in outputs_before]
 
@@ -710,4 +824,5 @@ def rewrite_decoder(
         data_mode=mode, data_files=data_files, added_inputs=added_in,
         added_outputs=added_out, seconds=time.perf_counter() - t0, notes=notes, data_how=data_how,
         data_why=data_why, data_sources=[r.path for r in refs],
+        formulation=chosen,
     )

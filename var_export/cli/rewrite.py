@@ -39,6 +39,14 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print what would change per layer; write nothing")
     p.add_argument("--data", choices=("auto", "share", "copy", "link"), default="auto", help=DATA_HELP)
+    p.add_argument("--formulation", choices=("auto", "naive", "fused-qk", "fused-mask", "kernel"), default="auto",
+                   help="how VAR enters attention: naive (eager MatMul -> Softmax -> MatMul; contrib "
+                   "GroupQueryAttention / MultiHeadAttention unfused into it), fused-qk / fused-mask (attention "
+                   "stays one ONNX Attention op: the score shift as extra Q/K columns or in the mask; contrib "
+                   "attention becomes one Attention per VAR layer), kernel (the var_export::VarAttention "
+                   "custom op, registered with var_export.kernels where the graph runs), or auto (ONNX "
+                   "Attention graphs: fused-qk; others, contrib graphs included: naive, measured faster "
+                   "than fused-qk there, docs/foreign-graphs.md)")
     common.add_var_args(p)
 
 
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = rewrite_decoder(
             args.input, args.out, settings, calibration=calibration,
-            dry_run=args.dry_run, data=args.data, progress=progress,
+            dry_run=args.dry_run, data=args.data, progress=progress, formulation=args.formulation,
         )
     finally:
         progress.close()
