@@ -16,7 +16,7 @@ all over ``input_ids`` and from the same weights:
   calibrated heads per layer): ``genai+var-*-naive`` (GQA unfused into eager ops on the VAR layers
   that change), ``genai+var-*-fused-qk`` / ``-kernel`` (GQA -> one ONNX ``Attention`` per VAR
   layer, then fused-qk or the ``var_export::VarAttention`` custom op),
-  ``sdpa23+var-*`` (fused-qk formulation), ``eager+var-*`` (naive formulation);
+  ``sdpa23+var-*-fused-qk`` / ``-kernel`` (its own Attention ops), ``eager+var-*`` (naive formulation);
 * ``genai+attention-novar``: genai with every GQA normalised into one ONNX ``Attention``, no VAR
   (the price of the normalisation alone; not a baseline).
 
@@ -152,7 +152,7 @@ def build(work: Path, hidden: int, layers: int) -> dict[str, Path]:
     for base in ("genai", "sdpa23", "eager"):
         for mode in ("dynamic", "hybrid"):
             s = VarSettings(sink_dims=SINK_DIMS, layers="0:", heads=mode)
-            formulations = ["naive", "fused-qk", "kernel"] if base == "genai" else ["auto"]
+            formulations = {"genai": ["naive", "fused-qk", "kernel"], "sdpa23": ["fused-qk", "kernel"]}.get(base, ["auto"])
             for formulation in formulations:
                 tag = f"-{formulation}" if len(formulations) > 1 else ""
                 out = paths[base].parent / f"var-{mode}{tag}.onnx"
