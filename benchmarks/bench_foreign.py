@@ -270,6 +270,69 @@ def measure(paths: dict[str, Path], layers: int, rounds: int, steps: int, thread
     return {"rows": rows, "fastest": fastest, "aa": aa, "aa_ms": med["genai#aa"]}
 
 
+def node_time(path: Path, layers: int, threads: int, runs: int = 3) -> dict[str, dict[str, float]]:
+    """ONNX Runtime's profiler on ``path``: kernel time summed per op type (ms), per prefill and
+    per decode step; medians over ``runs`` sessions, each profiling prefill + 4 decode steps after
+    a warm-up of the same."""
+    import collections
+
+    import onnxruntime as ort
+
+    from var_export import kernels
+
+    ids, visual = prompt_ids()
+    per_run: dict[str, list[collections.Counter[str]]] = {"prefill": [], "decode": []}
+    for _ in range(runs):
+        opts = kernels.session_options(path)
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "var_export_bench_foreign_profile")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        run_once(sess, ids, visual, 4, layers)  # warm-up: the profile's first 5 runs
+        run_once(sess, ids, visual, 4, layers)
+        profile = Path(sess.end_profiling())
+        events = json.loads(profile.read_text())
+        profile.unlink()
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                       if e.get("cat") == "Session" and e.get("name") == "model_run")[5:10]
+        steps = [collections.Counter() for _ in spans]
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                for i, (t0, t1) in enumerate(spans):
+                    if t0 <= e["ts"] <= t1:
+                        steps[i][e["args"]["op_name"]] += e["dur"] / 1e3
+        per_run["prefill"].append(steps[0])
+        decode: collections.Counter[str] = collections.Counter()
+        for step in steps[1:]:
+            decode.update({k: v / (len(steps) - 1) for k, v in step.items()})
+        per_run["decode"].append(decode)
+    return {phase: {op: statistics.median(r.get(op, 0.0) for r in rs) for op in sorted(set().union(*rs))}
+            for phase, rs in per_run.items()}
+
+
+def profile_markdown(result: dict) -> str:
+    """Node time (ONNX Runtime's profiler) per graph: all nodes, MatMul, the rest, and the rest's
+    change against the graph's own base as a share of that base's total."""
+    nt = result["node_time"]
+    lines = ["", "Node time (ONNX Runtime profiler, kernel time summed over nodes, median of 3 sessions; "
+             "`other` = every node but MatMul: attention, VAR's ops, norms, rotary):", "",
+             "| graph | prefill all ms | prefill MatMul | prefill other | other vs own base (% of its all) | "
+             "decode all ms | decode MatMul | decode other | other vs own base (% of its all) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def split(t: dict[str, float]) -> tuple[float, float, float]:
+        total = sum(t.values())
+        return total, t.get("MatMul", 0.0), total - t.get("MatMul", 0.0)
+    for name, phases in nt.items():
+        base = nt[name.split("+")[0]]
+        cells = []
+        for ph in ("prefill", "decode"):
+            total, mm, other = split(phases[ph])
+            b_total, _, b_other = split(base[ph])
+            cells += [f"{total:.2f}", f"{mm:.2f}", f"{other:.2f}", f"{(other - b_other) / b_total:+.1%}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     aa = result["aa"]
@@ -310,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated VAR graph names to measure (the baselines always are), "
                     "e.g. genai+var-dynamic-naive,genai+var-dynamic-fused-qk: shorter rounds on a busy machine")
     ap.add_argument("--reuse", action="store_true", help="reuse the graphs of an earlier run in --work")
+    ap.add_argument("--profile", action="store_true", help="also ONNX Runtime's profiler per graph: node time by "
+                    "op type per prefill and decode step (MatMul apart: what VAR adds besides the weights' noise)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -334,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     result["config"] = {k: getattr(args, k) for k in ("hidden", "layers", "rounds", "steps", "threads")}
     result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)"
     result["build_s"] = build_s
-    md = markdown(result)
+    if args.profile:
+        result["node_time"] = {name: node_time(path, args.layers, args.threads) for name, path in paths.items()}
+    md = markdown(result) + (profile_markdown(result) if args.profile else "")
     print(md)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
