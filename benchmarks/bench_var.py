@@ -487,7 +487,7 @@ def config_for(*, full: bool, threads: int | None = None, smoke: bool = False) -
     """full: tiny-llava + LLaMA-7B-width slice; default: tiny-llava + toy slice; smoke: minimal."""
     if smoke:
         return BenchConfig(sizes=("slice-tiny",), rounds=1, decode_steps=2, threads=threads,
-                           torch_compare=True, profile=True)
+                           modes=("dynamic", "hybrid"), torch_compare=True, profile=True)
     if full:
         return BenchConfig(sizes=("tiny", "slice"), rounds=5, decode_steps=16, threads=threads,
                            group_size=1, slice_spec=SliceSpec())

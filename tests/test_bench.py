@@ -11,11 +11,13 @@ import numpy as np
 def test_smoke_whole_bench(tmp_path):
     from benchmarks.bench_var import config_for, graph_names, run_bench
 
-    result = run_bench(config_for(full=False, smoke=True), tmp_path)
+    config = config_for(full=False, smoke=True)
+    result = run_bench(config, tmp_path)
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (tmp_path / name).stat().st_size > 0
     case = json.loads((tmp_path / "bench.json").read_text())["cases"]["slice-tiny"]
-    assert set(case["rows"]) == set(graph_names())
+    assert set(case["rows"]) == set(graph_names(modes=config.modes))
+    assert "kernel-dynamic" in case["rows"]
     for row in case["rows"].values():
         assert set(row["vs_fused"]) == {"prefill", "decode"} and set(row["aa"]) == {"prefill", "decode"}
         assert all(np.isfinite(v) and v > 0 for v in row["median_s"].values())

@@ -50,7 +50,8 @@ def _image(variant):
     return ta.synthetic_images(1, seed=5, sizes=((64, 64),))[0]  # square: VAR moves the logits most
 
 
-@pytest.mark.parametrize("variant", ["tiny-qwen2.5-vl", "tiny-llava-next",
+@pytest.mark.parametrize("variant", ["tiny-qwen2.5-vl",  # the tiled families: slow (the suite's 3-minute aim)
+                                     pytest.param("tiny-llava-next", marks=pytest.mark.slow),
                                      pytest.param("tiny-internvl", marks=pytest.mark.slow)])
 def test_fp16_family_bundle_tracks_the_fp32_reference(request, tmp_path, variant):
     from var_export.pipeline import BuildOptions, build_bundle

@@ -209,18 +209,6 @@ def test_a_wrong_library_path_is_refused(monkeypatch, tmp_path):
         kernels.library_path()
 
 
-def test_portable_build_loads_and_agrees(library, tmp_path):
-    """`var-export kernel --portable` (x86-64-v3 instead of -march=native) computes the same."""
-    portable = kernels.build_library(tmp_path / "lib" / kernels.LIBRARY_NAME, native=False)
-    rng = np.random.default_rng(5)
-    q, k, v, sink, visual, allowed = _case(rng)
-    feeds = {"q": q, "k": k, "v": v, "m": allowed, "sink": sink, "visual": visual}
-    model = _op_model(TensorProto.BOOL, {"scale": 0.125, "summ": 0.05})
-    a = _session(model, library).run(None, feeds)[0]
-    b = _session(model, portable).run(None, feeds)[0]
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-
-
 def test_graph_uses_kernel():
     plain = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("", 23)])
     assert not kernels.graph_uses_kernel(plain)
@@ -326,18 +314,27 @@ def test_kernel_bundle_generates_what_the_naive_bundle_does(library, tiny, tiny_
     assert got.token_ids == want.token_ids and len(got.token_ids) == 8
 
 
-def test_cli_kernel_writes_a_library_and_refuses_foreign_files(library, tmp_path, capsys):
+def test_cli_kernel_portable_library_agrees_and_foreign_files_are_refused(library, tmp_path, capsys):
+    """`var-export kernel` prints the cached library; `--out --portable` (x86-64-v3 instead of
+    -march=native) writes one that computes what the native one does; a file var-export did not
+    write is never replaced."""
     from var_export.cli import main
 
     assert main(["kernel"]) == 0
     assert capsys.readouterr().out.strip() == str(library)
-    out = tmp_path / "serve" / "libvar_attention.so"
-    assert main(["kernel", "--out", str(out)]) == 0 and out.is_file()
-    assert main(["kernel", "--out", str(out)]) == 0  # its own file: replaced
+    portable = tmp_path / "serve" / "libvar_attention.so"
+    assert main(["kernel", "--out", str(portable), "--portable"]) == 0 and portable.is_file()
+    rng = np.random.default_rng(5)
+    q, k, v, sink, visual, allowed = _case(rng)
+    feeds = {"q": q, "k": k, "v": v, "m": allowed, "sink": sink, "visual": visual}
+    model = _op_model(TensorProto.BOOL, {"scale": 0.125, "summ": 0.05})
+    np.testing.assert_allclose(_session(model, portable).run(None, feeds)[0],
+                               _session(model, library).run(None, feeds)[0], atol=1e-5, rtol=0)
     foreign = tmp_path / "serve" / "mine.so"
     foreign.write_bytes(b"not ours")
     assert main(["kernel", "--out", str(foreign)]) != 0
     assert foreign.read_bytes() == b"not ours" and "not written by var-export" in capsys.readouterr().err
+    assert main(["kernel", "--portable"]) != 0  # --portable without --out
 
 
 @pytest.mark.parametrize(("options", "message"), [
