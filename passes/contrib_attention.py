@@ -47,21 +47,9 @@ import onnx_ir as ir
 from var_export.core.errors import GraphPatternError
 from var_export.passes._ir import Builder
 from var_export.passes.unfuse_contrib import (
-    _GQA,
-    _MHA,
-    _MHA_ATTN_BIAS,
-    _MHA_BIAS,
-    _MHA_KEY,
-    _MHA_KEY_PADDING,
-    _MHA_PAST_KEY,
-    _MHA_PAST_VALUE,
-    _MHA_QUERY,
-    _MHA_VALUE,
     UNFUSED_PREFIX,
     Replaced,
     _arange,
-    _check_gqa,
-    _check_mha,
     _dim,
     _finish,
     _gqa_mask,
@@ -69,8 +57,9 @@ from var_export.passes.unfuse_contrib import (
     _kpm_dtype,
     _kv_cache,
     _positions,
-    _require_fp32,
-    _static_head_dim,
+    gqa_inputs,
+    mha_heads_first,
+    mha_inputs,
 )
 
 __all__ = [
@@ -190,15 +179,10 @@ def _split_packed(b: Builder, graph: ir.Graph, qkv: ir.Value, heads: int, kv_hea
 
 def gqa_to_attention(graph: ir.Graph, node: ir.Node, layer: int, shared: GraphValues) -> Replaced:
     """Replace one ``GroupQueryAttention`` by an ONNX ``Attention`` (module docstring)."""
-    heads, kv_heads, scale, do_rotary = _check_gqa(node, interleaved=True)
-    where = f"{_GQA} {node.name!r}"
-    ins = list(node.inputs) + [None] * (12 - len(node.inputs))
-    query, key, value, past_k, past_v, seqlens_k = ins[:6]
-    cos_cache, sin_cache, position_ids = ins[7], ins[8], ins[9]
-    if past_k is None or past_v is None or seqlens_k is None or query is None:
-        raise GraphPatternError(f"{where}: expected query, past_key, past_value and seqlens_k inputs.")
-    _require_fp32(where, query)
-    hd = _static_head_dim(where, past_k, query, heads + 2 * kv_heads if key is None else heads)
+    g = gqa_inputs(node, interleaved=True)
+    where, heads, kv_heads, scale, do_rotary, hd = g.where, g.heads, g.kv_heads, g.scale, g.do_rotary, g.hd
+    query, key, value, past_k, past_v, seqlens_k = g.query, g.key, g.value, g.past_k, g.past_v, g.seqlens_k
+    cos_cache, sin_cache, position_ids = g.cos_cache, g.sin_cache, g.position_ids
     b = Builder(graph, f"{UNFUSED_PREFIX}L{layer}")
     start = len(graph)  # nodes appended from here are this layer's new nodes
     if key is None:
@@ -255,31 +239,14 @@ def _mha_mask(b: Builder, past_k: ir.Value, query: ir.Value, attention_bias: ir.
 
 def mha_to_attention(graph: ir.Graph, node: ir.Node, layer: int, shared: GraphValues) -> Replaced:
     """Replace one ``MultiHeadAttention`` by an ONNX ``Attention`` (module docstring)."""
-    heads, scale, causal, filler = _check_mha(node)
-    where = f"{_MHA} {node.name!r}"
-    ins = list(node.inputs) + [None] * (10 - len(node.inputs))
-    query, key, value, bias = ins[_MHA_QUERY], ins[_MHA_KEY], ins[_MHA_VALUE], ins[_MHA_BIAS]
-    past_k, past_v = ins[_MHA_PAST_KEY], ins[_MHA_PAST_VALUE]
-    assert query is not None and key is not None and value is not None and past_k is not None and past_v is not None
-    _require_fp32(where, query)
-    hd = _static_head_dim(where, past_k, query, heads)
-    hd_v = _static_head_dim(where, past_v, None, heads) if past_v.shape is not None else hd
+    m = mha_inputs(node)
     b = Builder(graph, f"{UNFUSED_PREFIX}L{layer}")
     start = len(graph)
-    proj = [query, key, value]
-    if bias is not None:  # (D + D + D_v): the projections' biases, added before the heads split
-        sizes = b.const("bias_sizes", [heads * hd, heads * hd, heads * hd_v], np.int64)
-        split = ir.node("Split", [bias, sizes], {"axis": 0}, num_outputs=3, name=f"{b.prefix}/bias_split")
-        for out, what in zip(split.outputs, "qkv"):
-            out.name = f"{b.prefix}/{what}_bias"
-        graph.append(split)
-        proj = [b.op("Add", [x, bx], f"{what}_biased") for x, bx, what in zip(proj, split.outputs, "qkv")]
-    q, k, v = (_heads_first(b, x, heads, d, what) for x, d, what in zip(proj, (hd, hd, hd_v), "qkv"))  # (B, N, S, hd)
-    for x, d in ((q, hd), (k, hd), (v, hd_v)):
-        x.shape, x.dtype = ir.Shape([None, heads, None, d]), ir.DataType.FLOAT
-    key_ = ("mha", id(ins[_MHA_ATTN_BIAS]), id(ins[_MHA_KEY_PADDING]), causal, filler)
-    mask = shared.get(key_, lambda g: _mha_mask(g, past_k, query, ins[_MHA_ATTN_BIAS], ins[_MHA_KEY_PADDING],
-                                                causal, filler))
-    present_k, present_v = _kv_cache(b, past_k, past_v, k, v)  # (B, N, T, hd)
-    out = _attention(b, q, present_k, present_v, mask, scale or 1.0 / float(np.sqrt(hd)), heads, hd_v)
+    q, k, v = mha_heads_first(b, graph, m)  # (B, N, S, hd)
+    for x, d in ((q, m.hd), (k, m.hd), (v, m.hd_v)):
+        x.shape, x.dtype = ir.Shape([None, m.heads, None, d]), ir.DataType.FLOAT
+    key_ = ("mha", id(m.attn_bias), id(m.key_padding), m.causal, m.filler)
+    mask = shared.get(key_, lambda g: _mha_mask(g, m.past_k, m.query, m.attn_bias, m.key_padding, m.causal, m.filler))
+    present_k, present_v = _kv_cache(b, m.past_k, m.past_v, k, v)  # (B, N, T, hd)
+    out = _attention(b, q, present_k, present_v, mask, m.scale or 1.0 / float(np.sqrt(m.hd)), m.heads, m.hd_v)
     return _finish(graph, node, layer, start, [out, present_k, present_v], [])

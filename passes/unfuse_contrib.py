@@ -273,18 +273,48 @@ def _gqa_mask(b: Builder, t_len: ir.Value, start: ir.Value, qi: ir.Value, total:
     return b.op("And", [causal, b.op("Less", [j, total], "in_length")], "allowed")
 
 
-def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> Replaced:
-    """Replace one ``GroupQueryAttention`` by standard ops (module docstring)."""
-    heads, kv_heads, scale, do_rotary = _check_gqa(node)
+@dataclasses.dataclass
+class GqaInputs:
+    """One ``GroupQueryAttention`` node's inputs and attributes, checked (``_check_gqa``)."""
+
+    where: str
+    heads: int
+    kv_heads: int
+    scale: float  # 0.0: the node has none (1/sqrt(hd))
+    do_rotary: bool
+    query: ir.Value  # packed QKV (B, S, (H + 2 KV) hd) when key is None
+    key: ir.Value | None
+    value: ir.Value | None
+    past_k: ir.Value
+    past_v: ir.Value
+    seqlens_k: ir.Value
+    cos_cache: ir.Value | None
+    sin_cache: ir.Value | None
+    position_ids: ir.Value | None
+    hd: int
+
+
+def gqa_inputs(node: ir.Node, *, interleaved: bool = False) -> GqaInputs:
+    """The checked inputs of one ``GroupQueryAttention`` (both normalised forms start here)."""
+    heads, kv_heads, scale, do_rotary = _check_gqa(node, interleaved=interleaved)
     where = f"{_GQA} {node.name!r}"
     ins = list(node.inputs) + [None] * (12 - len(node.inputs))
     query, key, value, past_k, past_v, seqlens_k = ins[:6]
-    cos_cache, sin_cache, position_ids = ins[7], ins[8], ins[9]
     if past_k is None or past_v is None or seqlens_k is None or query is None:
         raise GraphPatternError(f"{where}: expected query, past_key, past_value and seqlens_k inputs.")
     _require_fp32(where, query)
     hd = _static_head_dim(where, past_k, query, heads + 2 * kv_heads if key is None else heads)
-    scale = scale or 1.0 / float(np.sqrt(hd))
+    return GqaInputs(where, heads, kv_heads, scale, do_rotary, query, key, value, past_k, past_v, seqlens_k,
+                     ins[7], ins[8], ins[9], hd)
+
+
+def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> Replaced:
+    """Replace one ``GroupQueryAttention`` by standard ops (module docstring)."""
+    g = gqa_inputs(node)
+    where, heads, kv_heads, do_rotary, hd = g.where, g.heads, g.kv_heads, g.do_rotary, g.hd
+    query, key, value, past_k, past_v, seqlens_k = g.query, g.key, g.value, g.past_k, g.past_v, g.seqlens_k
+    cos_cache, sin_cache, position_ids = g.cos_cache, g.sin_cache, g.position_ids
+    scale = g.scale or 1.0 / float(np.sqrt(hd))
     b = Builder(graph, f"{UNFUSED_PREFIX}L{layer}")
     start = len(graph)  # nodes appended from here are this layer's new nodes
     if key is None:  # packed QKV (B, S, (H + 2 KV) hd)
@@ -294,6 +324,7 @@ def unfuse_group_query_attention(graph: ir.Graph, node: ir.Node, layer: int) -> 
             out.name = f"{b.prefix}/{what}_packed"
         graph.append(split)
         query, key, value = split.outputs
+    assert key is not None and value is not None
     q = _heads_first(b, query, heads, hd, "q")  # (B, H, S, hd)
     k = _heads_first(b, key, kv_heads, hd, "k")  # (B, KV, S, hd)
     v = _heads_first(b, value, kv_heads, hd, "v")
@@ -383,34 +414,66 @@ def _kpm_dtype(value: ir.Value) -> np.dtype:
     return (value.dtype or ir.DataType.INT32).numpy()
 
 
-def unfuse_multi_head_attention(graph: ir.Graph, node: ir.Node, layer: int) -> Replaced:
-    """Replace one ``MultiHeadAttention`` by standard ops (module docstring)."""
+@dataclasses.dataclass
+class MhaInputs:
+    """One ``MultiHeadAttention`` node's inputs and attributes, checked (``_check_mha``)."""
+
+    where: str
+    heads: int
+    scale: float  # 0.0: the node has none (1/sqrt(hd))
+    causal: bool
+    filler: float  # mask_filter_value
+    query: ir.Value
+    key: ir.Value
+    value: ir.Value
+    bias: ir.Value | None
+    attn_bias: ir.Value | None
+    key_padding: ir.Value | None
+    past_k: ir.Value
+    past_v: ir.Value
+    hd: int
+    hd_v: int
+
+
+def mha_inputs(node: ir.Node) -> MhaInputs:
+    """The checked inputs of one ``MultiHeadAttention`` (both normalised forms start here)."""
     heads, scale, causal, filler = _check_mha(node)
     where = f"{_MHA} {node.name!r}"
     ins = list(node.inputs) + [None] * (10 - len(node.inputs))
-    query, key, value, bias = ins[_MHA_QUERY], ins[_MHA_KEY], ins[_MHA_VALUE], ins[_MHA_BIAS]
+    query, key, value = ins[_MHA_QUERY], ins[_MHA_KEY], ins[_MHA_VALUE]
     past_k, past_v = ins[_MHA_PAST_KEY], ins[_MHA_PAST_VALUE]
     assert query is not None and key is not None and value is not None and past_k is not None and past_v is not None
     _require_fp32(where, query)
     hd = _static_head_dim(where, past_k, query, heads)
     hd_v = _static_head_dim(where, past_v, None, heads) if past_v.shape is not None else hd
-    scale = scale or 1.0 / float(np.sqrt(hd))
-    b = Builder(graph, f"{UNFUSED_PREFIX}L{layer}")
-    start = len(graph)
-    if bias is not None:  # (D + D + D_v): the projections' biases, added before the heads split
-        sizes = b.const("bias_sizes", [heads * hd, heads * hd, heads * hd_v], np.int64)
-        split = ir.node("Split", [bias, sizes], {"axis": 0}, num_outputs=3, name=f"{b.prefix}/bias_split")
-        for out, what in zip(split.outputs, ("q", "k", "v")):
+    return MhaInputs(where, heads, scale, causal, filler, query, key, value, ins[_MHA_BIAS],
+                     ins[_MHA_ATTN_BIAS], ins[_MHA_KEY_PADDING], past_k, past_v, hd, hd_v)
+
+
+def mha_heads_first(b: Builder, graph: ir.Graph, m: MhaInputs) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """q, k, v (B, N, S|T, hd) from the node's projections, their bias added first when it has one."""
+    proj = [m.query, m.key, m.value]
+    if m.bias is not None:  # (D + D + D_v): the projections' biases, added before the heads split
+        sizes = b.const("bias_sizes", [m.heads * m.hd, m.heads * m.hd, m.heads * m.hd_v], np.int64)
+        split = ir.node("Split", [m.bias, sizes], {"axis": 0}, num_outputs=3, name=f"{b.prefix}/bias_split")
+        for out, what in zip(split.outputs, "qkv"):
             out.name = f"{b.prefix}/{what}_bias"
         graph.append(split)
-        query, key, value = (b.op("Add", [x, bx], f"{what}_biased")
-                             for x, bx, what in zip((query, key, value), split.outputs, ("q", "k", "v")))
-    q = _heads_first(b, query, heads, hd, "q")  # (B, N, S, hd)
-    k = _heads_first(b, key, heads, hd, "k")
-    v = _heads_first(b, value, heads, hd_v, "v")
-    present_k, present_v = _kv_cache(b, past_k, past_v, k, v)  # (B, N, T, hd)
-    out, floats = _attend(b, q, present_k, present_v, scale, heads, hd_v, lambda scores: _mha_mask(
-        b, scores, past_k, present_k, query, ins[_MHA_ATTN_BIAS], ins[_MHA_KEY_PADDING], causal, filler))
+        proj = [b.op("Add", [x, bx], f"{what}_biased") for x, bx, what in zip(proj, split.outputs, "qkv")]
+    q, k, v = (_heads_first(b, x, m.heads, d, what) for x, d, what in zip(proj, (m.hd, m.hd, m.hd_v), "qkv"))
+    return q, k, v
+
+
+def unfuse_multi_head_attention(graph: ir.Graph, node: ir.Node, layer: int) -> Replaced:
+    """Replace one ``MultiHeadAttention`` by standard ops (module docstring)."""
+    m = mha_inputs(node)
+    scale = m.scale or 1.0 / float(np.sqrt(m.hd))
+    b = Builder(graph, f"{UNFUSED_PREFIX}L{layer}")
+    start = len(graph)
+    q, k, v = mha_heads_first(b, graph, m)  # (B, N, S, hd)
+    present_k, present_v = _kv_cache(b, m.past_k, m.past_v, k, v)  # (B, N, T, hd)
+    out, floats = _attend(b, q, present_k, present_v, scale, m.heads, m.hd_v, lambda scores: _mha_mask(
+        b, scores, m.past_k, present_k, m.query, m.attn_bias, m.key_padding, m.causal, m.filler))
     return _finish(graph, node, layer, start, [out, present_k, present_v], floats)
 
 
