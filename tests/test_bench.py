@@ -76,3 +76,24 @@ def test_cli_bench_refuses_a_graph_that_is_not_there(tmp_path, capsys):
     assert code != 0
     assert "expected a bundle dir or a decoder .onnx" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_bench_times_token_id_decoders_such_as_genai(tmp_path, capsys):
+    """onnxruntime-genai graphs take input_ids, no position_ids, and leave the KV head size
+    symbolic (kv_cache_dim): `var-export bench` feeds each graph what it declares, takes the head
+    size from --head-dim, and times genai + VAR (kernel formulation) against genai."""
+    from tests.fixtures.foreign.make_fixtures import GRAPHS
+    from tests.test_rewrite import SETTINGS
+    from var_export.cli import main
+    from var_export.rewrite import rewrite_decoder
+
+    var = tmp_path / "genai_kernel.onnx"
+    rewrite_decoder(GRAPHS["genai"], var, SETTINGS, formulation="kernel")
+    out = tmp_path / "bench"
+    args = ["bench", str(var), "--baseline", str(GRAPHS["genai"]), "--prompt-tokens", "24", "--image-tokens", "12",
+            "--rounds", "1", "--decode-steps", "2", "--out", str(out), "--quiet"]
+    assert main(args) != 0 and "--head-dim" in capsys.readouterr().err  # no graph declares it
+    assert main([*args, "--head-dim", "16"]) == 0
+    rows = json.loads((out / "bench.json").read_text())["cases"]["graphs"]["rows"]
+    assert set(rows) == {"genai_llama", "genai_kernel"}
+    assert all(np.isfinite(v) and v > 0 for v in rows["genai_kernel"]["median_s"].values())

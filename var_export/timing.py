@@ -25,7 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,12 @@ PROVIDERS: dict[str, list[Any]] = {
 
 @dataclasses.dataclass
 class DecoderFeeds:
-    """One batch of decoder inputs, identical for every graph timed (DESIGN.md §3 names)."""
+    """One batch of decoder inputs, identical for every graph timed (DESIGN.md §3 names). A
+    decoder that takes token ids (Optimum, onnxruntime-genai) is fed ``input_ids`` /
+    ``decode_ids`` instead of the embeddings; each graph gets the inputs it declares (genai
+    graphs have no ``position_ids``)."""
 
-    inputs_embeds: np.ndarray  # (B, S, D) float32 prefill
+    inputs_embeds: np.ndarray | None  # (B, S, D) float32 prefill; None for token-id decoders
     attention_mask: np.ndarray  # (B, S) int64, left padded
     visual: np.ndarray  # (B, S) bool
     decode_embeds: list[np.ndarray]  # per decode step (B, 1, D): fixed tokens, not sampled
@@ -64,14 +67,29 @@ class DecoderFeeds:
     kv_heads: int
     head_dim: int
     var_layer_count: int  # Lv of past_sink_mask when the graph leaves it symbolic
+    input_ids: np.ndarray | None = None  # (B, S) int64: token-id decoders
+    decode_ids: list[np.ndarray] | None = None  # per decode step (B, 1) int64
 
     @property
     def batch(self) -> int:
-        return int(self.inputs_embeds.shape[0])
+        return int(self.attention_mask.shape[0])
 
     @property
     def prompt_len(self) -> int:
-        return int(self.inputs_embeds.shape[1])
+        return int(self.attention_mask.shape[1])
+
+    def tokens(self, session_inputs: set[str], step: int | None) -> dict[str, np.ndarray]:
+        """The token input ``session_inputs`` declares, for the prefill (``step`` None) or a decode
+        step; a clear error when these feeds do not have that kind (ids vs embeddings)."""
+        if "inputs_embeds" in session_inputs and self.inputs_embeds is not None:
+            return {"inputs_embeds": self.inputs_embeds if step is None else self.decode_embeds[step]}
+        if "input_ids" in session_inputs and self.input_ids is not None and self.decode_ids is not None:
+            return {"input_ids": self.input_ids if step is None else self.decode_ids[step]}
+        have = "inputs_embeds" if self.inputs_embeds is not None else "input_ids"
+        raise ConfigError(
+            f"expected every graph timed together to take the same token input ({have}); found one with "
+            f"inputs {sorted(session_inputs)}. Compare token-id decoders with token-id decoders."
+        )
 
     def position_ids(self) -> np.ndarray:
         mask = self.attention_mask.astype(np.int64)
@@ -95,6 +113,7 @@ class DecoderFeeds:
         decode_steps: int,
         text_before: int = 5,
         seed: int = 0,
+        head_dim: int | None = None,
     ) -> DecoderFeeds:
         """Random embeddings shaped for ``session``'s decoder (batch 1): ``image_tokens`` visual
         positions after ``text_before`` text tokens. Values do not change the cost of a graph
@@ -102,14 +121,17 @@ class DecoderFeeds:
         inputs = {i.name: i for i in session.get_inputs()}
         past = sorted(n for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         embeds = inputs.get("inputs_embeds")
-        if embeds is None or not past:
+        if (embeds is None and "input_ids" not in inputs) or not past:
             raise ConfigError(
-                f"expected a decoder with inputs_embeds and past_key_values.* inputs (DESIGN.md §3); "
-                f"found inputs {sorted(inputs)}. Time the bundle's decoder_model_merged.onnx."
+                f"expected a decoder with inputs_embeds (or input_ids) and past_key_values.* inputs "
+                f"(DESIGN.md §3); found inputs {sorted(inputs)}. Time the bundle's decoder_model_merged.onnx."
             )
-        hidden, kv, hd = embeds.shape[-1], inputs[past[0]].shape[1], inputs[past[0]].shape[3]
+        hidden = embeds.shape[-1] if embeds is not None else 0  # token ids: no hidden size needed
+        kv, hd = inputs[past[0]].shape[1], inputs[past[0]].shape[3]
+        hd = hd if isinstance(hd, int) else head_dim  # genai graphs name it (kv_cache_dim)
         if not all(isinstance(x, int) for x in (hidden, kv, hd)):
-            raise ConfigError(f"expected static hidden / KV-head / head dims; found {hidden}, {kv}, {hd}.")
+            raise ConfigError(f"expected static hidden / KV-head / head dims in {past[0]}; found {hidden}, {kv}, "
+                              f"{inputs[past[0]].shape[3]}. Give the head size (var-export bench --head-dim).")
         if text_before + image_tokens > prompt_tokens:
             raise ConfigError(
                 f"--image-tokens {image_tokens} + {text_before} text tokens before the image exceed "
@@ -120,15 +142,21 @@ class DecoderFeeds:
         visual[0, text_before : text_before + image_tokens] = True
         sink = inputs.get(PAST_SINK_MASK)
         lv = sink.shape[1] if sink is not None and isinstance(sink.shape[1], int) else len(past)
+        ids = embeds is None  # token ids in [1, min(100, vocab)): present in the vocabulary
+        logits = next((o.shape for o in session.get_outputs() if o.name == "logits"), None)
+        top = min(100, logits[-1]) if logits and isinstance(logits[-1], int) else 100
         return cls(
-            inputs_embeds=rng.standard_normal((1, prompt_tokens, hidden), dtype=np.float32),
+            inputs_embeds=None if ids else rng.standard_normal((1, prompt_tokens, hidden), dtype=np.float32),
             attention_mask=np.ones((1, prompt_tokens), dtype=np.int64),
             visual=visual,
-            decode_embeds=[rng.standard_normal((1, 1, hidden), dtype=np.float32) for _ in range(decode_steps)],
+            decode_embeds=[] if ids else [rng.standard_normal((1, 1, hidden), dtype=np.float32)
+                                          for _ in range(decode_steps)],
             num_layers=len(past),
             kv_heads=int(kv),
             head_dim=int(hd),
             var_layer_count=int(lv),
+            input_ids=rng.integers(1, top, (1, prompt_tokens), dtype=np.int64) if ids else None,
+            decode_ids=[rng.integers(1, top, (1, 1), dtype=np.int64) for _ in range(decode_steps)] if ids else None,
         )
 
 
@@ -177,9 +205,9 @@ class DecodeRun:
 
 def _prefill_feeds(session: Any, feeds: DecoderFeeds) -> dict[str, np.ndarray]:
     b = feeds.batch
+    names = {i.name for i in session.get_inputs()}
     out: dict[str, np.ndarray] = {
-        "inputs_embeds": feeds.inputs_embeds, "attention_mask": feeds.attention_mask,
-        "position_ids": feeds.position_ids(),
+        **feeds.tokens(names, None), "attention_mask": feeds.attention_mask, "position_ids": feeds.position_ids(),
     }
     for i in range(feeds.num_layers):
         for kv in ("key", "value"):
@@ -189,12 +217,13 @@ def _prefill_feeds(session: Any, feeds: DecoderFeeds) -> dict[str, np.ndarray]:
         lv = int(sink.shape[1]) if isinstance(sink.shape[1], int) else feeds.var_layer_count
         out[VISUAL_MASK] = feeds.visual
         out[PAST_SINK_MASK] = np.zeros((b, lv, 0), dtype=bool)
-    return out
+    return {k: v for k, v in out.items() if k in names}
 
 
 def run_decode(session: Any, feeds: DecoderFeeds, steps: int, *, var: bool, keep_logits: bool = True) -> DecodeRun:
     """Prefill + ``steps`` decode steps with fixed next tokens; times ``session.run`` only."""
-    has_var = VISUAL_MASK in {i.name for i in session.get_inputs()}
+    names = {i.name for i in session.get_inputs()}
+    has_var = VISUAL_MASK in names
     if var and not has_var:
         raise ConfigError("run_decode(var=True) on a graph without the VAR inputs.")
     b = feeds.batch
@@ -215,13 +244,14 @@ def run_decode(session: Any, feeds: DecoderFeeds, steps: int, *, var: bool, keep
         mask = np.concatenate([mask, np.ones((b, 1), np.int64)], 1)  # (B, T + 1)
         visual = np.concatenate([visual, np.zeros((b, 1), bool)], 1)  # (B, T + 1)
         pos = pos[:, -1:] + 1  # (B, 1)
-        inputs = {"inputs_embeds": feeds.decode_embeds[step], "attention_mask": mask, "position_ids": pos}
+        inputs = {**feeds.tokens(names, step), "attention_mask": mask, "position_ids": pos}
         for i in range(feeds.num_layers):
             for kv in ("key", "value"):
                 inputs[f"past_key_values.{i}.{kv}"] = res[f"present.{i}.{kv}"]
         if has_var:
             inputs[VISUAL_MASK] = visual
             inputs[PAST_SINK_MASK] = res[PRESENT_SINK_MASK]
+        inputs = {k: v for k, v in inputs.items() if k in names}
     return DecodeRun(logits, times[0], times[1:])
 
 
@@ -334,6 +364,20 @@ def _unique_names(paths: Sequence[Path]) -> dict[str, Path]:
     return out
 
 
+def _static_head_dim(paths: Iterable[Path]) -> int | None:
+    """The head size some graph's ``past_key_values.0.key`` declares (read without weights)."""
+    import onnx
+
+    for path in paths:
+        graph = onnx.load(str(decoder_path(Path(path))), load_external_data=False).graph
+        for value in graph.input:
+            if value.name.startswith("past_key_values.") and value.name.endswith(".key"):
+                dims = value.type.tensor_type.shape.dim
+                if len(dims) == 4 and dims[3].HasField("dim_value"):
+                    return int(dims[3].dim_value)
+    return None
+
+
 def bench_graphs(
     graphs: Sequence[Path],
     baselines: Sequence[Path],
@@ -346,17 +390,20 @@ def bench_graphs(
     threads: int | None = None,
     group_size: int = 0,
     provider: str = "cpu",
+    head_dim: int | None = None,
     say: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """``var-export bench``: time ``graphs`` against ``baselines`` on one synthetic batch and write
-    ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``. Returns the result dict."""
+    ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``. Returns the result dict.
+    ``head_dim``: the KV cache's head size where no graph's ``past_key_values.*`` declares it."""
     if rounds < 1 or steps < 1:
         raise ConfigError(f"expected --rounds >= 1 and --decode-steps >= 1; found {rounds} and {steps}.")
     named = _unique_names([*baselines, *graphs])
     base_names = list(named)[: len(baselines)]
     probe = next((n for n in named if n not in base_names), base_names[0])
     feeds = DecoderFeeds.synthetic(ort_session(named[probe], provider="cpu"), prompt_tokens=prompt_tokens,
-                                   image_tokens=image_tokens, decode_steps=steps)
+                                   image_tokens=image_tokens, decode_steps=steps,
+                                   head_dim=head_dim or _static_head_dim(named.values()))
     timed = time_graphs(named, feeds, baselines=base_names, rounds=rounds, steps=steps,
                         group_size=group_size, threads=threads, provider=provider, say=say)
     info = {"batch": feeds.batch, "prompt_tokens": feeds.prompt_len, "image_tokens": image_tokens,

@@ -37,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     p.add_argument("--group-size", type=int, default=0,
                    help="graphs loaded at once beside the baselines (0 = all; 1 for 7B-size graphs)")
+    p.add_argument("--head-dim", type=int, help="the KV cache's head size, when no graph declares it "
+                   "(onnxruntime-genai graphs name it kv_cache_dim)")
     p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
                    help="ONNX Runtime execution provider (cuda needs onnxruntime-gpu; default cpu)")
     return p
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         args.graphs, args.baseline, args.out,
         prompt_tokens=args.prompt_tokens, image_tokens=args.image_tokens, rounds=args.rounds,
         steps=args.decode_steps, threads=args.threads, group_size=args.group_size,
-        provider=args.provider, say=lambda msg: common.console.print(msg, highlight=False),
+        provider=args.provider, head_dim=args.head_dim, say=lambda msg: common.console.print(msg, highlight=False),
     )
     print((args.out / "bench.md").read_text())
     common.console.print(f"wrote {args.out}/bench.json, bench.md, bench.png", highlight=False)
