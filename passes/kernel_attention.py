@@ -50,7 +50,18 @@ def kernel_attention_nodes(model: ir.Model) -> dict[int, ir.Node]:
 
 
 class KernelAttentionPass(CalibratedLayerPass):
-    """Replace the Attention of every changed VAR layer by ``var_export::VarAttention``."""
+    """Replace the Attention of every changed VAR layer by ``var_export::VarAttention``, and fold
+    that layer's standard-op sink detection into it (SinkDetectionPass's nodes for it are
+    removed; layers VAR leaves untouched keep theirs for ``present_sink_mask``)."""
+
+    def _sink_sources(self, values: dict[str, ir.Value], layer: int) -> tuple[ir.Value, ir.Value]:
+        """The layer's past sink row (B, 1, P) and the per-graph current tokens that may be sinks
+        (B, S), as SinkDetectionPass built them."""
+        may = "var/current_may_sink" if self.settings.sink_scope == "prompt" else "var/current_not_pad"
+        past = _ir.layer_value_name(layer, "past_sink")
+        if past not in values or may not in values:
+            raise GraphPatternError(f"layer {layer}: {past!r} / {may!r} not found: run SinkDetectionPass first.")
+        return values[past], values[may]
 
     def pending(self, layer: int, analysis: VarAnalysis, values: dict[str, ir.Value]) -> bool:
         return _ir.layer_value_name(layer, ATTENTION) not in values
@@ -67,6 +78,10 @@ class KernelAttentionPass(CalibratedLayerPass):
         result = super().call(model)
         if result.modified:
             model.opset_imports[DOMAIN] = OPSET
+            _drop_unused_var_nodes(model.graph)  # the standard-op sink detection the ops replaced
+            for node in kernel_attention_nodes(model).values():
+                if len(node.outputs) > 1 and node.outputs[1].name.endswith("/sink_flags"):
+                    node.outputs[1].name = node.outputs[1].name[: -len("_flags")]  # var/L{l}/sink again
         return result
 
     def build_layer(self, b: Builder, match: FusedLayerMatch, values: dict[str, ir.Value], visual: ir.Value) -> None:
@@ -97,9 +112,17 @@ class KernelAttentionPass(CalibratedLayerPass):
                 raise ConfigError(f"{where}: calibrated heads {heads} exceed its {match.num_heads} query heads.")
             attrs["heads"] = heads
         name = _ir.layer_value_name(match.layer, ATTENTION)
-        node = ir.node(OP_TYPE, [q, k, v, mask, sink, visual], attrs, domain=DOMAIN, name=name, version=OPSET)
+        # the sink detection folded in: the op computes the layer's flags from its residual (only at
+        # prefill under the prompt scope) and returns the row of present_sink_mask
+        past_row, may_sink = self._sink_sources(values, match.layer)
+        attrs.update({"sink_dims": [int(d) for d in self.settings.sink_dims], "tau": float(self.settings.tau)})
+        node = ir.node(OP_TYPE, [q, k, v, mask, None, visual, match.residual, past_row, may_sink], attrs,
+                       domain=DOMAIN, name=name, version=OPSET, num_outputs=2)
         out = node.outputs[0]
         out.name = name
+        row = node.outputs[1]
+        row.name, row.dtype, row.shape = f"{sink.name}_flags", ir.DataType.BOOL, sink.shape
+        ir.convenience.replace_all_uses_with(sink, row)  # present_sink_mask reads the op's row
         old = att.outputs[0]
         out.dtype, out.shape = ir.DataType.FLOAT, old.shape
         b.graph.insert_after(att, node)
@@ -108,3 +131,13 @@ class KernelAttentionPass(CalibratedLayerPass):
             outputs = b.graph.outputs
             outputs[outputs.index(old)] = out
         b.graph.remove(att, safe=True)
+
+
+def _drop_unused_var_nodes(graph: ir.Graph) -> int:
+    """Remove ``var/`` nodes none of whose outputs is used (the graph sorted: consumers first)."""
+    removed = 0
+    for node in reversed(list(graph)):
+        if _ir.is_var_node(node) and not any(o.uses() or o.is_graph_output() for o in node.outputs):
+            graph.remove(node, safe=True)
+            removed += 1
+    return removed

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -180,6 +182,45 @@ def test_without_visual_tokens_it_is_onnx_attention(library, mask_kind, causal, 
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
+def _sink_op_model(attrs) -> bytes:
+    f, b = TensorProto.FLOAT, TensorProto.BOOL
+    names = ["q", "k", "v", "m", "", "visual", "x", "past", "may"]
+    inputs = [helper.make_tensor_value_info(n, f, None) for n in ("q", "k", "v", "x")]
+    inputs += [helper.make_tensor_value_info(n, b, None) for n in ("m", "visual", "past", "may")]
+    node = helper.make_node("VarAttention", names, ["y", "row"], domain=kernels.KERNEL_DOMAIN, **attrs)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", f, None),
+                                                    helper.make_tensor_value_info("row", b, None)])
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid(kernels.KERNEL_DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+@pytest.mark.parametrize("past_len", [0, 30])
+def test_sink_detection_folded_in(library, past_len):
+    """Inputs 6-8 instead of the flags: the op computes the layer's sink flags from the residual
+    (build_sink_flags' arithmetic), returns them as its second output, and attends with them."""
+    rng = np.random.default_rng(2)
+    q, k, v, _, visual, allowed = _case(rng, s=45 - past_len)
+    s_len, t_len, dims, tau = q.shape[2], k.shape[2], [3, 11], 4.0
+    x = rng.standard_normal((2, s_len, 32)).astype(np.float32)
+    x[:, ::5, 11] = 30.0  # every fifth current token is a sink
+    past = np.zeros((2, 1, past_len), bool)
+    if past_len:
+        past[:, :, 6] = True  # a visual sink in the cache
+    may = np.ones((2, s_len), bool)
+    may[1, :3] = False  # padding
+    attrs = {"scale": 0.125, "summ": 0.05, "sink_dims": dims, "tau": tau}
+    y, row = _session(_sink_op_model(attrs), library).run(
+        None, {"q": q, "k": k, "v": v, "m": allowed, "visual": visual, "x": x, "past": past, "may": may})
+    tau2 = np.float32(tau) * np.float32(tau)
+    threshold = (x * x).mean(-1) * tau2 + np.float32(tau2 * np.float32(1e-6))
+    new = ((x[..., dims] ** 2).max(-1) > threshold) & may
+    want_flags = np.concatenate([past[:, 0], new], 1)
+    assert row.shape == (2, 1, t_len) and (row[:, 0] == want_flags).all() and new.sum() > 2
+    want, _ = reference(q, k, v, allowed, want_flags, visual, scale=0.125, p=0.6, rho=0.5, summ=0.05,
+                        heads=[], row_test=1)
+    np.testing.assert_allclose(y, want, atol=2e-5, rtol=0)
+
+
 def test_bad_shapes_are_named(library):
     rng = np.random.default_rng(0)
     q, k, v, sink, visual, allowed = _case(rng)
@@ -269,8 +310,10 @@ def test_kernel_agrees_with_fused_qk_and_keeps_untouched_layers(library, tiny):
     kern, rep = apply_fused_var(ir.load(str(fused)), settings, only3, shift="kernel")
     qk, _ = apply_fused_var(ir.load(str(fused)), settings, only3, shift="qk")
     assert rep.changed_layers == [3]
-    a = run_decode(ort_session(kern), case, 2, var=True).logits
-    b = run_decode(ort_session(qk), case, 2, var=True).logits
+    per_layer = collections.Counter(n.name.split("/")[1] for n in kern.graph if n.name.startswith("var/L"))
+    assert per_layer["L3"] == 2 and per_layer["L2"] == 15  # Gather + VarAttention; L2's sink detection
+    runs = [run_decode(ort_session(m), case, 2, var=True, keep_logits=True) for m in (kern, qk)]
+    a, b = runs[0].logits, runs[1].logits
     valid = case.valid_rows()
     for i, (x, y) in enumerate(zip(a, b)):
         rows = valid if i == 0 else slice(None)

@@ -23,8 +23,13 @@
 // Inputs:  0 Q (B,H,S,D) f32; 1 K (B,Hk,T,D) f32; 2 V (B,Hk,T,Dv) f32, H % Hk == 0 (grouped
 //          query heads read K/V head h / (H/Hk)); 3 mask (optional): bool (True = attend) or
 //          f32 additive, rank <= 4, broadcastable to (B,H,S,T); 4 sink (B,T) or (B,1,T) bool:
-//          sink flags of this layer; 5 visual (B,T) bool: visual_token_mask.
-// Output:  0 Y (B,H,S,Dv) f32.
+//          sink flags of this layer; 5 visual (B,T) bool: visual_token_mask; or, instead of 4,
+//          the flags computed here (the sink detection of DESIGN.md §1 folded in): 6 the layer's
+//          residual stream (B,S,Dm) f32, 7 its past sink row (B,P) or (B,1,P) bool, 8 the current
+//          tokens that may be sinks (B,S) bool (not padding; prompt scope: only at prefill, so a
+//          decode step computes nothing), with attributes sink_dims (ints) and tau (f32).
+// Outputs: 0 Y (B,H,S,Dv) f32; 1 (optional) the layer's sink flags (B,1,T) bool, its row of
+//          present_sink_mask.
 // Attributes: scale (f32, > 0), is_causal (int, ONNX Attention's upper-left causal mask),
 //          p, rho, summ (f32), heads (ints: the query heads VAR may change; empty = all),
 //          row_test (int: 1 = the per-row portion/summation test, dynamic and hybrid modes).
@@ -37,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -50,6 +56,8 @@ constexpr const char* kDomain = "var_export";
 constexpr const char* kOpName = "VarAttention";
 constexpr uint32_t kApiVersion = 17;  // KernelContext_ParallelFor: ONNX Runtime >= 1.17
 constexpr float kPortionEps = 1e-6f;  // var_export.core.settings.PORTION_EPS
+constexpr float kRmsEps = 1e-6f;  // var_export.core.settings.RMS_EPS
+constexpr size_t kInputs = 9;
 constexpr float kMasked = -1e37f;  // additive mask values at or below this mask the key
 constexpr int64_t kTaskRows = 32;  // query rows per parallel task
 constexpr int64_t kDirectRows = 4;  // S <= this (decode): dot products against K as it is laid out
@@ -111,9 +119,9 @@ inline vf expv(vf x) {
 }
 
 struct Attrs {
-  float scale = 0.f, p = 0.6f, rho = 0.5f, summ = 0.2f;
+  float scale = 0.f, p = 0.6f, rho = 0.5f, summ = 0.2f, tau = 20.f;
   bool causal = false, row_test = true;
-  std::vector<int64_t> heads;
+  std::vector<int64_t> heads, sink_dims;
 };
 
 struct Problem {
@@ -439,6 +447,7 @@ OrtStatus* fail(const std::string& what) {
   } while (0)
 
 struct TensorView {
+  bool present = false;  // an absent optional input, unlike an empty tensor (P = 0), has no value
   const void* data = nullptr;
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   std::vector<int64_t> shape;
@@ -448,6 +457,7 @@ OrtStatus* view(OrtKernelContext* ctx, size_t index, TensorView* out) {
   const OrtValue* value = nullptr;
   RETURN_IF(g_api->KernelContext_GetInput(ctx, index, &value));
   if (!value) return nullptr;
+  out->present = true;
   OrtTensorTypeAndShapeInfo* info = nullptr;
   RETURN_IF(g_api->GetTensorTypeAndShape(value, &info));
   size_t rank = 0;
@@ -488,12 +498,13 @@ OrtStatus* check_inputs(const TensorView* in, Problem* P) {
   if (P->S > P->T) return fail("more queries (" + std::to_string(P->S) + ") than keys (" + std::to_string(P->T) + ")");
   for (int i = 4; i < 6; ++i) {  // (B, T), or (B, 1, T) as the sink detection writes it
     const std::vector<int64_t> bt = {P->B, P->T}, b1t = {P->B, 1, P->T};
+    if (!in[i].present) continue;  // sink flags computed from the residual (inputs 6-8)
     if (in[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL || (in[i].shape != bt && in[i].shape != b1t))
       return fail(std::string(i == 4 ? "sink" : "visual") + " must be bool " + dims(bt) + " or " + dims(b1t) +
                   ", found " + dims(in[i].shape));
   }
   const TensorView& m = in[3];
-  if (m.data) {
+  if (m.present) {
     if (m.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL && m.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
       return fail("the mask must be bool or float");
     if (m.shape.size() > 4) return fail("the mask has rank " + std::to_string(m.shape.size()) + ", expected <= 4");
@@ -539,22 +550,82 @@ void per_sample(const bool* sink, const bool* visual, Problem* P) {
     if (h >= 0 && h < P->H) P->head_ok[h] = 1;
 }
 
+// The layer's sink flags (B, T) = the past row, then the current tokens that may be sinks and
+// whose residual x (B, S, Dm) has max_d x_d^2 > tau^2 (mean(x^2) + 1e-6) over the sink dims d
+// (passes/builders.py build_sink_flags, the same fp32 operations).
+OrtStatus* sink_flags(const TensorView* in, const Attrs& a, const Problem& P, bool* out) {
+  const TensorView &x = in[6], &past = in[7], &may = in[8];
+  const int64_t Pn = P.T - P.S;
+  if (!past.present || !may.present)
+    return fail("the residual stream (input 6) needs the layer's past sink row (7) and the tokens that may be sinks (8)");
+  if (x.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x.shape.size() != 3 || x.shape[0] != P.B || x.shape[1] != P.S)
+    return fail("the residual must be float (B, S, D) = (" + std::to_string(P.B) + ", " + std::to_string(P.S) +
+                ", D), found " + dims(x.shape));
+  const std::vector<int64_t> bp = {P.B, Pn}, b1p = {P.B, 1, Pn}, bs = {P.B, P.S};
+  if (past.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL || (past.shape != bp && past.shape != b1p))
+    return fail("the past sink row must be bool " + dims(bp) + " or " + dims(b1p) + ", found " + dims(past.shape));
+  if (may.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL || may.shape != bs)
+    return fail("the tokens that may be sinks must be bool " + dims(bs) + ", found " + dims(may.shape));
+  const int64_t D = x.shape[2];
+  if (a.sink_dims.empty()) return fail("the sink_dims attribute is needed with the residual input");
+  for (int64_t d : a.sink_dims)
+    if (d < 0 || d >= D) return fail("sink dim " + std::to_string(d) + " is outside the residual's " + std::to_string(D));
+  const float tau2 = a.tau * a.tau, tau2_eps = tau2 * kRmsEps;
+  const float* xs = static_cast<const float*>(x.data);
+  const bool* pr = static_cast<const bool*>(past.data);
+  const bool* mr = static_cast<const bool*>(may.data);
+  for (int64_t b = 0; b < P.B; ++b) {
+    if (Pn > 0) std::memcpy(out + b * P.T, pr + b * Pn, static_cast<size_t>(Pn));
+    for (int64_t s = 0; s < P.S; ++s) {
+      bool sink = false;
+      if (mr[b * P.S + s]) {  // prompt scope: only at prefill, so decode steps skip this
+        const float* row = xs + (b * P.S + s) * D;
+        float sum = 0.f, peak = 0.f;
+        for (int64_t d = 0; d < D; ++d) sum += row[d] * row[d];
+        for (int64_t d : a.sink_dims) peak = std::max(peak, row[d] * row[d]);
+        sink = peak > (sum / static_cast<float>(D)) * tau2 + tau2_eps;
+      }
+      out[b * P.T + Pn + s] = sink;
+    }
+  }
+  return nullptr;
+}
+
 OrtStatus* compute(void* kernel, OrtKernelContext* ctx) {
   const Attrs& a = *static_cast<const Attrs*>(kernel);
-  TensorView in[6];
-  for (size_t i = 0; i < 6; ++i) RETURN_IF(view(ctx, i, &in[i]));
-  for (int i : {0, 1, 2, 4, 5})
-    if (!in[i].data) return fail("input " + std::to_string(i) + " is missing");
+  TensorView in[kInputs];
+  size_t n_in = 0, n_out = 0;
+  RETURN_IF(g_api->KernelContext_GetInputCount(ctx, &n_in));
+  RETURN_IF(g_api->KernelContext_GetOutputCount(ctx, &n_out));
+  for (size_t i = 0; i < std::min<size_t>(n_in, kInputs); ++i) RETURN_IF(view(ctx, i, &in[i]));
+  for (int i : {0, 1, 2, 5})
+    if (!in[i].present) return fail("input " + std::to_string(i) + " is missing");
+  if (in[4].present == in[6].present)
+    return fail("expected the sink flags (input 4) or the residual stream (inputs 6-8), exactly one of them");
   Problem P;
   P.a = &a;
   RETURN_IF(check_inputs(in, &P));
+  std::unique_ptr<bool[]> flags(new bool[static_cast<size_t>(P.B * P.T)]);
+  if (in[6].present) {
+    RETURN_IF(sink_flags(in, a, P, flags.get()));
+  } else {
+    std::memcpy(flags.get(), in[4].data, static_cast<size_t>(P.B * P.T));
+  }
+  if (n_out > 1) {  // this layer's row of present_sink_mask
+    const int64_t row_shape[3] = {P.B, 1, P.T};
+    OrtValue* row = nullptr;
+    void* row_data = nullptr;
+    RETURN_IF(g_api->KernelContext_GetOutput(ctx, 1, row_shape, 3, &row));
+    RETURN_IF(g_api->GetTensorMutableData(row, &row_data));
+    std::memcpy(row_data, flags.get(), static_cast<size_t>(P.B * P.T));
+  }
   for (int64_t h : a.heads)
     if (h < 0 || h >= P.H) return fail("heads lists head " + std::to_string(h) + " of " + std::to_string(P.H));
   P.q = static_cast<const float*>(in[0].data);
   P.k = static_cast<const float*>(in[1].data);
   P.v = static_cast<const float*>(in[2].data);
   P.Tp = (P.T + kKeyTile - 1) / kKeyTile * kKeyTile;
-  per_sample(static_cast<const bool*>(in[4].data), static_cast<const bool*>(in[5].data), &P);
+  per_sample(flags.get(), static_cast<const bool*>(in[5].data), &P);
   const int64_t out_shape[4] = {P.B, P.H, P.S, P.Dv};
   OrtValue* out = nullptr;
   RETURN_IF(g_api->KernelContext_GetOutput(ctx, 0, out_shape, 4, &out));
@@ -597,6 +668,7 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
   if (!st) st = get_f("p", &a->p, false);
   if (!st) st = get_f("rho", &a->rho, false);
   if (!st) st = get_f("summ", &a->summ, false);
+  if (!st) st = get_f("tau", &a->tau, false);
   int64_t causal = 0, row_test = 1;
   get_i("is_causal", 0, &causal);
   get_i("row_test", 1, &row_test);
@@ -612,6 +684,16 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
       st = g_api->KernelInfoGetAttributeArray_int64(info, "heads", a->heads.data(), &n);
     }
   }
+  if (!st) {
+    size_t n = 0;
+    OrtStatus* s2 = g_api->KernelInfoGetAttributeArray_int64(info, "sink_dims", nullptr, &n);
+    if (s2) {
+      g_api->ReleaseStatus(s2);
+    } else if (n) {
+      a->sink_dims.resize(n);
+      st = g_api->KernelInfoGetAttributeArray_int64(info, "sink_dims", a->sink_dims.data(), &n);
+    }
+  }
   if (!st && !(a->scale > 0.f)) st = fail("the scale attribute must be > 0");
   if (st) {
     delete a;
@@ -623,18 +705,25 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
 
 const char* op_name(const OrtCustomOp*) { return kOpName; }
 const char* op_ep(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-size_t n_inputs(const OrtCustomOp*) { return 6; }
-size_t n_outputs(const OrtCustomOp*) { return 1; }
+size_t n_inputs(const OrtCustomOp*) { return kInputs; }
+size_t n_outputs(const OrtCustomOp*) { return 2; }
 ONNXTensorElementDataType in_type(const OrtCustomOp*, size_t i) {
   // the mask is bool or float: undefined lets either through (checked in compute)
   if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  if (i == 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // the residual stream
   return i >= 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-ONNXTensorElementDataType out_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-OrtCustomOpInputOutputCharacteristic in_char(const OrtCustomOp*, size_t i) {
-  return i == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+ONNXTensorElementDataType out_type(const OrtCustomOp*, size_t i) {
+  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
 }
-OrtCustomOpInputOutputCharacteristic out_char(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtCustomOpInputOutputCharacteristic in_char(const OrtCustomOp*, size_t i) {
+  // Q, K, V and visual are required; the mask, and the sink flags (4) or what they are computed
+  // from (6: residual, 7: past row, 8: tokens that may be sinks) are optional
+  return (i == 3 || i == 4 || i >= 6) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+OrtCustomOpInputOutputCharacteristic out_char(const OrtCustomOp*, size_t i) {
+  return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
 OrtMemType in_mem(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
 void destroy(void* kernel) { delete static_cast<Attrs*>(kernel); }
 int start_version(const OrtCustomOp*) { return 1; }
