@@ -8,9 +8,12 @@ DESIGN.md §1 are folded into the softmax weights; no (B, H, S, T) tensor is wri
 list is the fused formulation's with its middle replaced::
 
     analyze (locate_fused_layers, once)
-    -> SinkDetectionPass       var/L{l}/sink (B, 1, T)                         (shared)
-    -> KernelAttentionPass     Attention(Q, K, V, mask)
-                               -> VarAttention(Q, K, V, mask, var/L{l}/sink, visual_token_mask)
+    -> SinkDetectionPass       var/L{l}/sink (B, 1, T), present_sink_mask        (shared)
+    -> KernelAttentionPass     Attention(Q, K, V, mask) -> VarAttention(Q, K, V, mask, -,
+                               visual_token_mask, residual, var/L{l}/past_sink, var/current_may_sink)
+                               whose second output is the layer's sink row: the op computes the
+                               flags itself, so the layer's standard-op sink detection is removed
+                               (2 VAR nodes per changed layer: the past row's Gather and the op)
     -> FinalizePass
 
 Layers VAR leaves untouched (hybrid/static layers without a calibrated head) keep their
