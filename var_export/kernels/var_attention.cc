@@ -674,26 +674,17 @@ OrtStatus* create(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, 
   get_i("row_test", 1, &row_test);
   a->causal = causal != 0;
   a->row_test = row_test != 0;
-  if (!st) {
+  auto get_ints = [&](const char* name, std::vector<int64_t>* out) -> OrtStatus* {  // absent: empty
     size_t n = 0;
-    OrtStatus* s2 = g_api->KernelInfoGetAttributeArray_int64(info, "heads", nullptr, &n);
-    if (s2) {
-      g_api->ReleaseStatus(s2);
-    } else if (n) {
-      a->heads.resize(n);
-      st = g_api->KernelInfoGetAttributeArray_int64(info, "heads", a->heads.data(), &n);
+    if (OrtStatus* absent = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) {
+      g_api->ReleaseStatus(absent);
+      return nullptr;
     }
-  }
-  if (!st) {
-    size_t n = 0;
-    OrtStatus* s2 = g_api->KernelInfoGetAttributeArray_int64(info, "sink_dims", nullptr, &n);
-    if (s2) {
-      g_api->ReleaseStatus(s2);
-    } else if (n) {
-      a->sink_dims.resize(n);
-      st = g_api->KernelInfoGetAttributeArray_int64(info, "sink_dims", a->sink_dims.data(), &n);
-    }
-  }
+    out->resize(n);
+    return n ? g_api->KernelInfoGetAttributeArray_int64(info, name, out->data(), &n) : nullptr;
+  };
+  if (!st) st = get_ints("heads", &a->heads);
+  if (!st) st = get_ints("sink_dims", &a->sink_dims);
   if (!st && !(a->scale > 0.f)) st = fail("the scale attribute must be > 0");
   if (st) {
     delete a;
