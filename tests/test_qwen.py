@@ -39,6 +39,37 @@ SETTINGS = VarSettings(sink_dims=tq.TINY_SINK_DIMS, layers="2:", heads="dynamic"
 HEADS = list(tq.PLANTED_IMAGE_CENTRIC_HEADS)
 
 
+def decode_parity(model, sess, batch, ref, ort_past, steps: int = DECODE_STEPS) -> tuple[float, float]:
+    """The ONNX decoder ``sess`` against the PyTorch ``ref`` over prefill + ``steps`` greedy decode
+    steps (M-RoPE positions, rope deltas, fixed next tokens from the reference), starting from
+    ``ort_past``: (max |Δlogits|, VAR's effect on the prefill logits). The sink masks must match
+    exactly at every step and the planted sinks must be found."""
+    with torch.no_grad():
+        embeds = multimodal_embeds(model, batch["input_ids"], batch["pixel_values"],
+                                   image_grid_thw=batch["image_grid_thw"])
+        pos, deltas = prompt_positions(model, batch)
+        assert tuple(pos.shape) == (3, *batch["input_ids"].shape)
+        mask, visual, e, p = batch["attention_mask"], batch["visual_token_mask"], embeds, pos
+        past, past_sink, b = None, None, int(mask.shape[0])
+        worst = 0.0
+        for step in range(steps + 1):
+            out = ref.step(e, mask, p, past, visual, past_sink)
+            logits, ort_past = decode_step_numpy(sess, e.numpy(), mask.numpy(), p.numpy(), ort_past, visual.numpy())
+            worst = max(worst, float(np.abs(logits - out.logits.numpy()).max()))
+            np.testing.assert_array_equal(ort_past["past_sink_mask"], out.present_sink_mask.numpy())
+            if step == 0:
+                assert out.present_sink_mask.any(), "planted sinks must be found"
+            nxt = out.logits[:, -1].argmax(-1)
+            past, past_sink = out.present, out.present_sink_mask
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], 1)
+            visual = torch.cat([visual, torch.zeros(b, 1, dtype=torch.bool)], 1)
+            p = torch.from_numpy(family_of(model).decode_positions(mask.numpy(), deltas))
+            e = model.get_input_embeddings()(nxt[:, None])
+        plain = VarReference(model, None).step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"])
+        first = ref.step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"], None)
+    return worst, float((plain.logits - first.logits).abs().max())
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
@@ -242,28 +273,7 @@ def test_decoder_parity_all_modes(tiny_qwen_loaded, batch, var_decoders, mode, p
     settings = SETTINGS.replace(heads=mode)
     ref = VarReference(model, settings, HEADS)
     sess = ort.InferenceSession(str(var_decoders[mode]), providers=["CPUExecutionProvider"])
-    embeds = multimodal_embeds(model, batch["input_ids"], batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
-    pos, deltas = prompt_positions(model, batch)
-    assert tuple(pos.shape) == (3, *batch["input_ids"].shape)
-    mask, visual, e, p = batch["attention_mask"], batch["visual_token_mask"], embeds, pos
-    past, past_sink, ort_past = None, None, empty_past(sess, 2)
-    worst = 0.0
-    for step in range(DECODE_STEPS + 1):
-        out = ref.step(e, mask, p, past, visual, past_sink)
-        logits, ort_past = decode_step_numpy(sess, e.numpy(), mask.numpy(), p.numpy(), ort_past, visual.numpy())
-        worst = max(worst, float(np.abs(logits - out.logits.numpy()).max()))
-        np.testing.assert_array_equal(ort_past["past_sink_mask"], out.present_sink_mask.numpy())
-        if step == 0:
-            assert out.present_sink_mask[:, :, :].any(), "planted sinks must be found"
-        nxt = out.logits[:, -1].argmax(-1)
-        past, past_sink = out.present, out.present_sink_mask
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        visual = torch.cat([visual, torch.zeros(2, 1, dtype=torch.bool)], 1)
-        p = torch.from_numpy(family_of(model).decode_positions(mask.numpy(), deltas))
-        e = model.get_input_embeddings()(nxt[:, None]).detach()
-    plain = VarReference(model, None).step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"])
-    first = ref.step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"], None)
-    effect = float((plain.logits - first.logits).abs().max())
+    worst, effect = decode_parity(model, sess, batch, ref, empty_past(sess, 2))
     PARITY[mode] = worst
     parity_results[f"tiny-qwen2.5-vl/{mode}"] = worst
     parity_results[f"tiny-qwen2.5-vl/{mode} (VAR effect on logits)"] = effect

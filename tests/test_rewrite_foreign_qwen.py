@@ -25,15 +25,13 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
+from tests.test_qwen import decode_parity
 from var_export.calibration import tiny_qwen as tq
-from var_export.calibration.reference import VarReference, multimodal_embeds, prompt_positions
+from var_export.calibration.reference import VarReference
 from var_export.core.settings import VarSettings
-from var_export.families import family_of
 from var_export.inputs import prepare_batch
 from var_export.rewrite import rewrite_decoder
-from var_export.runtime import decode_step_numpy
 
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the foreign extra) is not installed")
 
@@ -97,33 +95,10 @@ def test_rewrite_genai_qwen_decoder_matches_the_reference(tiny_qwen_loaded, gena
     assert bool((batch["attention_mask"] == 1).all()), "genai's GQA needs unpadded rows (module doc)"
     grids = batch["image_grid_thw"].tolist()
     assert grids[0] != grids[1]
-    ref = VarReference(model, settings, heads)
-    with torch.no_grad():
-        embeds = multimodal_embeds(model, batch["input_ids"], batch["pixel_values"],
-                                   image_grid_thw=batch["image_grid_thw"])
-        pos, deltas = prompt_positions(model, batch)
-        mask, visual, e, p = batch["attention_mask"], batch["visual_token_mask"], embeds, pos
-        past, past_sink = None, None
-        ort_past = {f"past_key_values.{i}.{k}": np.zeros((2, tq.NUM_KV_HEADS, 0, tq.HEAD_DIM), np.float32)
-                    for i in range(tq.NUM_LAYERS) for k in ("key", "value")}
-        ort_past["past_sink_mask"] = np.zeros((2, 2, 0), np.bool_)
-        worst = 0.0
-        for step in range(DECODE_STEPS + 1):
-            out = ref.step(e, mask, p, past, visual, past_sink)
-            logits, ort_past = decode_step_numpy(sess, e.numpy(), mask.numpy(), p.numpy(), ort_past, visual.numpy())
-            worst = max(worst, float(np.abs(logits - out.logits.numpy()).max()))
-            np.testing.assert_array_equal(ort_past["past_sink_mask"], out.present_sink_mask.numpy())
-            if step == 0:
-                assert out.present_sink_mask.any(), "planted sinks must be found"
-            nxt = out.logits[:, -1].argmax(-1)
-            past, past_sink = out.present, out.present_sink_mask
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            visual = torch.cat([visual, torch.zeros(2, 1, dtype=torch.bool)], 1)
-            p = torch.from_numpy(family_of(model).decode_positions(mask.numpy(), deltas))
-            e = model.get_input_embeddings()(nxt[:, None])
-        plain = VarReference(model, None).step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"])
-        first = ref.step(embeds, batch["attention_mask"], pos, None, batch["visual_token_mask"], None)
-    effect = float((plain.logits - first.logits).abs().max())
+    ort_past = {f"past_key_values.{i}.{k}": np.zeros((2, tq.NUM_KV_HEADS, 0, tq.HEAD_DIM), np.float32)
+                for i in range(tq.NUM_LAYERS) for k in ("key", "value")}  # genai: head size symbolic
+    ort_past["past_sink_mask"] = np.zeros((2, 2, 0), np.bool_)
+    worst, effect = decode_parity(model, sess, batch, VarReference(model, settings, heads), ort_past)
     print(f"\ngenai Qwen2.5-VL text decoder + rewrite ({mode}, {formulation}): max |Δlogits| vs reference = {worst:.2e}, "
           f"VAR effect = {effect:.3f}")
     assert worst < TOL
